@@ -1,0 +1,157 @@
+"""Command line: argv -> config -> run.
+
+``fcgidaemon APP [options]`` serves; ``fcgidaemon check APP`` imports the
+application in this fresh process and reports (exit 0 or 1), like
+``apachectl configtest``.  Every configuration error is one line on stderr and
+exit status 2, before anything forks.
+"""
+
+from __future__ import annotations
+
+import gc
+import grp
+import logging
+import os
+import pwd
+import sys
+import traceback
+from typing import Sequence
+
+from . import loader, logs
+from .config import Config, ConfigError, log_level_number, resolve
+from .manager import Manager
+from .sockets import Listener, open_listeners
+
+log = logging.getLogger("fcgidaemon")
+
+EXIT_USAGE = 2
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["check"]:
+        return check(argv[1:])
+    try:
+        config = resolve(argv)
+        prepare(config)
+    except ConfigError as exc:
+        return usage_error(exc)
+    return serve(config)
+
+
+def usage_error(exc: Exception) -> int:
+    print(f"fcgidaemon: {exc}", file=sys.stderr)
+    return EXIT_USAGE
+
+
+def prepare(config: Config) -> None:
+    """Everything that can be checked without binding or importing the application."""
+    if config.umask is not None:
+        os.umask(config.umask)
+    if config.chdir and not os.path.isdir(config.chdir):
+        raise ConfigError(f"--chdir: no such directory: {config.chdir}")
+    loader.setup_paths(config.chdir, config.pythonpath)
+    if not loader.module_exists(config.app_module):
+        raise ConfigError(f"application module not found: {config.app_module}")
+    for name in config.preload:
+        if not loader.module_exists(name):
+            raise ConfigError(f"--preload: module not found: {name}")
+    lookup_ids(config)
+
+
+def lookup_ids(config: Config) -> tuple[int | None, int | None]:
+    try:
+        uid = pwd.getpwnam(config.user).pw_uid if config.user else None
+        gid = grp.getgrnam(config.group).gr_gid if config.group else (
+            pwd.getpwnam(config.user).pw_gid if config.user else None)
+    except KeyError:
+        raise ConfigError(f"unknown user or group: {config.user or ''}:{config.group or ''}") from None
+    return uid, gid
+
+
+def drop_privileges(config: Config) -> None:
+    uid, gid = lookup_ids(config)
+    if gid is not None and gid != os.getgid():
+        os.setgroups([gid]) if uid is None else os.initgroups(config.user or "", gid)
+        os.setgid(gid)
+    if uid is not None and uid != os.getuid():
+        if gid is None:
+            os.initgroups(config.user or "", pwd.getpwuid(uid).pw_gid)
+        os.setuid(uid)
+
+
+def serve(config: Config) -> int:
+    logs.setup(log_level_number(config))
+    try:
+        listeners = open_listeners(config)
+    except ConfigError as exc:
+        return usage_error(exc)
+    pidfile_written = False
+    try:
+        for lst in listeners:
+            log.info("listening on %s", lst.name)
+        try:
+            write_pidfile(config.pidfile)
+            pidfile_written = bool(config.pidfile)
+            drop_privileges(config)
+        except OSError as exc:
+            return usage_error(ConfigError(f"cannot start: {exc}"))
+        try:
+            loader.preload(config.preload)
+        except loader.AppImportError as exc:
+            log.error("preload failed:\n%s", exc.text.rstrip())
+            return usage_error(exc)
+        gc.collect()
+        gc.freeze()  # preloaded objects stay shared copy-on-write across forks
+        manager = Manager(config, listeners)
+        return manager.run()
+    finally:
+        for lst in listeners:
+            lst.close()
+        if pidfile_written:
+            remove_pidfile(config.pidfile)
+
+
+def write_pidfile(path: str | None) -> None:
+    if not path:
+        return
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as fh:
+        fh.write(f"{os.getpid()}\n")
+    os.replace(tmp, path)
+
+
+def remove_pidfile(path: str | None) -> None:
+    """Remove the pidfile only if it is still ours (a successor may have replaced it)."""
+    if not path:
+        return
+    try:
+        with open(path) as fh:
+            if fh.read().strip() != str(os.getpid()):
+                return
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        log.warning("cannot remove pidfile %s: %s", path, exc)
+
+
+def check(argv: Sequence[str]) -> int:
+    """Import the application here, in a fresh process, and report."""
+    try:
+        config = resolve(argv)
+        prepare(config)
+    except ConfigError as exc:
+        return usage_error(exc)
+    try:
+        loader.preload(config.preload)
+        app = loader.load_app(config.app)
+    except loader.AppImportError as exc:
+        print(exc.text, end="", file=sys.stderr)
+        print(f"fcgidaemon check: FAILED: {exc}", file=sys.stderr)
+        return 1
+    except Exception:  # noqa: BLE001 - anything else is a failure to report too
+        traceback.print_exc()
+        return 1
+    print(f"fcgidaemon check: OK: {config.app} is {type(app).__name__} {getattr(app, '__qualname__', '')}")
+    return 0

@@ -1,0 +1,359 @@
+"""Configuration, declared once.
+
+Every option is one `Option` row: its flag, its environment name, its default,
+the parser that turns text into a value and the help line.  The command line
+parser, the environment and TOML readers and the README's option table are all
+generated from that one table, so they cannot drift apart.
+
+Precedence: command line > ``--config FILE`` (TOML) > environment > defaults.
+Everything here is pure: no sockets are opened and nothing is imported, so a bad
+value is reported (one line, exit status 2) before anything forks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import ipaddress
+import logging
+import os
+import tomllib
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Sequence
+
+
+class ConfigError(Exception):
+    """A bad option value; the message is the one line the operator sees."""
+
+
+# --------------------------------------------------------------------------- parsers
+
+
+def parse_int_min(minimum: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(str(text).strip())
+        except ValueError:
+            raise ConfigError(f"not a whole number: {text!r}") from None
+        if value < minimum:
+            raise ConfigError(f"must be at least {minimum}, got {value}")
+        return value
+
+    parse.__name__ = f"int>={minimum}"
+    return parse
+
+
+def parse_seconds(text: str) -> float:
+    try:
+        value = float(str(text).strip())
+    except ValueError:
+        raise ConfigError(f"not a number of seconds: {text!r}") from None
+    if value < 0:
+        raise ConfigError(f"must not be negative, got {value}")
+    return value
+
+
+def parse_octal(text: str) -> int:
+    try:
+        value = int(str(text).strip(), 8)
+    except ValueError:
+        raise ConfigError(f"not an octal mode: {text!r}") from None
+    if not 0 <= value <= 0o7777:
+        raise ConfigError(f"mode out of range: {text!r}")
+    return value
+
+
+def parse_optional_octal(text: str) -> int | None:
+    return None if str(text).strip() == "" else parse_octal(text)
+
+
+def parse_str(text: str) -> str:
+    return str(text)
+
+
+def parse_optional_str(text: str) -> str | None:
+    text = str(text)
+    return text if text else None
+
+
+def parse_list(text: str | Sequence[str]) -> list[str]:
+    """Comma-separated (or a TOML list); empty items are dropped."""
+    items = text if isinstance(text, (list, tuple)) else [text]
+    out: list[str] = []
+    for item in items:
+        out.extend(part.strip() for part in str(item).split(",") if part.strip())
+    return out
+
+
+def parse_log_level(text: str) -> str:
+    level = str(text).strip().upper()
+    if level not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+        raise ConfigError(f"unknown log level {text!r} (debug, info, warning, error, critical)")
+    return level
+
+
+def parse_app(text: str) -> str:
+    """``module:callable``; the callable defaults to ``application``."""
+    text = str(text).strip()
+    module, _, attr = text.partition(":")
+    attr = attr or "application"
+    if not module or not all(part.isidentifier() for part in module.split(".")):
+        raise ConfigError(f"not an importable module name: {module!r}")
+    if not all(part.isidentifier() for part in attr.split(".")):
+        raise ConfigError(f"not a callable name: {attr!r}")
+    return f"{module}:{attr}"
+
+
+@dataclass(frozen=True)
+class Address:
+    """Where to listen: a unix path, or a host (None = all IPv4) and a port."""
+
+    path: str | None = None
+    host: str | None = None
+    port: int = 0
+
+    def __str__(self) -> str:
+        if self.path is not None:
+            return f"unix:{self.path}"
+        host = self.host if self.host is not None else ""
+        if ":" in host:
+            host = f"[{host}]"
+        return f"{host}:{self.port}"
+
+
+def parse_bind(text: str) -> Address:
+    """Parse ``:9005``, ``127.0.0.1:9005``, ``[::1]:9005``, ``localhost:9005``,
+    ``/run/app.sock`` or ``unix:/path``.
+
+    ``:9005`` means all IPv4 interfaces, as Perl's FCGI reads it.
+    """
+    text = str(text).strip()
+    if text.startswith("unix:"):
+        text = text[5:]
+        if not text:
+            raise ConfigError("empty unix socket path")
+        return Address(path=text)
+    if text.startswith("/") or text.startswith("./"):
+        return Address(path=text)
+    if text.startswith("["):
+        host, sep, rest = text[1:].partition("]")
+        if not sep or not rest.startswith(":"):
+            raise ConfigError(f"bad address {text!r} (expected [v6addr]:port)")
+        port_text = rest[1:]
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ConfigError(f"bad IPv6 address {host!r}") from None
+    else:
+        host, sep, port_text = text.rpartition(":")
+        if not sep:
+            raise ConfigError(f"bad address {text!r} (expected HOST:PORT, :PORT or a socket path)")
+        if ":" in host:
+            raise ConfigError(f"bad address {text!r} (write IPv6 addresses as [addr]:port)")
+    try:
+        port = int(port_text)
+    except ValueError:
+        raise ConfigError(f"bad port in {text!r}") from None
+    if not 0 < port < 65536:
+        raise ConfigError(f"port out of range in {text!r}")
+    return Address(host=host or None, port=port)
+
+
+# --------------------------------------------------------------------------- the table
+
+
+@dataclass(frozen=True)
+class Option:
+    name: str  # attribute of Config
+    flag: str | None  # command line flag (None: positional)
+    env: str | None
+    default: str | None  # in the text form an operator would write
+    parse: Callable[[Any], Any]
+    help: str
+    metavar: str = ""
+    repeat: bool = False  # list options may be given several times
+
+    @property
+    def toml_key(self) -> str:
+        return self.name.replace("_", "-")
+
+
+OPTIONS: tuple[Option, ...] = (
+    Option("app", None, "FCGIDAEMON_APP", None, parse_app,
+           "WSGI application as module:callable (callable defaults to `application`); "
+           "imported by each worker after the fork, so a reload picks up new code", "APP"),
+    Option("bind", "--bind", "FCGI_SOCKET_PATH", "127.0.0.1:9005", parse_bind,
+           "listen address: `HOST:PORT`, `:PORT` (all IPv4), `[::1]:PORT`, a name (every address "
+           "it resolves to), `/path.sock` or `unix:/path`; ignored when systemd passes sockets", "ADDR"),
+    Option("backlog", "--backlog", "FCGI_LISTEN_QUEUE", "100", parse_int_min(1),
+           "listen queue length", "N"),
+    Option("workers", "--workers", "FCGIDAEMON_WORKERS", "4", parse_int_min(1),
+           "number of worker processes", "N"),
+    Option("preload", "--preload", "FCGIDAEMON_PRELOAD", "", parse_list,
+           "modules imported once in the manager before forking (comma-separated, may repeat); "
+           "never reloaded by SIGHUP", "MODS", repeat=True),
+    Option("chdir", "--chdir", "FCGIDAEMON_CHDIR", None, parse_optional_str,
+           "change to this directory before importing anything", "DIR"),
+    Option("pythonpath", "--pythonpath", "FCGIDAEMON_PYTHONPATH", "", parse_list,
+           "directories put first on sys.path (comma-separated, may repeat)", "DIRS", repeat=True),
+    Option("graceful_timeout", "--graceful-timeout", "FCGIDAEMON_GRACEFUL_TIMEOUT", "30",
+           parse_seconds, "seconds a stopping worker may take to finish its request before SIGKILL",
+           "S"),
+    Option("ready_timeout", "--ready-timeout", "FCGIDAEMON_READY_TIMEOUT", "60", parse_seconds,
+           "seconds a new worker may take to import the app and become ready; a reload whose "
+           "workers are not ready by then is aborted", "S"),
+    Option("read_timeout", "--read-timeout", "FCGIDAEMON_READ_TIMEOUT", "30", parse_seconds,
+           "seconds a connection may stall in the middle of a request before it is closed", "S"),
+    Option("keep_conn_idle", "--keep-conn-idle", "FCGIDAEMON_KEEP_CONN_IDLE", "60", parse_seconds,
+           "seconds an idle kept (FCGI_KEEP_CONN) connection is held open", "S"),
+    Option("pidfile", "--pidfile", "FCGIDAEMON_PIDFILE", None, parse_optional_str,
+           "write the manager's pid here (removed on exit)", "FILE"),
+    Option("user", "--user", "FCGIDAEMON_USER", None, parse_optional_str,
+           "switch to this user after binding, before importing anything", "USER"),
+    Option("group", "--group", "FCGIDAEMON_GROUP", None, parse_optional_str,
+           "switch to this group after binding", "GROUP"),
+    Option("umask", "--umask", "FCGIDAEMON_UMASK", None, parse_optional_octal,
+           "process umask (octal)", "MODE"),
+    Option("socket_mode", "--socket-mode", "FCGIDAEMON_SOCKET_MODE", "0660", parse_octal,
+           "permissions of a unix socket (octal)", "MODE"),
+    Option("socket_owner", "--socket-owner", "FCGIDAEMON_SOCKET_OWNER", None, parse_optional_str,
+           "owner of a unix socket, `user[:group]`", "USER[:GROUP]"),
+    Option("log_level", "--log-level", "FCGIDAEMON_LOG_LEVEL", "info", parse_log_level,
+           "debug, info, warning, error or critical", "LEVEL"),
+)
+
+OPTIONS_BY_NAME = {opt.name: opt for opt in OPTIONS}
+
+
+@dataclass(frozen=True)
+class Config:
+    """The resolved configuration: one value per `Option`."""
+
+    app: str
+    bind: Address
+    backlog: int
+    workers: int
+    preload: list[str] = field(default_factory=list)
+    chdir: str | None = None
+    pythonpath: list[str] = field(default_factory=list)
+    graceful_timeout: float = 30.0
+    ready_timeout: float = 60.0
+    read_timeout: float = 30.0
+    keep_conn_idle: float = 60.0
+    pidfile: str | None = None
+    user: str | None = None
+    group: str | None = None
+    umask: int | None = None
+    socket_mode: int = 0o660
+    socket_owner: str | None = None
+    log_level: str = "INFO"
+    config_file: str | None = None
+
+    @property
+    def app_module(self) -> str:
+        return self.app.partition(":")[0]
+
+    def replace(self, **changes: Any) -> "Config":
+        return dataclasses.replace(self, **changes)
+
+
+assert {f.name for f in dataclasses.fields(Config)} == {o.name for o in OPTIONS} | {"config_file"}
+
+
+# --------------------------------------------------------------------------- resolution
+
+
+def build_parser(prog: str = "fcgidaemon") -> argparse.ArgumentParser:
+    parser = _ErrorParser(
+        prog=prog,
+        description="Preforking FastCGI daemon for WSGI applications.",
+        argument_default=argparse.SUPPRESS,
+    )
+    for opt in OPTIONS:
+        if opt.flag is None:
+            parser.add_argument(opt.name, nargs="?", metavar=opt.metavar, help=opt.help)
+        else:
+            parser.add_argument(opt.flag, dest=opt.name, metavar=opt.metavar, help=opt.help,
+                                action="append" if opt.repeat else "store")
+    parser.add_argument("--config", dest="config_file", metavar="FILE",
+                        help="TOML file with option values (keys as the long flags without --)")
+    return parser
+
+
+class _ErrorParser(argparse.ArgumentParser):
+    """argparse that raises instead of printing usage, so every error is one line."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise ConfigError(message)
+
+
+def read_toml(path: str) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as fh:
+            data = tomllib.load(fh)
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path}: {exc}") from None
+    table = data.get("fcgidaemon", data)
+    if not isinstance(table, dict):
+        raise ConfigError(f"config file {path}: [fcgidaemon] must be a table")
+    known = {opt.toml_key for opt in OPTIONS} | {opt.name for opt in OPTIONS}
+    unknown = sorted(k for k in table if k not in known)
+    if unknown:
+        raise ConfigError(f"config file {path}: unknown option {unknown[0]!r}")
+    return {k.replace("-", "_"): v for k, v in table.items()}
+
+
+def resolve(argv: Sequence[str], environ: Mapping[str, str] | None = None) -> Config:
+    """Turn argv (without the program name) and the environment into a Config."""
+    environ = os.environ if environ is None else environ
+    given = vars(build_parser().parse_args(list(argv)))
+    config_file = given.pop("config_file", None)
+    from_file = read_toml(config_file) if config_file else {}
+    values: dict[str, Any] = {}
+    for opt in OPTIONS:
+        source, raw = _pick(opt, given, from_file, environ, config_file)
+        if raw is None and opt.name == "app":
+            raise ConfigError("no application given (APP as module:callable)")
+        if isinstance(raw, list) and not opt.repeat:
+            raise ConfigError(f"{opt.flag or opt.name}: a single value is expected ({source})")
+        try:
+            values[opt.name] = None if raw is None else opt.parse(raw)
+        except ConfigError as exc:
+            raise ConfigError(f"{opt.flag or opt.name} ({source}): {exc}") from None
+    return Config(config_file=config_file, **values)
+
+
+def _pick(opt: Option, given: dict[str, Any], from_file: dict[str, Any],
+          environ: Mapping[str, str], config_file: str | None) -> tuple[str, Any]:
+    if opt.name in given and given[opt.name] is not None:
+        return "command line", given[opt.name]
+    if opt.name in from_file:
+        value = from_file[opt.name]
+        if isinstance(value, bool) or not isinstance(value, (str, int, float, list)):
+            raise ConfigError(f"config file {config_file}: bad value for {opt.toml_key}")
+        return f"config file {config_file}", value
+    if opt.env and environ.get(opt.env, "") != "":
+        return f"environment {opt.env}", environ[opt.env]
+    return "default", opt.default
+
+
+def log_level_number(config: Config) -> int:
+    return int(getattr(logging, config.log_level))
+
+
+def options_markdown() -> str:
+    """The README's option table, generated from `OPTIONS`."""
+    rows = ["| option | environment | default | meaning |", "| --- | --- | --- | --- |"]
+    for opt in OPTIONS:
+        flag = f"`{opt.flag} {opt.metavar}`" if opt.flag else f"`{opt.metavar}`"
+        env = f"`{opt.env}`" if opt.env else ""
+        rows.append(f"| {flag} | {env} | {_show_default(opt)} | {opt.help} |")
+    rows.append("| `--config FILE` | | | TOML file with option values "
+                "(keys as the long flags without `--`, top level or under `[fcgidaemon]`) |")
+    return "\n".join(rows)
+
+
+def _show_default(opt: Option) -> str:
+    return f"`{opt.default}`" if opt.default else ""

@@ -1,0 +1,391 @@
+"""FastCGI over flup6's protocol classes, driven per record from our own loop.
+
+flup6's `Connection.run()` blocks on one connection until the web server closes
+it, which pins a preforked worker to an idle kept connection.  So we use only
+flup's protocol pieces (its `Record`, name-value pair codec, `Request` and its
+input/output streams) and drive them from a buffer that the worker's event loop
+fills.  Workarounds for flup6's defects live here, each with a test:
+
+* records are parsed from a buffer and written into one output buffer that is
+  sent with one ``sendall`` per response (flup sends each record in up to three
+  ``send`` calls, which costs a delayed ACK per response on kept connections);
+* FCGI_GET_VALUES is answered with real values (flup answers empty);
+* unknown management records get FCGI_UNKNOWN_TYPE (flup raises NameError);
+* name-value pairs whose lengths exceed their record are a protocol error
+  (flup silently truncates them);
+* a second BEGIN_REQUEST on a busy connection gets FCGI_CANT_MPX_CONN, an
+  unknown role gets FCGI_UNKNOWN_ROLE, an abort ends the request.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import socket
+import struct
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+from flup.server import fcgi_base as flup
+
+log = logging.getLogger("fcgidaemon")
+
+HEADER = struct.Struct(flup.FCGI_Header)
+END_BODY = struct.Struct(flup.FCGI_EndRequestBody)
+BEGIN_BODY = struct.Struct(flup.FCGI_BeginRequestBody)
+UNKNOWN_BODY = struct.Struct(flup.FCGI_UnknownTypeBody)
+MAX_CONTENT = 65535
+FLUSH_AT = 256 * 1024  # bytes of response buffered before a send
+
+
+class ProtocolError(Exception):
+    """Malformed FastCGI traffic: the connection is closed, the worker lives on."""
+
+
+class ConnectionLost(Exception):
+    """The web server closed the connection, stalled past the read timeout, or reset it."""
+
+
+class RequestAborted(Exception):
+    """The web server sent FCGI_ABORT_REQUEST for the request being served."""
+
+
+@dataclass
+class Limits:
+    read_timeout: float = 30.0
+    max_params: int = 1024 * 1024  # bytes of FCGI_PARAMS per request
+    max_body: int = 0  # bytes of FCGI_STDIN per request, 0 = unlimited
+
+
+@dataclass
+class Server:
+    """What flup's streams expect at ``conn.server``, plus our own settings."""
+
+    handler: Callable[["Request"], int]  # runs the application, returns the app status
+    limits: Limits = field(default_factory=Limits)
+    max_conns: int = 1
+    max_reqs: int = 1
+    # read by flup's InputStream and OutputStream
+    maxwrite: int = MAX_CONTENT - 7 + flup.FCGI_HEADER_LEN  # body chunks of 65528 bytes: no padding
+    inputStreamShrinkThreshold: int = 102400 - 8192
+
+    def capabilities(self) -> dict[bytes, bytes]:
+        return {
+            flup.FCGI_MAX_CONNS.encode(): str(self.max_conns).encode(),
+            flup.FCGI_MAX_REQS.encode(): str(self.max_reqs).encode(),
+            flup.FCGI_MPXS_CONNS.encode(): b"0",
+        }
+
+
+class Record(flup.Record):
+    """flup's Record, parsed from a buffer and encoded into bytes instead of a socket."""
+
+    @classmethod
+    def parse(cls, buf: bytearray) -> tuple["Record | None", int]:
+        """The first complete record in `buf` and its size, or (None, 0)."""
+        if len(buf) < flup.FCGI_HEADER_LEN:
+            return None, 0
+        version, rtype, request_id, length, padding = HEADER.unpack_from(buf)
+        if version != flup.FCGI_VERSION_1:
+            raise ProtocolError(f"unsupported FastCGI version {version}")
+        end = flup.FCGI_HEADER_LEN + length + padding
+        if len(buf) < end:
+            return None, 0
+        rec = cls(rtype, request_id)
+        rec.contentLength = length
+        rec.paddingLength = padding
+        rec.contentData = bytes(buf[flup.FCGI_HEADER_LEN:flup.FCGI_HEADER_LEN + length])
+        return rec, end
+
+    def to_bytes(self) -> bytes:
+        return encode(self)
+
+
+def encode(rec: flup.Record) -> bytes:
+    """A record (ours, or one flup's OutputStream made) as bytes, padded to 8."""
+    padding = -rec.contentLength & 7
+    header = HEADER.pack(flup.FCGI_VERSION_1, rec.type, rec.requestId, rec.contentLength, padding)
+    if padding:
+        return b"".join((header, rec.contentData, b"\0" * padding))
+    return header + rec.contentData
+
+
+def make_record(rtype: int, request_id: int, content: bytes = b"") -> Record:
+    rec = Record(rtype, request_id)
+    rec.contentData = content
+    rec.contentLength = len(content)
+    return rec
+
+
+def decode_params(data: bytes) -> dict[str, str]:
+    """Name-value pairs as WSGI wants them: native strings holding latin-1 bytes."""
+    params: dict[str, str] = {}
+    pos, size = 0, len(data)
+    while pos < size:
+        try:
+            end, (name, value) = flup.decode_pair(data, pos)
+        except struct.error:
+            raise ProtocolError("truncated name-value pair") from None
+        if end > size:
+            raise ProtocolError("name-value pair longer than its stream")
+        params[name.decode("latin-1")] = value.decode("latin-1")
+        pos = end
+    return params
+
+
+class InputStream(flup.InputStream):
+    """flup's stdin stream, counting bytes against the body limit."""
+
+    def __init__(self, conn: "Connection") -> None:
+        super().__init__(conn)
+        self.received = 0
+
+    def add_data(self, data: bytes) -> None:
+        self.received += len(data)
+        limit = self._conn.server.limits.max_body
+        if limit and self.received > limit:
+            raise ProtocolError(f"request body larger than {limit} bytes")
+        super().add_data(data)
+
+    @property
+    def eof(self) -> bool:
+        return self._eof
+
+    def drain(self) -> None:
+        """Read and drop what the application left unread, so the next record lines up."""
+        while not self._eof:
+            self._bufList.clear()
+            self._conn.process_input()
+        self._bufList.clear()
+        self._buf = b""
+        self._pos = self._avail = 0
+
+
+class Request(flup.Request):
+    """One FastCGI request: flup's Request and streams, plus the raw PARAMS stream."""
+
+    def __init__(self, conn: "Connection", request_id: int, role: int, flags: int) -> None:
+        super().__init__(conn, InputStream)
+        self.requestId, self.role, self.flags = request_id, role, flags
+        self.aborted = False
+        self.params_raw = bytearray()
+        self.runnable = False  # PARAMS complete: the application may start
+        self.started = time.monotonic()
+
+    @property
+    def keep_conn(self) -> bool:
+        return bool(self.flags & flup.FCGI_KEEP_CONN)
+
+
+class Connection:
+    """A connection from the web server; holds at most one request at a time."""
+
+    def __init__(self, sock: socket.socket, server: Server) -> None:
+        self.sock = sock
+        self.server = server
+        self.inbuf = bytearray()
+        self._out: list[bytes] = []
+        self._out_size = 0
+        self.request: Request | None = None
+        self.served = 0
+        self.keep = True  # False once a request without FCGI_KEEP_CONN was seen
+        self.closed = False
+        self.last_active = time.monotonic()
+        sock.settimeout(server.limits.read_timeout)
+        if sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    # ------------------------------------------------------------------ input
+
+    def receive(self) -> bool:
+        """Read what the socket has (it is readable); False when the peer closed."""
+        try:
+            data = self.sock.recv(65536)
+        except (ConnectionResetError, TimeoutError):
+            return False
+        except BlockingIOError:
+            return True
+        if not data:
+            return False
+        self.inbuf += data
+        self.last_active = time.monotonic()
+        return True
+
+    def _recv_blocking(self) -> None:
+        try:
+            data = self.sock.recv(65536)
+        except TimeoutError:
+            raise ConnectionLost(f"no input for {self.server.limits.read_timeout:g}s") from None
+        except OSError as exc:
+            raise ConnectionLost(f"receive failed: {exc.strerror or exc}") from None
+        if not data:
+            raise ConnectionLost("web server closed the connection in the middle of a request")
+        self.inbuf += data
+
+    def _next_record(self) -> Record | None:
+        rec, size = Record.parse(self.inbuf)
+        if rec is not None:
+            del self.inbuf[:size]
+        return rec
+
+    def parse_available(self) -> None:
+        """Handle the buffered records until a request is ready to run or the buffer runs dry."""
+        while not (self.request is not None and self.request.runnable) and not self.closed:
+            rec = self._next_record()
+            if rec is None:
+                return
+            self._dispatch(rec)
+
+    def process_input(self) -> None:
+        """Called by flup's InputStream: wait (bounded) for more of the current request's input."""
+        req = self.request
+        assert req is not None
+        while True:
+            rec = self._next_record()
+            if rec is None:
+                self._recv_blocking()
+                continue
+            self._dispatch(rec)
+            if req.aborted:
+                raise RequestAborted(f"request {req.requestId} aborted by the web server")
+            if rec.requestId == req.requestId and rec.type in (flup.FCGI_STDIN, flup.FCGI_DATA):
+                return
+
+    @property
+    def has_partial_input(self) -> bool:
+        """Bytes of an unfinished record or request are buffered here (not in the kernel)."""
+        return bool(self.inbuf) or self.request is not None
+
+    def _dispatch(self, rec: Record) -> None:
+        if rec.requestId == flup.FCGI_NULL_REQUEST_ID:
+            self._management(rec)
+            return
+        if rec.type == flup.FCGI_BEGIN_REQUEST:
+            self._begin(rec)
+            return
+        req = self.request
+        if req is None or rec.requestId != req.requestId:
+            return  # records for a request that is not active are ignored (spec 3.3)
+        if rec.type == flup.FCGI_PARAMS:
+            self._params(req, rec)
+        elif rec.type == flup.FCGI_STDIN:
+            req.stdin.add_data(rec.contentData)
+        elif rec.type == flup.FCGI_DATA:
+            req.data.add_data(rec.contentData)
+        elif rec.type == flup.FCGI_ABORT_REQUEST:
+            req.aborted = True
+            if not req.runnable:
+                self.end_request(req, 0)
+        else:
+            log.warning("ignoring FastCGI record of type %d for request %d", rec.type, rec.requestId)
+
+    def _management(self, rec: Record) -> None:
+        if rec.type == flup.FCGI_GET_VALUES:
+            caps = self.server.capabilities()
+            wanted = decode_params(rec.contentData)
+            answer = b"".join(flup.encode_pair(name.encode("latin-1"), caps[name.encode("latin-1")])
+                              for name in wanted if name.encode("latin-1") in caps)
+            self.write_record(make_record(flup.FCGI_GET_VALUES_RESULT, 0, answer))
+        else:
+            body = UNKNOWN_BODY.pack(rec.type)
+            self.write_record(make_record(flup.FCGI_UNKNOWN_TYPE, 0, body))
+        self.flush()
+
+    def _begin(self, rec: Record) -> None:
+        if rec.contentLength != BEGIN_BODY.size:
+            raise ProtocolError(f"BEGIN_REQUEST body of {rec.contentLength} bytes")
+        role, flags = BEGIN_BODY.unpack(rec.contentData)
+        if self.request is not None:
+            self.write_record(make_record(flup.FCGI_END_REQUEST, rec.requestId,
+                                          END_BODY.pack(0, flup.FCGI_CANT_MPX_CONN)))
+            self.flush()
+            return
+        req = Request(self, rec.requestId, role, flags)
+        self.keep = req.keep_conn
+        if role != flup.FCGI_RESPONDER:
+            self.request = req
+            self.end_request(req, 0, flup.FCGI_UNKNOWN_ROLE)
+            return
+        self.request = req
+
+    def _params(self, req: Request, rec: Record) -> None:
+        if req.runnable:
+            raise ProtocolError("FCGI_PARAMS after the end of the params stream")
+        if rec.contentLength:
+            req.params_raw += rec.contentData
+            if len(req.params_raw) > self.server.limits.max_params:
+                raise ProtocolError(f"params larger than {self.server.limits.max_params} bytes")
+            return
+        req.params = decode_params(bytes(req.params_raw))
+        req.params_raw = bytearray()
+        req.runnable = True
+
+    # ------------------------------------------------------------------ running
+
+    def run_request(self) -> None:
+        """Run the runnable request to the end: application, unread input, END_REQUEST."""
+        req = self.request
+        assert req is not None and req.runnable
+        app_status = self.server.handler(req)
+        if self.request is not req:  # the handler ended or dropped it
+            return
+        req.stdin.drain()
+        self.end_request(req, app_status)
+
+    def end_request(self, req: Request, app_status: int,
+                    protocol_status: int = flup.FCGI_REQUEST_COMPLETE) -> None:
+        """Close the streams, send END_REQUEST with everything buffered in one send."""
+        if protocol_status == flup.FCGI_REQUEST_COMPLETE:
+            req.stdout.close()
+            req.stderr.close()
+        self.write_record(make_record(flup.FCGI_END_REQUEST, req.requestId,
+                                      END_BODY.pack(app_status, protocol_status)))
+        self.flush()
+        self.request = None
+        self.served += 1
+        self.last_active = time.monotonic()
+        if not req.keep_conn:
+            self.close()
+
+    # ------------------------------------------------------------------ output
+
+    def write_record(self, rec: flup.Record) -> None:
+        data = encode(rec)
+        self._out.append(data)
+        self._out_size += len(data)
+        if self._out_size >= FLUSH_AT:
+            self.flush()
+
+    writeRecord = write_record  # the name flup's OutputStream calls
+
+    def discard_output(self) -> None:
+        self._out.clear()
+        self._out_size = 0
+
+    def flush(self) -> None:
+        if not self._out or self.closed:
+            return
+        data = b"".join(self._out) if len(self._out) > 1 else self._out[0]
+        self.discard_output()
+        try:
+            self.sock.sendall(data)
+        except TimeoutError:
+            raise ConnectionLost("web server stopped reading the response") from None
+        except OSError as exc:
+            if exc.errno in (errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN, errno.EBADF):
+                raise ConnectionLost("web server closed the connection during the response") from None
+            raise
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self.discard_output()
+        try:
+            self.sock.close()
+        except OSError as exc:
+            log.debug("close failed: %s", exc)

@@ -1,0 +1,87 @@
+"""Imports: preloaded modules in the manager, the application in each worker.
+
+What the manager imports is shared by every worker and never reloaded; what a
+worker imports after the fork is fresh code, which is what makes SIGHUP a deploy.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.machinery
+import importlib.util
+import os
+import sys
+import traceback
+from typing import Any, Callable, Iterable
+
+WSGIApp = Callable[..., Any]
+
+
+class AppImportError(Exception):
+    """The application (or a preload module) failed to import; carries the traceback."""
+
+    def __init__(self, what: str, summary: str, text: str) -> None:
+        super().__init__(f"{what}: {summary}")
+        self.summary = summary
+        self.text = text
+
+
+def setup_paths(chdir: str | None, pythonpath: Iterable[str]) -> None:
+    if chdir:
+        os.chdir(chdir)
+    for entry in reversed(list(pythonpath)):
+        path = os.path.abspath(entry)
+        if path not in sys.path:
+            sys.path.insert(0, path)
+    # like `python -m`, the working directory is importable
+    if "" not in sys.path and os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+
+
+def summarize(exc: BaseException) -> str:
+    """One line: 'SyntaxError in app/views.py:12: invalid syntax'."""
+    if isinstance(exc, SyntaxError) and exc.filename:
+        return f"{type(exc).__name__} in {exc.filename}:{exc.lineno}: {exc.msg}"
+    tb = traceback.extract_tb(exc.__traceback__)
+    where = f" in {tb[-1].filename}:{tb[-1].lineno}" if tb else ""
+    return f"{type(exc).__name__}{where}: {exc}"
+
+
+def preload(modules: Iterable[str]) -> None:
+    for name in modules:
+        try:
+            importlib.import_module(name)
+        except BaseException as exc:  # noqa: BLE001 - reported whole, then re-raised as ours
+            raise AppImportError(f"preload {name}", summarize(exc), traceback.format_exc()) from exc
+
+
+def load_app(spec: str) -> WSGIApp:
+    """Import `module:callable` and return the callable."""
+    module_name, _, attr = spec.partition(":")
+    try:
+        obj: Any = importlib.import_module(module_name)
+        for part in attr.split("."):
+            obj = getattr(obj, part)
+    except BaseException as exc:  # noqa: BLE001 - any failure of user code is reported
+        raise AppImportError(f"application {spec}", summarize(exc), traceback.format_exc()) from exc
+    if not callable(obj):
+        raise AppImportError(f"application {spec}", f"{attr} is not callable", f"{spec} is {obj!r}\n")
+    return obj
+
+
+def module_exists(name: str) -> bool:
+    """Whether `name` can be found, without importing it or its parent packages.
+
+    The manager must not import the application (a reload could not replace
+    it), yet a misspelt module should be reported before anything forks.
+    """
+    parts = name.split(".")
+    try:
+        spec = importlib.util.find_spec(parts[0])
+    except (ImportError, ValueError):
+        return False
+    for part in parts[1:]:
+        if spec is None or spec.submodule_search_locations is None:
+            return False
+        spec = importlib.machinery.PathFinder.find_spec(part, list(spec.submodule_search_locations))
+    return spec is not None

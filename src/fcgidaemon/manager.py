@@ -1,0 +1,453 @@
+"""The manager: one event loop over signals, worker channels and timers.
+
+The manager never imports the application and never serves a request.  It keeps
+a table of worker records, each in one of the states of `WState`, and moves them
+only along `TRANSITIONS`.  A reload is a new *generation*: all of its workers must
+report ready before any worker of the old generation is retired, so broken code
+never replaces working code, and capacity never drops during a deploy.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import selectors
+import signal
+import socket
+import time
+from dataclasses import dataclass, field
+from enum import Enum
+
+from . import logs, signals, systemd, titles, worker
+from .config import Config
+from .sockets import Listener
+
+log = logging.getLogger("fcgidaemon")
+
+BACKOFF_START = 0.1
+BACKOFF_MAX = 10.0
+YOUNG = 2.0  # a worker that dies within this many seconds of its start died young
+MANAGER_SIGNALS = (signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGCHLD,
+                   signal.SIGTTIN, signal.SIGTTOU)
+
+
+class Phase(Enum):
+    STARTING = "starting"  # first generation not ready yet
+    RUNNING = "running"
+    RELOADING = "reloading"  # a new generation is starting beside the serving one
+    STOPPING = "stopping"  # graceful: workers finish their requests
+    QUITTING = "quitting"  # quick: workers exit at once
+
+
+class WState(Enum):
+    STARTING = "starting"  # forked, importing the application
+    READY = "ready"  # serving
+    RETIRING = "retiring"  # told to finish and leave
+
+
+TRANSITIONS: dict[WState, set[WState]] = {
+    WState.STARTING: {WState.READY, WState.RETIRING},
+    WState.READY: {WState.RETIRING},
+    WState.RETIRING: set(),
+}
+
+
+@dataclass
+class WorkerRecord:
+    pid: int
+    slot: int
+    generation: int
+    channel: socket.socket
+    state: WState = WState.STARTING
+    started: float = field(default_factory=time.monotonic)
+    deadline: float | None = None  # ready-by while starting, kill-at while retiring
+    failure: str | None = None  # import failure reported by the worker
+
+    def move(self, new: WState) -> None:
+        if new not in TRANSITIONS[self.state]:
+            raise RuntimeError(f"worker {self.pid}: {self.state.value} -> {new.value} not allowed")
+        self.state = new
+
+
+class Manager:
+    def __init__(self, config: Config, listeners: list[Listener]) -> None:
+        self.config = config
+        self.listeners = listeners
+        self.target = config.workers
+        self.phase = Phase.STARTING
+        self.workers: dict[int, WorkerRecord] = {}
+        self.generation = 1  # the newest generation started
+        self.serving = 0  # the generation that serves (0: none yet)
+        self.reload_pending = False
+        self.reload_started = 0.0
+        self.respawn_at: dict[int, float] = {}  # slot -> when to start its replacement
+        self.backoff: dict[int, float] = {}  # slot -> next delay
+        self.stop_deadline: float | None = None
+        self.exit_code = 0
+        self.reloads_ok = 0
+        self.reloads_failed = 0
+        self.last_failure = ""
+        self.watchdog = systemd.watchdog_interval()
+        self.next_watchdog = 0.0
+        self.selector = selectors.DefaultSelector()
+        self.queue = signals.SignalQueue(MANAGER_SIGNALS)
+        self.selector.register(self.queue.fileno(), selectors.EVENT_READ, None)
+
+    # ------------------------------------------------------------------ the loop
+
+    def run(self) -> int:
+        logs.set_context(role="manager", generation=self.generation)
+        self._title()
+        for slot in range(self.target):
+            self._spawn(slot, self.generation)
+        while not (self.phase in (Phase.STOPPING, Phase.QUITTING) and not self.workers):
+            timeout = self._timeout()
+            for key, _ in self.selector.select(timeout):
+                if key.data is None:
+                    for signum in self.queue.drain():
+                        self._on_signal(signum)
+                else:
+                    self._on_message(key.data)
+            self._reap()
+            self._tick()
+        systemd.notify("STATUS=stopped")
+        log.info("manager exiting with status %d", self.exit_code)
+        return self.exit_code
+
+    def _timeout(self) -> float:
+        moments = [t for t in self.respawn_at.values()]
+        moments += [w.deadline for w in self.workers.values() if w.deadline is not None]
+        if self.stop_deadline is not None:
+            moments.append(self.stop_deadline)
+        if self.watchdog:
+            moments.append(self.next_watchdog)
+        if not moments:
+            return 1.0
+        return min(1.0, max(0.0, min(moments) - time.monotonic()))
+
+    # ------------------------------------------------------------------ signals
+
+    def _on_signal(self, signum: int) -> None:
+        if signum == signal.SIGCHLD:
+            return  # reaped after every wake-up
+        log.info("received %s", signals.name(signum))
+        if signum == signal.SIGHUP:
+            self.request_reload()
+        elif signum == signal.SIGTERM:
+            self.stop(graceful=True)
+        elif signum in (signal.SIGINT, signal.SIGQUIT):
+            self.stop(graceful=False)
+        elif signum == signal.SIGTTIN:
+            self._resize(self.target + 1)
+        elif signum == signal.SIGTTOU:
+            self._resize(self.target - 1)
+
+    def request_reload(self) -> None:
+        if self.phase in (Phase.STOPPING, Phase.QUITTING):
+            return
+        if self.phase in (Phase.STARTING, Phase.RELOADING):
+            self.reload_pending = True  # coalesced: one more reload after this one
+            log.info("reload queued behind generation %d", self.generation)
+            return
+        self._start_reload()
+
+    def _start_reload(self) -> None:
+        self.reload_pending = False
+        self.generation += 1
+        self.phase = Phase.RELOADING
+        self.reload_started = time.monotonic()
+        logs.set_context(generation=self.generation)
+        log.info("reload: starting generation %d (%d workers)", self.generation, self.target)
+        systemd.notify("RELOADING=1", f"MONOTONIC_USEC={systemd.monotonic_usec()}",
+                       f"STATUS=reloading: starting gen {self.generation}")
+        for slot in range(self.target):
+            self._spawn(slot, self.generation)
+        self._title()
+
+    def stop(self, graceful: bool) -> None:
+        if self.phase is Phase.QUITTING or (graceful and self.phase is Phase.STOPPING):
+            return
+        self.phase = Phase.STOPPING if graceful else Phase.QUITTING
+        self.respawn_at.clear()
+        self.reload_pending = False
+        wait = self.config.graceful_timeout if graceful else 1.0
+        self.stop_deadline = time.monotonic() + wait
+        systemd.notify("STOPPING=1", f"STATUS={self.phase.value}")
+        log.info("%s: %d workers, up to %gs", "graceful stop" if graceful else "quick stop",
+                 len(self.workers), wait)
+        for rec in self.workers.values():
+            self._kill(rec, signal.SIGTERM if graceful else signal.SIGQUIT)
+        self._title()
+
+    def _resize(self, target: int) -> None:
+        if target < 1 or self.phase in (Phase.STOPPING, Phase.QUITTING):
+            log.warning("worker count stays %d", self.target)
+            return
+        old, self.target = self.target, target
+        log.info("worker count %d -> %d", old, target)
+        if self.phase is Phase.RELOADING:
+            return  # applied to the new generation by the reconcile step
+        for rec in list(self.workers.values()):
+            if rec.generation == self.serving and rec.slot >= target and rec.state is not WState.RETIRING:
+                self._retire(rec)
+
+    # ------------------------------------------------------------------ workers
+
+    def _spawn(self, slot: int, generation: int) -> None:
+        parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        close_fds = [parent_end.fileno(), self.selector.fileno(), *self.queue.fds()]
+        close_fds += [rec.channel.fileno() for rec in self.workers.values()]
+        old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, MANAGER_SIGNALS)
+        try:
+            pid = os.fork()
+            if pid == 0:
+                spec = worker.WorkerSpec(self.config, slot, generation,
+                                         [lst.sock for lst in self.listeners], child_end,
+                                         os.getppid(), close_fds)
+                spec.sigmask = old_mask
+                worker.run(spec)
+        finally:
+            if pid:
+                signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+        child_end.close()
+        rec = WorkerRecord(pid, slot, generation, parent_end)
+        rec.deadline = rec.started + self.config.ready_timeout
+        self.workers[pid] = rec
+        self.selector.register(parent_end, selectors.EVENT_READ, rec)
+        log.debug("spawned worker %d (slot %d, gen %d)", pid, slot, generation)
+
+    def _kill(self, rec: WorkerRecord, signum: int) -> None:
+        try:
+            os.kill(rec.pid, signum)
+        except ProcessLookupError:
+            pass
+
+    def _retire(self, rec: WorkerRecord) -> None:
+        """Ask a worker to finish, hand its idle connections over, and leave."""
+        rec.move(WState.RETIRING)
+        rec.deadline = time.monotonic() + self.config.graceful_timeout
+        try:
+            rec.channel.send(worker.MSG_RETIRE)
+        except OSError:
+            self._kill(rec, signal.SIGTERM)
+
+    def _on_message(self, rec: WorkerRecord) -> None:
+        try:
+            msg, fds, _, _ = socket.recv_fds(rec.channel, worker.MAX_MESSAGE, 16)
+        except (BlockingIOError, ConnectionResetError):
+            return
+        if not msg:
+            self.selector.unregister(rec.channel)
+            return
+        if msg == worker.MSG_READY:
+            self._on_ready(rec)
+        elif msg.startswith(worker.MSG_IMPORT_FAILED):
+            rec.failure = msg[len(worker.MSG_IMPORT_FAILED) + 1:].decode(errors="replace")
+        elif msg == worker.MSG_HANDOFF:
+            self._pass_on(fds, rec)
+            fds = []
+        else:
+            log.warning("unknown message from worker %d: %r", rec.pid, msg[:40])
+        for fd in fds:
+            os.close(fd)
+
+    def _pass_on(self, fds: list[int], source: WorkerRecord) -> None:
+        """Give connections from a retiring worker to a ready worker of the serving generation."""
+        targets = [w for w in self.workers.values()
+                   if w.state is WState.READY and w.generation == self.serving and w is not source]
+        try:
+            if not targets:
+                log.warning("no ready worker to take %d connection(s); closing them", len(fds))
+                return
+            target = targets[(self._handoffs) % len(targets)]
+            self._handoffs += 1
+            socket.send_fds(target.channel, [worker.MSG_ADOPT], fds)
+        except OSError as exc:
+            log.warning("cannot pass connections on: %s", exc)
+        finally:
+            for fd in fds:
+                os.close(fd)
+
+    _handoffs = 0
+
+    def _on_ready(self, rec: WorkerRecord) -> None:
+        rec.move(WState.READY)
+        rec.deadline = None
+        self.backoff.pop(rec.slot, None)
+        log.info("worker %d ready (slot %d, gen %d) in %.3fs", rec.pid, rec.slot, rec.generation,
+                 time.monotonic() - rec.started)
+        if self.phase in (Phase.STARTING, Phase.RELOADING) and self._generation_ready(rec.generation):
+            self._switch_to(rec.generation)
+
+    def _generation_ready(self, generation: int) -> bool:
+        ready = {w.slot for w in self.workers.values()
+                 if w.generation == generation and w.state is WState.READY}
+        return len(ready) >= self.target
+
+    def _switch_to(self, generation: int) -> None:
+        """The whole new generation is ready: it serves; the old one retires."""
+        first = self.serving == 0
+        old = self.serving
+        self.serving = generation
+        self.phase = Phase.RUNNING
+        for rec in list(self.workers.values()):
+            if rec.generation != generation and rec.state is not WState.RETIRING:
+                self._retire(rec)
+        if first:
+            log.info("generation %d serving: %d workers", generation, self.target)
+        else:
+            self.reloads_ok += 1
+            log.info("reload complete: generation %d serving (%d workers) in %.3fs, "
+                     "generation %d retiring", generation, self.target,
+                     time.monotonic() - self.reload_started, old)
+        systemd.notify("READY=1", f"STATUS={self.status_line()}")
+        self._title()
+        if self.reload_pending:
+            self._start_reload()
+
+    def _abort_reload(self, reason: str, detail: str | None) -> None:
+        """A new worker failed before its generation was ready: keep the old one serving."""
+        failed = self.generation
+        self.reloads_failed += 1
+        self.last_failure = reason
+        log.error("reload to generation %d failed: %s; still serving generation %d%s",
+                  failed, reason, self.serving, f"\n{detail.rstrip()}" if detail else "")
+        for rec in list(self.workers.values()):
+            if rec.generation == failed:
+                if rec.state is WState.STARTING:
+                    rec.move(WState.RETIRING)
+                    self._kill(rec, signal.SIGKILL)
+                elif rec.state is WState.READY:
+                    self._retire(rec)
+        self.phase = Phase.RUNNING
+        logs.set_context(generation=self.serving)
+        systemd.notify("READY=1", f"STATUS=reload failed: {reason}, still serving gen {self.serving}")
+        self._title()
+        if self.reload_pending:
+            self._start_reload()
+
+    # ------------------------------------------------------------------ exits and timers
+
+    def _reap(self) -> None:
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            rec = self.workers.pop(pid, None)
+            if rec is not None:
+                self._on_exit(rec, status)
+
+    def _on_exit(self, rec: WorkerRecord, status: int) -> None:
+        try:
+            self.selector.unregister(rec.channel)
+        except (KeyError, ValueError):
+            pass
+        self._on_message_backlog(rec)
+        rec.channel.close()
+        how = signals.describe_status(status)
+        expected = rec.state is WState.RETIRING or self.phase in (Phase.STOPPING, Phase.QUITTING)
+        log.log(logging.INFO if expected else logging.WARNING, "worker %d (slot %d, gen %d, %s) exited: %s",
+                rec.pid, rec.slot, rec.generation, rec.state.value, how)
+        if expected:
+            return
+        young = rec.state is WState.STARTING or time.monotonic() - rec.started < YOUNG
+        reason = rec.failure.splitlines()[0] if rec.failure else f"worker {rec.state.value} {how}"
+        if self.phase is Phase.RELOADING and rec.generation == self.generation:
+            self._abort_reload(reason, rec.failure)
+            return
+        if rec.state is WState.STARTING and self.phase is Phase.STARTING and rec.failure:
+            log.error("application failed to import: %s", rec.failure.rstrip())
+            self.exit_code = 1
+            self.stop(graceful=False)
+            return
+        delay = 0.0
+        if young:
+            delay = self.backoff.get(rec.slot, BACKOFF_START)
+            self.backoff[rec.slot] = min(BACKOFF_MAX, delay * 2)
+            log.warning("slot %d: respawning in %.1fs (%s)", rec.slot, delay, reason)
+        self.respawn_at[rec.slot] = time.monotonic() + delay
+
+    def _on_message_backlog(self, rec: WorkerRecord) -> None:
+        """Read what an exited worker sent last (its import failure or hand-offs)."""
+        rec.channel.setblocking(False)
+        for _ in range(64):
+            try:
+                msg, fds, _, _ = socket.recv_fds(rec.channel, worker.MAX_MESSAGE, 16)
+            except (BlockingIOError, ConnectionResetError):
+                return
+            if not msg:
+                return
+            if msg.startswith(worker.MSG_IMPORT_FAILED):
+                rec.failure = msg[len(worker.MSG_IMPORT_FAILED) + 1:].decode(errors="replace")
+            elif msg == worker.MSG_HANDOFF:
+                self._pass_on(fds, rec)
+                continue
+            for fd in fds:
+                os.close(fd)
+
+    def _tick(self) -> None:
+        now = time.monotonic()
+        for rec in list(self.workers.values()):
+            if rec.deadline is not None and now >= rec.deadline:
+                rec.deadline = None
+                if rec.state is WState.STARTING:
+                    log.error("worker %d not ready after %gs; killing it", rec.pid, self.config.ready_timeout)
+                    rec.failure = rec.failure or f"not ready within {self.config.ready_timeout:g}s"
+                else:
+                    log.warning("worker %d still busy after %gs; killing it", rec.pid,
+                                self.config.graceful_timeout)
+                self._kill(rec, signal.SIGKILL)
+        if self.stop_deadline is not None and now >= self.stop_deadline:
+            self.stop_deadline = None
+            for rec in self.workers.values():
+                log.warning("worker %d did not stop in time; killing it", rec.pid)
+                self._kill(rec, signal.SIGKILL)
+        if self.phase in (Phase.RUNNING, Phase.STARTING, Phase.RELOADING):
+            self._reconcile(now)
+        if self.watchdog and now >= self.next_watchdog:
+            systemd.notify("WATCHDOG=1")
+            self.next_watchdog = now + self.watchdog
+
+    def _reconcile(self, now: float) -> None:
+        """Keep one live worker of the serving generation in every slot below the target."""
+        generation = self.serving or self.generation
+        filled = {w.slot for w in self.workers.values()
+                  if w.generation == generation and w.state is not WState.RETIRING}
+        for slot in range(self.target):
+            if slot in filled:
+                self.respawn_at.pop(slot, None)
+                continue
+            due = self.respawn_at.setdefault(slot, now)
+            if now >= due:
+                del self.respawn_at[slot]
+                self._spawn(slot, generation)
+        for slot in [s for s in self.respawn_at if s >= self.target]:
+            del self.respawn_at[slot]
+
+    # ------------------------------------------------------------------ reporting
+
+    def counts(self) -> dict[str, int]:
+        out = {state.value: 0 for state in WState}
+        for rec in self.workers.values():
+            out[rec.state.value] += 1
+        return out
+
+    def status_line(self) -> str:
+        ready = sum(1 for w in self.workers.values()
+                    if w.generation == self.serving and w.state is WState.READY)
+        line = f"serving gen {self.serving}, {ready}/{self.target} workers"
+        if self.last_failure:
+            line += f"; last reload failed: {self.last_failure}"
+        return line
+
+    def _title(self) -> None:
+        binds = ",".join(lst.name for lst in self.listeners)
+        titles.set_title(f"manager {self.config.app} [gen {self.serving or self.generation}, "
+                         f"{self.target} workers, {self.phase.value}] {binds}")
+
+    def close(self) -> None:
+        for lst in self.listeners:
+            lst.close()

@@ -1,0 +1,179 @@
+"""Listening sockets: bind them, or take them from systemd or a parent manager.
+
+The manager opens every listening socket before it forks, so workers inherit
+them and the sockets stay open across reloads: connections that arrive while
+workers are replaced wait in the kernel's backlog and are served.
+"""
+
+from __future__ import annotations
+
+import errno
+import grp
+import logging
+import os
+import pwd
+import socket
+import stat
+from dataclasses import dataclass
+
+from . import systemd
+from .config import Address, Config, ConfigError
+
+log = logging.getLogger("fcgidaemon")
+
+INHERIT_ENV = "FCGIDAEMON_FDS"  # comma-separated listening fds handed to a re-executed manager
+
+
+@dataclass
+class Listener:
+    sock: socket.socket
+    name: str
+    unlink_path: str | None = None  # a unix socket we created, removed at exit
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def close(self) -> None:
+        self.sock.close()
+        if self.unlink_path:
+            try:
+                os.unlink(self.unlink_path)
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                log.warning("cannot remove socket %s: %s", self.unlink_path, exc)
+
+
+def open_listeners(config: Config) -> list[Listener]:
+    """Sockets from systemd or a parent manager if any were passed, else bind."""
+    passed = inherited_sockets() or systemd.listen_sockets()
+    if passed:
+        return [validate_passed(sock) for sock in passed]
+    if config.bind.path is not None:
+        return [bind_unix(config.bind.path, config)]
+    return bind_tcp(config.bind, config.backlog)
+
+
+def inherited_sockets() -> list[socket.socket]:
+    text = os.environ.pop(INHERIT_ENV, "")
+    return [socket.socket(fileno=int(fd)) for fd in text.split(",") if fd.strip()]
+
+
+def validate_passed(sock: socket.socket) -> Listener:
+    """A passed fd must be a listening stream socket; we never unlink its path."""
+    try:
+        kind = sock.getsockopt(socket.SOL_SOCKET, socket.SO_TYPE)
+        listening = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
+    except OSError as exc:
+        raise ConfigError(f"passed fd {sock.fileno()} is not a socket: {exc.strerror}") from None
+    if kind != socket.SOCK_STREAM or not listening:
+        raise ConfigError(f"passed fd {sock.fileno()} is not a listening stream socket")
+    return Listener(sock, describe(sock) + " (passed)")
+
+
+def describe(sock: socket.socket) -> str:
+    addr = sock.getsockname()
+    if sock.family == socket.AF_UNIX:
+        return f"unix:{addr if isinstance(addr, str) else addr.decode(errors='replace')}"
+    if sock.family == socket.AF_INET6:
+        return f"[{addr[0]}]:{addr[1]}"
+    return f"{addr[0]}:{addr[1]}"
+
+
+def bind_tcp(address: Address, backlog: int) -> list[Listener]:
+    host = address.host or "0.0.0.0"
+    try:
+        infos = socket.getaddrinfo(host, address.port, socket.AF_UNSPEC, socket.SOCK_STREAM,
+                                   0, socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise ConfigError(f"--bind {address}: cannot resolve {host!r}: {exc.strerror}") from None
+    listeners: list[Listener] = []
+    seen: set[tuple[int, str]] = set()
+    try:
+        for family, kind, proto, _, sockaddr in infos:
+            if (family, sockaddr[0]) in seen:
+                continue
+            seen.add((family, sockaddr[0]))
+            listeners.append(_bind_one(family, kind, proto, sockaddr, backlog, address))
+    except BaseException:
+        for listener in listeners:
+            listener.close()
+        raise
+    return listeners
+
+
+def _bind_one(family: int, kind: int, proto: int, sockaddr: tuple, backlog: int,
+              address: Address) -> Listener:
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind(sockaddr)
+        sock.listen(backlog)
+    except OSError as exc:
+        sock.close()
+        if exc.errno == errno.EADDRINUSE:
+            raise ConfigError(f"--bind {address}: address already in use") from None
+        raise ConfigError(f"--bind {address}: cannot bind {sockaddr[0]}: {exc.strerror}") from None
+    sock.set_inheritable(True)
+    return Listener(sock, describe(sock))
+
+
+def bind_unix(path: str, config: Config) -> Listener:
+    remove_stale_unix_socket(path)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old_umask = os.umask(0o777 & ~config.socket_mode)
+    try:
+        sock.bind(path)
+    except OSError as exc:
+        sock.close()
+        raise ConfigError(f"--bind unix:{path}: {exc.strerror}") from None
+    finally:
+        os.umask(old_umask)
+    try:
+        os.chmod(path, config.socket_mode)
+        if config.socket_owner:
+            uid, gid = resolve_owner(config.socket_owner)
+            os.chown(path, uid, gid)
+        sock.listen(config.backlog)
+    except (OSError, ConfigError) as exc:
+        sock.close()
+        os.unlink(path)
+        if isinstance(exc, ConfigError):
+            raise
+        raise ConfigError(f"--bind unix:{path}: {exc.strerror}") from None
+    sock.set_inheritable(True)
+    return Listener(sock, f"unix:{path}", unlink_path=path)
+
+
+def remove_stale_unix_socket(path: str) -> None:
+    """Remove `path` only if it is a socket nobody listens on."""
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(mode):
+        raise ConfigError(f"--bind unix:{path}: exists and is not a socket")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(path)
+    except ConnectionRefusedError:
+        log.info("removing stale socket %s", path)
+        os.unlink(path)
+        return
+    except OSError as exc:
+        raise ConfigError(f"--bind unix:{path}: cannot check existing socket: {exc.strerror}") from None
+    finally:
+        probe.close()
+    raise ConfigError(f"--bind unix:{path}: address already in use")
+
+
+def resolve_owner(spec: str) -> tuple[int, int]:
+    user, _, group = spec.partition(":")
+    try:
+        entry = pwd.getpwnam(user)
+        gid = grp.getgrnam(group).gr_gid if group else entry.pw_gid
+    except KeyError:
+        raise ConfigError(f"unknown user or group in {spec!r}") from None
+    return entry.pw_uid, gid

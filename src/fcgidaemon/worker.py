@@ -1,0 +1,329 @@
+"""Life in a worker process, from the fork to ``os._exit``.
+
+A worker imports the application after the fork (so each generation runs the
+code on disk when it was started), tells the manager it is ready, then waits
+with epoll on the shared listening sockets *and* on every connection it holds,
+serving whichever request is ready, one at a time.  Waiting on kept connections
+alongside the listener is what stops idle FCGI_KEEP_CONN connections from
+pinning the worker.
+
+Stopping never loses accepted work:
+
+* ``retire`` (a message from the manager during a reload): stop accepting,
+  finish the request in progress, serve what is half-received, and hand every
+  idle connection to the manager over the channel (SCM_RIGHTS), which passes it
+  to a worker of the new generation; bytes still in the kernel travel with it;
+* SIGTERM / SIGHUP (a stop): the same, but idle kept connections are closed,
+  and a connection that has not sent its first request yet is still served;
+* SIGINT / SIGQUIT: exit at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import select
+import signal
+import socket
+import sys
+import time
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import NoReturn
+
+from . import loader, logs, titles
+from .config import Config
+from .fastcgi import Connection, ConnectionLost, Limits, ProtocolError, RequestAborted, Server
+from .wsgi import make_handler
+
+log = logging.getLogger("fcgidaemon")
+
+EXIT_OK = 0
+EXIT_CRASH = 1
+EXIT_IMPORT_FAILED = 3
+
+MSG_READY = b"ready"
+MSG_IMPORT_FAILED = b"import-failed"
+MSG_HANDOFF = b"handoff"
+MSG_ADOPT = b"adopt"
+MSG_RETIRE = b"retire"
+MAX_MESSAGE = 65536
+
+
+class StopMode(Enum):
+    NONE = "none"
+    HANDOFF = "handoff"  # retiring in a reload: idle connections go to the new generation
+    CLOSE = "close"  # stopping: idle kept connections are closed
+
+
+@dataclass
+class WorkerSpec:
+    """What the manager hands to a freshly forked worker."""
+
+    config: Config
+    slot: int
+    generation: int
+    listeners: list[socket.socket]
+    channel: socket.socket
+    manager_pid: int
+    close_fds: list[int] = field(default_factory=list)
+    sigmask: set[int] | None = None  # the mask to restore once our handlers are in place
+
+
+def run(spec: WorkerSpec) -> NoReturn:
+    """The whole life of a worker; never returns."""
+    code = EXIT_CRASH
+    try:
+        code = Worker(spec).run()
+    except BaseException:  # noqa: BLE001 - the last resort before _exit
+        log.critical("worker crashed", exc_info=True)
+    finally:
+        logging.shutdown()
+    os._exit(code)
+
+
+class Worker:
+    def __init__(self, spec: WorkerSpec) -> None:
+        self.spec = spec
+        self.config = spec.config
+        self.stop_mode = StopMode.NONE
+        self.conns: dict[int, Connection] = {}
+        self.requests = 0
+        self.epoll = select.epoll()
+        self.listener_fds = {sock.fileno(): sock for sock in spec.listeners}
+        self.server: Server | None = None
+        self._wake_r, self._wake_w = socket.socketpair()
+
+    # ------------------------------------------------------------------ start
+
+    def run(self) -> int:
+        self._setup_process()
+        try:
+            app = loader.load_app(self.config.app)
+        except loader.AppImportError as exc:
+            log.debug("import failed: %s", exc.summary)
+            message = MSG_IMPORT_FAILED + b"\n" + f"{exc.summary}\n{exc.text}".encode()
+            self.spec.channel.send(message[:MAX_MESSAGE])
+            return EXIT_IMPORT_FAILED
+        limits = Limits(read_timeout=self.config.read_timeout)
+        self.server = Server(make_handler(app), limits, max_conns=self.config.workers * 64,
+                             max_reqs=self.config.workers)
+        self._register()
+        self.spec.channel.send(MSG_READY)
+        self._title("idle")
+        self._loop()
+        return EXIT_OK
+
+    def _setup_process(self) -> None:
+        for fd in self.spec.close_fds:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        logs.set_context(role="worker", generation=self.spec.generation)
+        self._title("starting")
+        for signum in (signal.SIGCHLD, signal.SIGTTIN, signal.SIGTTOU, signal.SIGUSR1,
+                       signal.SIGUSR2, signal.SIGPIPE):
+            signal.signal(signum, signal.SIG_DFL)
+        signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+        for end in (self._wake_r, self._wake_w):
+            end.setblocking(False)
+        signal.set_wakeup_fd(self._wake_w.fileno(), warn_on_full_buffer=False)
+        signal.signal(signal.SIGTERM, self._on_stop_signal)
+        signal.signal(signal.SIGHUP, self._on_stop_signal)
+        signal.signal(signal.SIGINT, _exit_now)
+        signal.signal(signal.SIGQUIT, _exit_now)
+        if self.spec.sigmask is not None:
+            signal.pthread_sigmask(signal.SIG_SETMASK, self.spec.sigmask)
+
+    def _on_stop_signal(self, signum: int, frame: object) -> None:
+        # only records: a request in progress finishes first
+        if self.stop_mode is StopMode.NONE:
+            self.stop_mode = StopMode.CLOSE
+
+    def _register(self) -> None:
+        for fd, sock in self.listener_fds.items():
+            sock.setblocking(False)
+            self.epoll.register(fd, select.EPOLLIN | select.EPOLLEXCLUSIVE)
+        self.epoll.register(self._wake_r.fileno(), select.EPOLLIN)
+        self.epoll.register(self.spec.channel.fileno(), select.EPOLLIN)
+
+    # ------------------------------------------------------------------ loop
+
+    def _loop(self) -> None:
+        while True:
+            if self.stop_mode is not StopMode.NONE and self._wind_down():
+                return
+            try:
+                events = self.epoll.poll(1.0)
+            except InterruptedError:
+                continue
+            for fd, _ in events:
+                if fd in self.listener_fds:
+                    self._accept(self.listener_fds[fd])
+                elif fd == self._wake_r.fileno():
+                    _drain(self._wake_r)
+                elif fd == self.spec.channel.fileno():
+                    self._channel_message()
+                elif fd in self.conns:
+                    self._serve(self.conns[fd])
+            self._sweep()
+
+    def _accept(self, listener: socket.socket) -> None:
+        if self.stop_mode is not StopMode.NONE:
+            return
+        try:
+            sock, _ = listener.accept()
+        except (BlockingIOError, InterruptedError):
+            return  # another worker took it
+        except OSError as exc:
+            log.warning("accept failed: %s", exc)
+            return
+        self._adopt(sock)
+
+    def _adopt(self, sock: socket.socket) -> None:
+        assert self.server is not None
+        conn = Connection(sock, self.server)
+        self.conns[conn.fileno()] = conn
+        self.epoll.register(conn.fileno(), select.EPOLLIN)
+
+    def _drop(self, conn: Connection, reason: str | None = None, level: int = logging.INFO) -> None:
+        if reason:
+            log.log(level, "connection closed: %s", reason)
+        fd = conn.fileno() if not conn.closed else None
+        for key, value in list(self.conns.items()):
+            if value is conn:
+                del self.conns[key]
+                fd = key
+        if fd is not None:
+            try:
+                self.epoll.unregister(fd)
+            except (OSError, ValueError):
+                pass
+        conn.close()
+
+    def _serve(self, conn: Connection) -> None:
+        """Read what arrived on `conn` and run every request that is complete."""
+        if not conn.receive():
+            if conn.has_partial_input:
+                self._drop(conn, "web server closed the connection in the middle of a request")
+            else:
+                self._drop(conn)
+            return
+        try:
+            conn.parse_available()
+            while conn.request is not None and conn.request.runnable and not conn.closed:
+                self._run_request(conn)
+                conn.parse_available()
+        except ProtocolError as exc:
+            self._drop(conn, f"protocol error: {exc}", logging.WARNING)
+        except (ConnectionLost, RequestAborted) as exc:
+            self._drop(conn, str(exc))
+        except Exception:  # noqa: BLE001 - a fault on one connection must not end the worker
+            log.error("internal error on a connection; closing it", exc_info=True)
+            self._drop(conn)
+        if conn.closed:
+            self._drop(conn)
+
+    def _run_request(self, conn: Connection) -> None:
+        req = conn.request
+        assert req is not None
+        self._title(f"busy {req.params.get('REQUEST_METHOD', '?')} "
+                    f"{req.params.get('REQUEST_URI', req.params.get('PATH_INFO', ''))[:80]}")
+        try:
+            conn.run_request()
+        finally:
+            self.requests += 1
+            self._title("idle" if self.stop_mode is StopMode.NONE else "retiring")
+
+    # ------------------------------------------------------------------ manager channel
+
+    def _channel_message(self) -> None:
+        try:
+            msg, fds, _, _ = socket.recv_fds(self.spec.channel, MAX_MESSAGE, 16)
+        except BlockingIOError:
+            return
+        if not msg:  # the manager is gone: no orphan keeps serving old code
+            log.warning("manager exited; stopping")
+            self.epoll.unregister(self.spec.channel.fileno())
+            self._begin_stop(StopMode.CLOSE)
+            return
+        if msg == MSG_ADOPT:
+            for fd in fds:
+                self._adopt(socket.socket(fileno=fd))
+        elif msg == MSG_RETIRE:
+            self._begin_stop(StopMode.HANDOFF)
+        else:
+            log.warning("unknown message from manager: %r", msg[:40])
+            for fd in fds:
+                os.close(fd)
+
+    def _begin_stop(self, mode: StopMode) -> None:
+        if self.stop_mode is StopMode.NONE or mode is StopMode.CLOSE:
+            self.stop_mode = mode
+
+    # ------------------------------------------------------------------ stopping
+
+    def _wind_down(self) -> bool:
+        """Stop accepting and let go of idle connections; True when nothing is left."""
+        for fd, sock in list(self.listener_fds.items()):
+            self.epoll.unregister(fd)
+            sock.close()
+            del self.listener_fds[fd]
+        self._title("retiring")
+        for conn in list(self.conns.values()):
+            if conn.has_partial_input:
+                continue  # half-received: serve it first
+            if self.stop_mode is StopMode.HANDOFF:
+                self._hand_off(conn)
+            elif conn.served and not _readable(conn.sock):
+                self._drop(conn)
+        return not self.conns
+
+    def _hand_off(self, conn: Connection) -> None:
+        try:
+            socket.send_fds(self.spec.channel, [MSG_HANDOFF], [conn.fileno()])
+        except OSError as exc:
+            log.warning("cannot hand a connection to the manager: %s", exc)
+            self.stop_mode = StopMode.CLOSE
+            return
+        self._drop(conn)
+
+    def _sweep(self) -> None:
+        """Close stalled and long-idle connections; notice a dead manager."""
+        now = time.monotonic()
+        for conn in list(self.conns.values()):
+            idle = now - conn.last_active
+            if conn.has_partial_input or not conn.served:
+                if idle > self.config.read_timeout:
+                    self._drop(conn, f"no complete request within {self.config.read_timeout:g}s",
+                               logging.WARNING)
+            elif idle > self.config.keep_conn_idle:
+                self._drop(conn)
+        if os.getppid() != self.spec.manager_pid and self.stop_mode is StopMode.NONE:
+            log.warning("manager %d is gone; stopping", self.spec.manager_pid)
+            self.stop_mode = StopMode.CLOSE
+
+    def _title(self, state: str) -> None:
+        titles.set_title(f"worker {self.spec.slot} gen {self.spec.generation} {state}")
+
+
+def _exit_now(signum: int, frame: object) -> None:
+    os._exit(EXIT_OK)
+
+
+def _drain(sock: socket.socket) -> None:
+    try:
+        while sock.recv(4096):
+            pass
+    except BlockingIOError:
+        pass
+
+
+def _readable(sock: socket.socket) -> bool:
+    ready, _, _ = select.select([sock], [], [], 0)
+    return bool(ready)
+
+
+if sys.platform != "linux":  # pragma: no cover
+    raise ImportError("fcgidaemon's worker needs Linux (epoll, EPOLLEXCLUSIVE)")

@@ -1,0 +1,221 @@
+"""The WSGI (PEP 3333) adapter: one fresh environ per request, latin-1 headers, plain 500s.
+
+Nothing from one request can reach the next: the environ is a new dict built
+from that request's own PARAMS, and the response goes into that request's own
+output stream.  An application exception before the headers are sent becomes a
+plain 500 for the client and a full traceback in the log; after the headers,
+the connection is dropped so the web server knows the response is incomplete.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import sys
+from typing import Any, Callable, Iterable
+from urllib.parse import unquote_to_bytes
+
+from .fastcgi import ConnectionLost, Request, RequestAborted
+
+log = logging.getLogger("fcgidaemon")
+app_log = logging.getLogger("fcgidaemon.app")
+
+STATUS_RE = re.compile(r"^[1-9]\d\d(?: [^\r\n]*)?$")
+HEADER_NAME_RE = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
+ERROR_500 = (b"Status: 500 Internal Server Error\r\nContent-Type: text/plain; charset=utf-8\r\n"
+             b"Content-Length: 21\r\n\r\nInternal Server Error")
+REQUIRED = (("REQUEST_METHOD", "GET"), ("SERVER_NAME", "localhost"), ("SERVER_PORT", "80"),
+            ("SERVER_PROTOCOL", "HTTP/1.0"))
+
+
+class ErrorStream:
+    """``wsgi.errors``: what the application writes goes to the log, line by line."""
+
+    def __init__(self) -> None:
+        self._partial = ""
+
+    def write(self, text: str) -> int:
+        lines = (self._partial + str(text)).split("\n")
+        self._partial = lines.pop()
+        for line in lines:
+            app_log.error("%s", line)
+        return len(text)
+
+    def writelines(self, lines: Iterable[str]) -> None:
+        for line in lines:
+            self.write(line)
+
+    def flush(self) -> None:
+        if self._partial:
+            app_log.error("%s", self._partial)
+            self._partial = ""
+
+
+class FileWrapper:
+    """``wsgi.file_wrapper``: iterate a file-like object in blocks; close() closes it."""
+
+    def __init__(self, filelike: Any, blksize: int = 65536) -> None:
+        self.filelike = filelike
+        self.blksize = blksize
+        if hasattr(filelike, "close"):
+            self.close = filelike.close
+
+    def __iter__(self) -> "FileWrapper":
+        return self
+
+    def __next__(self) -> bytes:
+        data = self.filelike.read(self.blksize)
+        if data:
+            return data
+        raise StopIteration
+
+
+def build_environ(req: Request) -> dict[str, Any]:
+    """A new environ from this request's params, normalised for WSGI."""
+    environ: dict[str, Any] = dict(req.params)
+    for name, default in REQUIRED:
+        environ.setdefault(name, default)
+    normalise_paths(environ)
+    https = environ.get("HTTPS", "off").lower() in ("on", "1") or environ.get("REQUEST_SCHEME") == "https"
+    environ.update({
+        "wsgi.version": (1, 0),
+        "wsgi.url_scheme": "https" if https else "http",
+        "wsgi.input": req.stdin,
+        "wsgi.errors": ErrorStream(),
+        "wsgi.multithread": False,
+        "wsgi.multiprocess": True,
+        "wsgi.run_once": False,
+        "wsgi.file_wrapper": FileWrapper,
+    })
+    return environ
+
+
+def normalise_paths(environ: dict[str, Any]) -> None:
+    """Make SCRIPT_NAME + PATH_INFO the decoded request path, so URL building is right.
+
+    Front ends disagree: nginx's stock params put the whole path in SCRIPT_NAME;
+    Apache's mod_proxy_fcgi sends SCRIPT_NAME but PATH_INFO only with
+    proxy-fcgi-pathinfo.  When the two do not add up to REQUEST_URI's path we
+    trust REQUEST_URI: the application is mounted at the root and PATH_INFO is the path.
+    """
+    uri = environ.get("REQUEST_URI")
+    script = environ.get("SCRIPT_NAME", "")
+    path_info = environ.get("PATH_INFO", "")
+    if uri is None:
+        environ["SCRIPT_NAME"], environ["PATH_INFO"] = script, path_info
+        environ.setdefault("QUERY_STRING", "")
+        return
+    raw_path, _, query = uri.partition("?")
+    if not environ.get("QUERY_STRING"):
+        environ["QUERY_STRING"] = query
+    path = unquote_to_bytes(raw_path.encode("latin-1")).decode("latin-1")
+    if script + path_info == path:
+        environ["SCRIPT_NAME"], environ["PATH_INFO"] = script, path_info
+        return
+    if path_info and path.endswith(path_info) and path[: len(path) - len(path_info)]:
+        environ["SCRIPT_NAME"] = path[: len(path) - len(path_info)]
+        return
+    environ["SCRIPT_NAME"], environ["PATH_INFO"] = "", path
+
+
+class Response:
+    """start_response and write for one request; headers go out with the first body bytes."""
+
+    def __init__(self, req: Request) -> None:
+        self.req = req
+        self.status: str | None = None
+        self.headers: list[tuple[str, str]] = []
+        self.head_sent = False
+
+    def start_response(self, status: str, headers: list[tuple[str, str]],
+                       exc_info: Any = None) -> Callable[[bytes], None]:
+        if exc_info is not None:
+            try:
+                if self.head_sent:
+                    raise exc_info[1].with_traceback(exc_info[2])
+            finally:
+                exc_info = None
+        elif self.status is not None:
+            raise AssertionError("start_response called twice without exc_info")
+        if not isinstance(status, str) or not STATUS_RE.match(status):
+            raise ValueError(f"bad WSGI status {status!r}")
+        status.encode("latin-1")
+        for name, value in headers:
+            if not isinstance(name, str) or not HEADER_NAME_RE.match(name):
+                raise ValueError(f"bad response header name {name!r}")
+            if not isinstance(value, str) or "\r" in value or "\n" in value:
+                raise ValueError(f"bad value for response header {name}")
+            value.encode("latin-1")  # UnicodeEncodeError: not representable
+        self.status, self.headers = status, list(headers)
+        return self.write
+
+    def head(self) -> bytes:
+        lines = [f"Status: {self.status}"]
+        lines.extend(f"{name}: {value}" for name, value in self.headers)
+        return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+
+    def write(self, data: bytes) -> None:
+        if self.status is None:
+            raise AssertionError("write() before start_response()")
+        if not isinstance(data, (bytes, bytearray)):
+            raise TypeError(f"response body must be bytes, not {type(data).__name__}")
+        if not self.head_sent:
+            self.req.stdout.write(self.head() + bytes(data))
+            self.head_sent = True
+        elif data:
+            self.req.stdout.write(bytes(data))
+
+    def add_length_if_known(self, result: Any) -> None:
+        if isinstance(result, (list, tuple)) and len(result) == 1 and isinstance(result[0], bytes):
+            if not any(name.lower() == "content-length" for name, _ in self.headers):
+                self.headers.append(("Content-Length", str(len(result[0]))))
+
+
+def make_handler(app: Callable[..., Any]) -> Callable[[Request], int]:
+    """The per-request function the protocol layer calls; returns the FastCGI app status."""
+
+    def handle(req: Request) -> int:
+        environ = build_environ(req)
+        response = Response(req)
+        result = None
+        try:
+            result = app(environ, response.start_response)
+            if response.status is not None:
+                response.add_length_if_known(result)
+            for chunk in result:
+                if chunk:
+                    response.write(chunk)
+            response.write(b"")
+            return 0
+        except (ConnectionLost, RequestAborted):
+            raise
+        except Exception:  # noqa: BLE001 - the application's failure, reported, not fatal
+            return application_failed(req, response, environ)
+        finally:
+            close_result(result, environ)
+            environ["wsgi.errors"].flush()
+
+    return handle
+
+
+def application_failed(req: Request, response: Response, environ: dict[str, Any]) -> int:
+    uri = environ.get("REQUEST_URI") or environ.get("PATH_INFO", "")
+    log.error("application error on %s %s", environ.get("REQUEST_METHOD"), uri,
+              exc_info=sys.exc_info(), extra={"request_uri": uri})
+    if response.head_sent:
+        raise ConnectionLost("application failed after sending headers; response dropped")
+    req._conn.discard_output()
+    req.stdout.dataWritten = False
+    req.stdout.write(ERROR_500)
+    return 1
+
+
+def close_result(result: Any, environ: dict[str, Any]) -> None:
+    close = getattr(result, "close", None)
+    if close is None:
+        return
+    try:
+        close()
+    except Exception:  # noqa: BLE001 - reported; the response is already decided
+        log.error("application error in close() on %s", environ.get("REQUEST_URI", ""),
+                  exc_info=True)
