@@ -93,10 +93,12 @@ def build_environ(req: Request) -> dict[str, Any]:
 def normalise_paths(environ: dict[str, Any]) -> None:
     """Make SCRIPT_NAME + PATH_INFO the decoded request path, so URL building is right.
 
-    Front ends disagree: nginx's stock params put the whole path in SCRIPT_NAME;
-    Apache's mod_proxy_fcgi sends SCRIPT_NAME but PATH_INFO only with
-    proxy-fcgi-pathinfo.  When the two do not add up to REQUEST_URI's path we
-    trust REQUEST_URI: the application is mounted at the root and PATH_INFO is the path.
+    Front ends disagree: nginx's stock fastcgi_params put the whole path in
+    SCRIPT_NAME and leave PATH_INFO empty; Apache's mod_proxy_fcgi sends the
+    matched URL as SCRIPT_NAME and PATH_INFO only with proxy-fcgi-pathinfo.  A
+    split is kept only when it is a real one (PATH_INFO not empty, and the two add
+    up to REQUEST_URI's path); otherwise the application is mounted at the root
+    and PATH_INFO is the whole decoded path.
     """
     uri = environ.get("REQUEST_URI")
     script = environ.get("SCRIPT_NAME", "")
@@ -109,13 +111,10 @@ def normalise_paths(environ: dict[str, Any]) -> None:
     if not environ.get("QUERY_STRING"):
         environ["QUERY_STRING"] = query
     path = unquote_to_bytes(raw_path.encode("latin-1")).decode("latin-1")
-    if script + path_info == path:
+    if path_info and script + path_info == path:
         environ["SCRIPT_NAME"], environ["PATH_INFO"] = script, path_info
-        return
-    if path_info and path.endswith(path_info) and path[: len(path) - len(path_info)]:
-        environ["SCRIPT_NAME"] = path[: len(path) - len(path_info)]
-        return
-    environ["SCRIPT_NAME"], environ["PATH_INFO"] = "", path
+    else:
+        environ["SCRIPT_NAME"], environ["PATH_INFO"] = "", path
 
 
 class Response:

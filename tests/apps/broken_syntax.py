@@ -1,0 +1,2 @@
+def application(environ, start_response)  # deliberately broken: no colon
+    return []

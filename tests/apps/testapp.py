@@ -1,0 +1,71 @@
+"""The WSGI application the tests run under fcgidaemon.
+
+Routes by PATH_INFO; the tests copy this file and change VERSION to see a reload.
+"""
+
+import json
+import os
+import sys
+import time
+from urllib.parse import parse_qs
+
+VERSION = "v1"
+IMPORT_PID = os.getpid()
+
+
+def _query(environ):
+    return {k: v[0] for k, v in parse_qs(environ.get("QUERY_STRING", "")).items()}
+
+
+def _text(start_response, body, status="200 OK", headers=()):
+    start_response(status, [("Content-Type", "text/plain"), ("Content-Length", str(len(body))),
+                            *headers])
+    return [body]
+
+
+def application(environ, start_response):
+    path = environ.get("PATH_INFO", "")
+    q = _query(environ)
+    if path.endswith("/echo"):
+        length = int(environ.get("CONTENT_LENGTH") or 0)
+        body = environ["wsgi.input"].read(length) if length else environ["wsgi.input"].read()
+        return _text(start_response, body)
+    if path.endswith("/id"):
+        time.sleep(float(q.get("sleep", 0)))
+        body = f"id={q.get('id', '')} version={VERSION} pid={os.getpid()}".encode()
+        return _text(start_response, body)
+    if path.endswith("/sleep"):
+        time.sleep(float(q.get("s", 1)))
+        return _text(start_response, b"slept " + q.get("s", "1").encode() + b" " + b"z" * 100000)
+    if path.endswith("/big"):
+        n = int(q.get("n", 1 << 20))
+        block = bytes(range(256)) * 256
+        start_response("200 OK", [("Content-Type", "application/octet-stream"),
+                                  ("Content-Length", str(n))])
+        return (block[: min(len(block), n - i)] for i in range(0, n, len(block)))
+    if path.endswith("/headers"):
+        n = int(q.get("n", 100))
+        return _text(start_response, b"many", headers=[(f"X-H{i}", "v" * 50) for i in range(n)])
+    if path.endswith("/latin1"):
+        return _text(start_response, b"latin1", headers=[("X-Name", "caf\u00e9 na\u00efve \u00ff")])
+    if path.endswith("/error"):
+        raise RuntimeError("boom before headers")
+    if path.endswith("/error-after"):
+        def gen():
+            yield b"partial"
+            raise RuntimeError("boom after headers")
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return gen()
+    if path.endswith("/empty"):
+        start_response("204 No Content", [])
+        return []
+    if path.endswith("/environ"):
+        env = {k: v for k, v in environ.items() if isinstance(v, (str, bool, int, tuple))}
+        return _text(start_response, json.dumps(env).encode())
+    if path.endswith("/preload"):
+        import preloaded_mod
+        body = json.dumps({"preload_pid": preloaded_mod.IMPORT_PID, "app_pid": IMPORT_PID,
+                           "pid": os.getpid(), "ppid": os.getppid(),
+                           "preloaded_in_manager": "preloaded_mod" in sys.modules}).encode()
+        return _text(start_response, body)
+    return _text(start_response, f"hello {VERSION} {os.getpid()}".encode())

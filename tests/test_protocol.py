@@ -1,0 +1,286 @@
+"""FastCGI and WSGI behaviour of the real daemon, over real sockets.
+
+Tests marked with the `flup6` server variant also run against plain flup6's
+prefork server, where they are expected to fail: each proves that one of our
+workarounds for a flup6 defect is needed and works.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from daemon import APPS, Daemon, free_port, wait_for
+from fcgiclient import (FCGI_BEGIN_REQUEST, FCGI_CANT_MPX_CONN, FCGI_END_REQUEST, FCGI_GET_VALUES,
+                        FCGI_KEEP_CONN, FCGI_PARAMS, FCGI_STDIN, FCGI_UNKNOWN_ROLE,
+                        FCGI_UNKNOWN_TYPE, ConnectionClosed, FCGIClient, ProtocolError,
+                        build_request, encode_params, encode_record, make_params)
+
+
+class FlupServer:
+    """Plain flup6 prefork, started the same way, torn down by process group."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        self.port = free_port()
+        self.address = ("127.0.0.1", self.port)
+        self.proc = subprocess.Popen([sys.executable, str(APPS / "run_flup.py"), str(self.port)],
+                                     cwd=APPS, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                     start_new_session=True)
+        wait_for(self._accepting, 10, "flup6 to listen")
+
+    def _accepting(self) -> bool:
+        try:
+            socket.create_connection(self.address, timeout=0.2).close()
+            return True
+        except OSError:
+            return False
+
+    def stop(self) -> None:
+        os.killpg(self.proc.pid, signal.SIGKILL)  # flup6 ignores SIGTERM while idle
+        self.proc.wait(5)
+
+
+@pytest.fixture
+def daemon(start_daemon) -> Daemon:
+    return start_daemon(workers=2)
+
+
+@pytest.fixture(params=["fcgidaemon", pytest.param("flup6", marks=pytest.mark.xfail(
+    strict=True, reason="plain flup6 has this defect; fcgidaemon works around it"))])
+def server(request, tmp_path, start_daemon):
+    if request.param == "fcgidaemon":
+        yield start_daemon(workers=2)
+        return
+    flup = FlupServer(tmp_path)
+    yield flup
+    flup.stop()
+
+
+def get(address, uri: str, **kw) -> "Response":  # noqa: F821
+    with FCGIClient(address, timeout=kw.pop("timeout", 10)) as client:
+        return client.request(make_params("GET", uri), **kw)
+
+
+# ---------------------------------------------------------------- plain requests
+
+
+def test_get(daemon):
+    resp = get(daemon.address, "/hello")
+    assert resp.status == 200
+    assert resp.body.startswith(b"hello v1 ")
+    assert resp.header("Content-Length") == str(len(resp.body))
+
+
+def test_post_5mb_echoed_byte_exact(daemon):
+    body = os.urandom(5 * 1024 * 1024)
+    with FCGIClient(daemon.address, timeout=30) as client:
+        resp = client.request(make_params("POST", "/echo", body_len=len(body)), body)
+    assert resp.status == 200
+    assert len(resp.body) == len(body)
+    assert hashlib.sha256(resp.body).digest() == hashlib.sha256(body).digest()
+
+
+def test_large_response_10mb(daemon):
+    n = 10 * 1024 * 1024
+    resp = get(daemon.address, f"/big?n={n}", timeout=30)
+    assert resp.status == 200
+    expected = (bytes(range(256)) * 256) * (n // 65536)
+    assert len(resp.body) == n and resp.body == expected
+
+
+def test_many_headers(daemon):
+    resp = get(daemon.address, "/headers?n=200")
+    assert resp.status == 200
+    names = [k for k, _ in resp.headers if k.startswith("X-H")]
+    assert names == [f"X-H{i}" for i in range(200)]
+
+
+def test_latin1_header_value(server):
+    resp = get(server.address, "/latin1", timeout=5)
+    assert resp.status == 200
+    assert resp.header("X-Name") == "caf\u00e9 na\u00efve \u00ff"
+    assert b"X-Name: caf\xe9 na\xefve \xff\r\n" in resp.raw_stdout
+
+
+def test_empty_body(daemon):
+    resp = get(daemon.address, "/empty")
+    assert resp.status == 204
+    assert resp.body == b""
+
+
+def test_keep_conn_1000_requests_one_connection(daemon):
+    with FCGIClient(daemon.address, timeout=10) as client:
+        pids = set()
+        for i in range(1000):
+            resp = client.request(make_params("GET", f"/id?id={i}"), keep_conn=True)
+            assert resp.status == 200 and resp.body.startswith(f"id={i} ".encode()), resp.body
+            pids.add(resp.body.split(b"pid=")[1])
+    assert len(pids) == 1  # one connection, one worker
+    print("1000 requests over one kept connection, 0 failures")
+
+
+def test_reference_client_cgi_fcgi(daemon):
+    """libfcgi's cgi-fcgi, an independent implementation, gets the same response."""
+    env = {"REQUEST_METHOD": "GET", "SCRIPT_NAME": "", "PATH_INFO": "/id", "QUERY_STRING": "id=ref",
+           "REQUEST_URI": "/id?id=ref", "SERVER_NAME": "localhost", "SERVER_PORT": "80",
+           "SERVER_PROTOCOL": "HTTP/1.1", "PATH": os.environ.get("PATH", "")}
+    out = subprocess.run(["cgi-fcgi", "-bind", "-connect", f"127.0.0.1:{daemon.port}"], env=env,
+                         capture_output=True, timeout=10)
+    assert out.returncode == 0, out.stderr
+    head, _, body = out.stdout.partition(b"\r\n\r\n")
+    assert head.startswith(b"Status: 200 OK\r\n")
+    assert body.startswith(b"id=ref version=v1 pid=")
+
+
+# ---------------------------------------------------------------- the environ
+
+
+def test_environ_is_pep3333(daemon):
+    import json
+    resp = get(daemon.address, "/app/environ?x=1")
+    env = json.loads(resp.body)
+    assert env["wsgi.version"] == [1, 0]
+    assert env["wsgi.multiprocess"] is True and env["wsgi.multithread"] is False
+    assert env["wsgi.run_once"] is False and env["wsgi.url_scheme"] == "http"
+    assert env["SCRIPT_NAME"] + env["PATH_INFO"] == "/app/environ"
+    assert env["QUERY_STRING"] == "x=1"
+
+
+def test_nothing_leaks_between_requests(daemon):
+    import json
+    with FCGIClient(daemon.address) as client:
+        first = client.request(make_params("GET", "/environ", extra={"HTTP_X_SECRET": "s3"}),
+                               keep_conn=True)
+        second = client.request(make_params("GET", "/environ"), keep_conn=True)
+    assert json.loads(first.body)["HTTP_X_SECRET"] == "s3"
+    assert "HTTP_X_SECRET" not in json.loads(second.body)
+
+
+def test_https_and_path_normalisation(daemon):
+    import json
+    params = make_params("GET", "/app/x%20y/environ", extra={"HTTPS": "on", "SCRIPT_NAME": "/app/x y/environ",
+                                                           "PATH_INFO": None})
+    with FCGIClient(daemon.address) as client:
+        env = json.loads(client.request(params).body)
+    assert env["wsgi.url_scheme"] == "https"
+    # nginx's stock params: the whole path in SCRIPT_NAME, no PATH_INFO -> mounted at the root
+    assert (env["SCRIPT_NAME"], env["PATH_INFO"]) == ("", "/app/x y/environ")
+
+
+def test_real_split_is_kept(daemon):
+    import json
+    params = make_params("GET", "/mount/environ", extra={"SCRIPT_NAME": "/mount", "PATH_INFO": "/environ"})
+    with FCGIClient(daemon.address) as client:
+        env = json.loads(client.request(params).body)
+    assert (env["SCRIPT_NAME"], env["PATH_INFO"]) == ("/mount", "/environ")
+
+
+# ---------------------------------------------------------------- errors
+
+
+def test_app_exception_gives_plain_500_and_logs_traceback(server):
+    resp = get(server.address, "/error", timeout=5)
+    assert resp.status == 500
+    assert resp.body == b"Internal Server Error"
+    assert b"Traceback" not in resp.raw_stdout and b"boom" not in resp.raw_stdout
+    if isinstance(server, Daemon):
+        server.wait_log(r"RuntimeError: boom before headers")
+        assert "Traceback (most recent call last)" in server.log()
+
+
+def test_exception_after_headers_drops_response_worker_lives(daemon):
+    before = daemon.workers()
+    with FCGIClient(daemon.address, timeout=5) as client:
+        with pytest.raises(ConnectionClosed):
+            client.request(make_params("GET", "/error-after"))
+    assert get(daemon.address, "/hello").status == 200
+    daemon.wait_log(r"boom after headers")
+    assert daemon.workers() == before
+
+
+def test_get_values_answered(server):
+    with FCGIClient(server.address, timeout=3) as client:
+        values = client.get_values()
+    assert values["FCGI_MPXS_CONNS"] == "0"
+    assert int(values["FCGI_MAX_REQS"]) >= 1 and int(values["FCGI_MAX_CONNS"]) >= 1
+
+
+def test_unknown_management_record_gets_unknown_type(server):
+    with FCGIClient(server.address, timeout=3) as client:
+        client.send_raw(encode_record(42, 0, b""))
+        rec = client.read_record(time.monotonic() + 3)
+    assert rec is not None and rec.type == FCGI_UNKNOWN_TYPE and rec.content[0] == 42
+
+
+def test_second_begin_request_gets_cant_mpx(daemon):
+    with FCGIClient(daemon.address, timeout=5) as client:
+        begin2 = encode_record(FCGI_BEGIN_REQUEST, 2, bytes([0, 1, FCGI_KEEP_CONN, 0, 0, 0, 0, 0]))
+        client.send_raw(encode_record(FCGI_BEGIN_REQUEST, 1, bytes([0, 1, FCGI_KEEP_CONN, 0, 0, 0, 0, 0]))
+                        + begin2)
+        rec = client.read_record(time.monotonic() + 3)
+        assert rec.type == FCGI_END_REQUEST and rec.request_id == 2
+        assert rec.content[4] == FCGI_CANT_MPX_CONN
+        body = encode_record(FCGI_PARAMS, 1, encode_params(make_params("GET", "/hello")))
+        client.send_raw(body + encode_record(FCGI_PARAMS, 1) + encode_record(FCGI_STDIN, 1))
+        resp = client.read_response(1, keep_conn=True)
+    assert resp.status == 200
+
+
+def test_unknown_role_rejected(daemon):
+    with FCGIClient(daemon.address, timeout=5) as client:
+        client.send_raw(encode_record(FCGI_BEGIN_REQUEST, 1, bytes([0, 2, 0, 0, 0, 0, 0, 0])))
+        rec = client.read_record(time.monotonic() + 3)
+    assert rec.type == FCGI_END_REQUEST and rec.content[4] == FCGI_UNKNOWN_ROLE
+
+
+@pytest.mark.parametrize("garbage", [
+    pytest.param(b"\x02" + encode_record(FCGI_BEGIN_REQUEST, 1, bytes(8))[1:], id="wrong-version"),
+    pytest.param(encode_record(FCGI_BEGIN_REQUEST, 1, bytes(3)), id="short-begin-body"),
+    pytest.param(encode_record(FCGI_BEGIN_REQUEST, 1, bytes([0, 1, 0, 0, 0, 0, 0, 0]))
+                 + encode_record(FCGI_PARAMS, 1, b"\x7f\x7fab") + encode_record(FCGI_PARAMS, 1),
+                 id="pair-longer-than-record"),
+])
+def test_malformed_traffic_closes_only_that_connection(daemon, garbage):
+    before = daemon.workers()
+    with FCGIClient(daemon.address, timeout=5) as client:
+        client.send_raw(garbage)
+        records = list(client.recv_records(timeout=5))
+    assert all(r.type != 6 for r in records)  # no response to garbage
+    assert get(daemon.address, "/hello").status == 200
+    assert daemon.workers() == before
+    daemon.wait_log(r"protocol error")
+
+
+def test_abort_before_params_end(daemon):
+    with FCGIClient(daemon.address, timeout=5) as client:
+        client.send_raw(encode_record(FCGI_BEGIN_REQUEST, 1, bytes([0, 1, FCGI_KEEP_CONN, 0, 0, 0, 0, 0]))
+                        + encode_record(2, 1))
+        rec = client.read_record(time.monotonic() + 3)
+        assert rec.type == FCGI_END_REQUEST and rec.request_id == 1
+        resp = client.request(make_params("GET", "/hello"), keep_conn=True, request_id=3)
+    assert resp.status == 200
+
+
+def test_kept_connections_do_not_pin_workers(server):
+    """More idle kept connections than workers; a new connection is still served at once."""
+    clients = []
+    try:
+        for i in range(6):
+            client = FCGIClient(server.address, timeout=5)
+            assert client.request(make_params("GET", f"/id?id={i}"), keep_conn=True).status == 200
+            clients.append(client)
+        resp = get(server.address, "/id?id=new", timeout=3)
+        assert resp.status == 200
+        for i, client in enumerate(clients):  # the kept connections still work too
+            assert client.request(make_params("GET", f"/id?id=again{i}"), keep_conn=True).status == 200
+    finally:
+        for client in clients:
+            client.close()
