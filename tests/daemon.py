@@ -117,8 +117,10 @@ class Daemon:
         return children(self.pid)
 
     def wait_workers(self, count: int, timeout: float = 10.0) -> list[int]:
-        return wait_for(lambda: (w := self.workers()) if len(w) == count else None, timeout,
-                        f"{count} worker processes") or []
+        def exactly() -> list[int] | None:
+            found = self.workers()
+            return found if len(found) == count else None
+        return wait_for(exactly, timeout, f"{count} worker processes")  # type: ignore[return-value]
 
     # ------------------------------------------------------------------ acting
 

@@ -1,0 +1,324 @@
+"""The manager's life: preload, reloads, stops, dead workers and dead managers.
+
+Every test runs the real daemon as a subprocess and sends it real signals.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import stat
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from daemon import APPS, Daemon, alive, children, wait_for
+from fcgiclient import FCGIClient, make_params
+from load import FCGIChecker, run_load
+
+
+def get(address, uri: str, timeout: float = 10) -> "Response":  # noqa: F821
+    with FCGIClient(address, timeout=timeout) as client:
+        return client.request(make_params("GET", uri))
+
+
+def app_copy(tmp_path: Path, version: str = "v1", name: str = "liveapp") -> Path:
+    """A copy of the test app in its own directory, so a test can edit it and reload."""
+    src = tmp_path / "src"
+    src.mkdir(exist_ok=True)
+    text = (APPS / "testapp.py").read_text().replace('VERSION = "v1"', f'VERSION = "{version}"')
+    (src / f"{name}.py").write_text(text)
+    shutil.copy(APPS / "preloaded_mod.py", src / "preloaded_mod.py")
+    return src
+
+
+def set_version(src: Path, version: str, name: str = "liveapp") -> None:
+    path = src / f"{name}.py"
+    text = re.sub(r'VERSION = "[^"]*"', f'VERSION = "{version}"', path.read_text())
+    path.write_text(text)
+
+
+def proc_title(pid: int) -> str:
+    with open(f"/proc/{pid}/cmdline", "rb") as fh:
+        return fh.read().replace(b"\0", b" ").decode().strip()
+
+
+# ---------------------------------------------------------------- preload and reload
+
+
+def test_preload_is_imported_once_in_the_manager(start_daemon, tmp_path):
+    src = app_copy(tmp_path)
+    d = start_daemon("liveapp", "--preload", "preloaded_mod", workers=3, pythonpath=[src])
+    workers = d.wait_workers(3)
+    seen = {}
+    for _ in range(60):
+        info = json.loads(get(d.address, "/preload").body)
+        seen[info["pid"]] = info
+    for info in seen.values():
+        assert info["preload_pid"] == d.pid  # imported in the manager, before the fork
+        assert info["app_pid"] == info["pid"] != d.pid  # the app is imported in the worker
+        assert info["ppid"] == d.pid
+    d.reload(2)
+    info = json.loads(get(d.address, "/preload").body)
+    assert info["preload_pid"] == d.pid and info["pid"] not in workers
+    assert d.count(r"worker \d+ ready") == 6
+
+
+def test_reload_serves_new_code_in_new_workers(start_daemon, tmp_path):
+    src = app_copy(tmp_path)
+    d = start_daemon("liveapp", workers=3, pythonpath=[src])
+    old_workers = set(d.wait_workers(3))
+    assert get(d.address, "/hello").body.startswith(b"hello v1 ")
+    set_version(src, "v2")
+    d.reload(2)
+    wait_for(lambda: not (set(d.workers()) & old_workers), 10, "old workers to exit")
+    new_workers = set(d.wait_workers(3))
+    assert not new_workers & old_workers  # every worker pid changed
+    assert d.proc.poll() is None  # the manager pid did not
+    for _ in range(20):
+        body = get(d.address, "/hello").body
+        assert body.startswith(b"hello v2 "), body
+        assert int(body.split()[-1]) in new_workers
+
+
+def test_reloads_during_a_reload_are_coalesced(start_daemon, tmp_path):
+    src = app_copy(tmp_path)
+    (src / "slowimport.py").write_text("import time\ntime.sleep(0.5)\nfrom liveapp import application\n")
+    d = start_daemon("slowimport", workers=2, pythonpath=[src])
+    for _ in range(5):
+        d.signal(signal.SIGHUP)
+        time.sleep(0.05)
+    d.wait_serving(3)
+    time.sleep(1.5)  # a third reload would have started by now: bounded check that it did not
+    assert d.count(r"reload: starting generation") == 2
+    assert d.count(r"reload queued") >= 1
+
+
+# ---------------------------------------------------------------- zero loss
+
+
+@pytest.mark.parametrize("keep_conn", [False, True], ids=["new-connection", "kept-connection"])
+def test_zero_failures_under_load_with_sighup_every_half_second(start_daemon, tmp_path, keep_conn):
+    d = start_daemon(workers=4)
+    stop = threading.Event()
+    reloads = 0
+
+    def reloader():
+        nonlocal reloads
+        while not stop.wait(0.5):
+            d.signal(signal.SIGHUP)
+            reloads += 1
+
+    thread = threading.Thread(target=reloader)
+    thread.start()
+    with FCGIChecker(d.address, keep_conn=keep_conn, uri_template="/id?id={uid}") as checker:
+        try:
+            result = run_load(checker, clients=32, duration=20)
+        finally:
+            stop.set()
+            thread.join()
+    completed = d.count(r"reload complete")
+    print(f"{result.summary()}; {reloads} SIGHUPs, {completed} reloads completed")
+    assert result.requests > 1000
+    assert completed >= 5
+    assert result.failures == 0, result.errors
+
+
+def test_no_crosstalk_32_clients(start_daemon):
+    d = start_daemon(workers=4)
+
+    def exact(resp, uid):
+        assert resp.status == 200
+        assert resp.body.split()[0] == f"id={uid}".encode(), (uid, resp.body)
+
+    with FCGIChecker(d.address, keep_conn=True, uri_template="/id?id={uid}", check=exact) as checker:
+        result = run_load(checker, clients=32, duration=10)
+    print(result.summary())
+    assert result.requests > 1000
+    assert result.failures == 0, result.errors
+
+
+# ---------------------------------------------------------------- in-flight requests
+
+
+def _slow_request(address, out: dict) -> threading.Thread:
+    def run():
+        try:
+            out["resp"] = get(address, "/sleep?s=3", timeout=20)
+        except Exception as exc:  # noqa: BLE001 - the assertion reports it
+            out["error"] = exc
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread
+
+
+def _wait_busy(d: Daemon) -> None:
+    wait_for(lambda: any("busy" in proc_title(w) for w in d.workers() if alive(w)), 10,
+             "a worker to be busy")
+
+
+def test_in_flight_request_completes_across_sighup(start_daemon):
+    d = start_daemon(workers=2)
+    out: dict = {}
+    thread = _slow_request(d.address, out)
+    _wait_busy(d)
+    d.reload(2)
+    thread.join(20)
+    assert "error" not in out, out.get("error")
+    assert out["resp"].status == 200
+    assert out["resp"].body == b"slept 3 " + b"z" * 100000
+
+
+def test_in_flight_request_completes_across_sigterm(start_daemon):
+    d = start_daemon(workers=2)
+    out: dict = {}
+    thread = _slow_request(d.address, out)
+    _wait_busy(d)
+    d.signal(signal.SIGTERM)
+    thread.join(20)
+    assert "error" not in out, out.get("error")
+    assert out["resp"].body == b"slept 3 " + b"z" * 100000
+    assert d.wait_exit(15) == 0
+
+
+def test_graceful_timeout_kills_a_stuck_worker(start_daemon):
+    d = start_daemon("testapp", "--graceful-timeout", "1", workers=1)
+    out: dict = {}
+    thread = _slow_request(d.address, out)
+    _wait_busy(d)
+    t0 = time.monotonic()
+    d.signal(signal.SIGTERM)
+    assert d.wait_exit(10) == 0
+    assert time.monotonic() - t0 < 2.5
+    thread.join(10)
+    assert "error" in out  # the stuck request was cut off at the bound
+    assert d.count(r"did not stop in time; killing it") == 1
+
+
+# ---------------------------------------------------------------- stops and deaths
+
+
+def test_sigterm_stops_cleanly_and_removes_pidfile(start_daemon, tmp_path):
+    pidfile = tmp_path / "fcgi.pid"
+    d = start_daemon("testapp", "--pidfile", str(pidfile), workers=2)
+    assert pidfile.read_text().strip() == str(d.pid)
+    workers = d.wait_workers(2)
+    d.signal(signal.SIGTERM)
+    assert d.wait_exit() == 0
+    assert not pidfile.exists()
+    assert not any(alive(w) for w in workers)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGQUIT])
+def test_quick_stop(start_daemon, signum):
+    d = start_daemon(workers=2)
+    workers = d.wait_workers(2)
+    d.signal(signum)
+    assert d.wait_exit(5) == 0
+    assert not any(alive(w) for w in workers)
+
+
+def test_kill9_worker_is_replaced_within_a_second(start_daemon):
+    d = start_daemon(workers=3)
+    workers = d.wait_workers(3)
+    victim = workers[0]
+    os.kill(victim, signal.SIGKILL)
+    t0 = time.monotonic()
+    def replacement():
+        found = d.workers()
+        return found if len(found) == 3 and victim not in found else None
+    replaced = wait_for(replacement, 1.0, "a replacement worker")
+    print(f"replaced in {time.monotonic() - t0:.3f}s")
+    assert len(set(replaced) - set(workers)) == 1
+    assert get(d.address, "/hello").status == 200
+    d.wait_log(rf"worker {victim} .* exited: killed by SIGKILL")
+
+
+def test_ttin_ttou_change_the_worker_count(start_daemon):
+    d = start_daemon(workers=2)
+    d.wait_workers(2)
+    d.signal(signal.SIGTTIN)
+    d.wait_workers(3)
+    d.signal(signal.SIGTTOU)
+    d.wait_workers(2)  # the kernel merges a signal sent twice before delivery: one at a time
+    d.signal(signal.SIGTTOU)
+    d.wait_workers(1)
+    assert get(d.address, "/hello").status == 200
+
+
+def test_workers_exit_when_the_manager_dies(start_daemon):
+    d = start_daemon(workers=3)
+    workers = d.wait_workers(3)
+    os.kill(d.pid, signal.SIGKILL)
+    d.proc.wait(5)
+    wait_for(lambda: not any(alive(w) for w in workers), 5, "orphaned workers to exit")
+
+
+def test_crash_loop_backs_off_and_recovers(start_daemon, tmp_path):
+    src = app_copy(tmp_path)
+    flag = tmp_path / "crash"
+    (src / "crashy.py").write_text(
+        "import os\n"
+        f"if os.path.exists({str(flag)!r}):\n    os._exit(7)\n"
+        "from liveapp import application\n")
+    d = start_daemon("crashy", workers=1, pythonpath=[src])
+    flag.write_text("1")
+    os.kill(d.wait_workers(1)[0], signal.SIGKILL)
+    time.sleep(4)  # observe the back-off for a fixed window
+    spawned = d.count(r"exited: exit 7")
+    print(f"{spawned} crashed respawns in 4s")
+    assert 3 <= spawned <= 8  # 0.1+0.2+0.4+0.8+1.6 s: bounded, not a spin
+    assert d.proc.poll() is None
+    flag.unlink()
+    wait_for(lambda: get(d.address, "/hello", timeout=2).status == 200 if d.workers() else None,
+             15, "recovery once the cause is gone")
+
+
+# ---------------------------------------------------------------- sockets, titles
+
+
+def test_unix_socket_mode_and_cleanup(start_daemon, tmp_path):
+    path = tmp_path / "app.sock"
+    d = start_daemon(bind=f"unix:{path}", workers=2)
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o660
+    assert get(str(path), "/hello").status == 200
+    d.signal(signal.SIGTERM)
+    assert d.wait_exit() == 0
+    assert not path.exists()
+
+
+def test_stale_unix_socket_is_replaced(start_daemon, tmp_path):
+    path = tmp_path / "stale.sock"
+    stale = socket.socket(socket.AF_UNIX)
+    stale.bind(str(path))
+    stale.close()  # a socket file nobody listens on
+    d = start_daemon(bind=str(path), workers=1)
+    assert get(str(path), "/hello").status == 200
+    d.wait_log(r"removing stale socket")
+
+
+def test_process_titles(start_daemon):
+    d = start_daemon(workers=2)
+    assert re.match(r"fcgidaemon: manager testapp:application \[gen 1, 2 workers, running\] 127\.0\.0\.1:\d+",
+                    proc_title(d.pid)), proc_title(d.pid)
+    titles = sorted(proc_title(w) for w in d.wait_workers(2))
+    assert titles == ["fcgidaemon: worker 0 gen 1 idle", "fcgidaemon: worker 1 gen 1 idle"]
+
+
+def test_bind_localhost_binds_every_address(start_daemon):
+    """A name binds every address it resolves to (both loopbacks where /etc/hosts has both)."""
+    d = start_daemon(workers=1, wait=False)
+    d.stop()
+    port = d.port
+    d = start_daemon("testapp", workers=1, bind=f"localhost:{port}")
+    resolved = {info[4][0] for info in socket.getaddrinfo("localhost", port, type=socket.SOCK_STREAM)}
+    for addr in sorted(resolved):
+        d.wait_log(rf"listening on \[?{re.escape(addr)}\]?:{port}")
+        assert get((addr, port), "/hello").status == 200
+    print(f"localhost resolved to {sorted(resolved)}; all served")
