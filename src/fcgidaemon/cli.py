@@ -17,7 +17,7 @@ import sys
 import traceback
 from typing import Sequence
 
-from . import loader, logs
+from . import commands, loader, logs
 from .config import Config, ConfigError, log_level_number, resolve
 from .manager import Manager
 from .sockets import Listener, open_listeners
@@ -31,6 +31,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["check"]:
         return check(argv[1:])
+    if argv[:1] and argv[0] in commands.COMMANDS:
+        return commands.run(argv[0], argv[1:])
     try:
         config = resolve(argv)
         prepare(config)
@@ -104,7 +106,10 @@ def serve(config: Config) -> int:
         gc.collect()
         gc.freeze()  # preloaded objects stay shared copy-on-write across forks
         manager = Manager(config, listeners)
-        return manager.run()
+        try:
+            return manager.run()
+        finally:
+            manager.close()
     finally:
         for lst in listeners:
             lst.close()

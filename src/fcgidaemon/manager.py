@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass, field
 from enum import Enum
 
-from . import logs, signals, systemd, titles, worker
+from . import control, logs, signals, systemd, titles, worker
 from .config import Config
 from .sockets import Listener
 
@@ -29,6 +29,27 @@ BACKOFF_MAX = 10.0
 YOUNG = 2.0  # a worker that dies within this many seconds of its start died young
 MANAGER_SIGNALS = (signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGCHLD,
                    signal.SIGTTIN, signal.SIGTTOU)
+
+
+# What each signal does to the manager; the README's signal table is rendered from this.
+SIGNAL_DOCS: dict[signal.Signals, str] = {
+    signal.SIGHUP: "graceful reload: start a new generation of workers (new application code); "
+                   "once all of them are ready, the old generation finishes its requests, hands its "
+                   "idle connections to the new one and exits. A reload that fails to start keeps "
+                   "the old generation serving. Reloads during a reload are coalesced into one more",
+    signal.SIGTERM: "graceful stop: workers finish in-flight requests (bounded by `--graceful-timeout`, "
+                    "then SIGKILL); the pidfile and our unix socket are removed; exit 0",
+    signal.SIGINT: "quick stop: workers exit at once; exit 0",
+    signal.SIGQUIT: "quick stop, as SIGINT",
+    signal.SIGTTIN: "one worker more",
+    signal.SIGTTOU: "one worker fewer (never below 1)",
+}
+
+
+def signals_markdown() -> str:
+    rows = ["| signal | to the manager |", "| --- | --- |"]
+    rows += [f"| {sig.name} | {text} |" for sig, text in SIGNAL_DOCS.items()]
+    return "\n".join(rows)
 
 
 class Phase(Enum):
@@ -92,6 +113,10 @@ class Manager:
         self.selector = selectors.DefaultSelector()
         self.queue = signals.SignalQueue(MANAGER_SIGNALS)
         self.selector.register(self.queue.fileno(), selectors.EVENT_READ, None)
+        self.started_at = time.time()
+        self.reload_waiters: list[tuple[socket.socket, int]] = []  # (client, generation it waits for)
+        self.control = control.listen()
+        self.selector.register(self.control, selectors.EVENT_READ, "control")
 
     # ------------------------------------------------------------------ the loop
 
@@ -106,6 +131,8 @@ class Manager:
                 if key.data is None:
                     for signum in self.queue.drain():
                         self._on_signal(signum)
+                elif key.data == "control":
+                    self._on_control()
                 else:
                     self._on_message(key.data)
             self._reap()
@@ -177,6 +204,7 @@ class Manager:
                  len(self.workers), wait)
         for rec in self.workers.values():
             self._kill(rec, signal.SIGTERM if graceful else signal.SIGQUIT)
+        self._answer_waiters(None, {"ok": False, "message": "the manager is stopping"})
         self._title()
 
     def _resize(self, target: int) -> None:
@@ -195,7 +223,8 @@ class Manager:
 
     def _spawn(self, slot: int, generation: int) -> None:
         parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        close_fds = [parent_end.fileno(), self.selector.fileno(), *self.queue.fds()]
+        close_fds = [parent_end.fileno(), self.selector.fileno(), self.control.fileno(),
+                     *self.queue.fds()]
         close_fds += [rec.channel.fileno() for rec in self.workers.values()]
         old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, MANAGER_SIGNALS)
         try:
@@ -301,6 +330,8 @@ class Manager:
                      "generation %d retiring", generation, self.target,
                      time.monotonic() - self.reload_started, old)
         systemd.notify("READY=1", f"STATUS={self.status_line()}")
+        self._answer_waiters(generation, {"ok": True, "generation": generation,
+                                          "message": f"generation {generation} serving"})
         self._title()
         if self.reload_pending:
             self._start_reload()
@@ -322,6 +353,9 @@ class Manager:
         self.phase = Phase.RUNNING
         logs.set_context(generation=self.serving)
         systemd.notify("READY=1", f"STATUS=reload failed: {reason}, still serving gen {self.serving}")
+        self._answer_waiters(failed, {"ok": False, "generation": failed, "serving": self.serving,
+                                      "message": f"reload failed: {reason}; "
+                                                 f"still serving generation {self.serving}"})
         self._title()
         if self.reload_pending:
             self._start_reload()
@@ -427,7 +461,59 @@ class Manager:
         for slot in [s for s in self.respawn_at if s >= self.target]:
             del self.respawn_at[slot]
 
+    # ------------------------------------------------------------------ control channel
+
+    def _on_control(self) -> None:
+        try:
+            conn, _ = self.control.accept()
+        except BlockingIOError:
+            return
+        try:
+            if not control.peer_allowed(conn):
+                control.reply(conn, {"ok": False, "message": "permission denied"})
+                return
+            command = control.read_command(conn)
+        except OSError as exc:
+            log.warning("control connection failed: %s", exc)
+            conn.close()
+            return
+        if command == "status":
+            control.reply(conn, self.status())
+        elif command == "reload":
+            if self.phase in (Phase.STOPPING, Phase.QUITTING):
+                control.reply(conn, {"ok": False, "message": "the manager is stopping"})
+                return
+            log.info("reload requested over the control socket")
+            self.reload_waiters.append((conn, self.generation + 1))
+            self.request_reload()
+        else:
+            control.reply(conn, {"ok": False, "message": f"unknown command {command!r}"})
+
+    def _answer_waiters(self, generation: int | None, payload: dict) -> None:
+        """Answer everyone waiting for a reload up to `generation` (None: everyone)."""
+        keep = []
+        for conn, wanted in self.reload_waiters:
+            if generation is None or wanted <= generation:
+                control.reply(conn, payload)
+            else:
+                keep.append((conn, wanted))
+        self.reload_waiters = keep
+
     # ------------------------------------------------------------------ reporting
+
+    def status(self) -> dict:
+        now = time.monotonic()
+        return {
+            "ok": True, "pid": os.getpid(), "app": self.config.app, "phase": self.phase.value,
+            "generation": self.serving, "newest_generation": self.generation,
+            "workers_target": self.target, "started": self.started_at,
+            "reloads_ok": self.reloads_ok, "reloads_failed": self.reloads_failed,
+            "last_failure": self.last_failure,
+            "listeners": [lst.name for lst in self.listeners],
+            "workers": [{"pid": w.pid, "slot": w.slot, "generation": w.generation,
+                         "state": w.state.value, "age": round(now - w.started, 3)}
+                        for w in sorted(self.workers.values(), key=lambda w: (w.generation, w.slot))],
+        }
 
     def counts(self) -> dict[str, int]:
         out = {state.value: 0 for state in WState}
@@ -449,5 +535,4 @@ class Manager:
                          f"{self.target} workers, {self.phase.value}] {binds}")
 
     def close(self) -> None:
-        for lst in self.listeners:
-            lst.close()
+        self.control.close()

@@ -1,0 +1,94 @@
+"""`fcgidaemon reload|status|stop`: the operator's side of the control channel.
+
+``reload --wait`` blocks until the new generation serves (exit 0) or the reload
+failed (exit 1, with the reason) -- what a deploy script and systemd's
+``ExecReload=`` need to know.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import time
+from typing import Any, Sequence
+
+from . import control
+
+COMMANDS = ("reload", "status", "stop")
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+
+
+def parser(command: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=f"fcgidaemon {command}")
+    target = p.add_mutually_exclusive_group(required=True)
+    target.add_argument("--pid", type=int, help="the manager's pid")
+    target.add_argument("--pidfile", help="file holding the manager's pid")
+    p.add_argument("--timeout", type=float, default=120.0, help="seconds to wait (default 120)")
+    if command == "reload":
+        p.add_argument("--wait", action="store_true",
+                       help="wait until the new generation serves; exit 1 if the reload failed")
+    if command == "status":
+        p.add_argument("--json", action="store_true", help="machine-readable output")
+    if command == "stop":
+        p.add_argument("--quick", action="store_true", help="SIGQUIT: do not wait for requests")
+    return p
+
+
+def run(command: str, argv: Sequence[str]) -> int:
+    try:
+        args = parser(command).parse_args(list(argv))
+    except SystemExit as exc:
+        return EXIT_USAGE if exc.code else 0
+    try:
+        target = control.Target.from_args(args.pid, args.pidfile)
+        return {"reload": reload, "status": status, "stop": stop}[command](target.pid, args)
+    except control.ControlError as exc:
+        print(f"fcgidaemon {command}: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+
+
+def reload(pid: int, args: argparse.Namespace) -> int:
+    if not args.wait:
+        os.kill(pid, signal.SIGHUP)
+        print(f"sent SIGHUP to {pid}")
+        return 0
+    started = time.monotonic()
+    answer = control.ask(pid, "reload", args.timeout)
+    took = time.monotonic() - started
+    print(f"{answer.get('message', answer)} ({took:.2f}s)",
+          file=sys.stdout if answer.get("ok") else sys.stderr)
+    return 0 if answer.get("ok") else EXIT_FAILED
+
+
+def status(pid: int, args: argparse.Namespace) -> int:
+    answer = control.ask(pid, "status", args.timeout)
+    if args.json:
+        print(json.dumps(answer, indent=2))
+    else:
+        print(render_status(answer))
+    return 0 if answer.get("ok") else EXIT_FAILED
+
+
+def render_status(s: dict[str, Any]) -> str:
+    lines = [
+        f"manager  {s['pid']}  {s['app']}  {s['phase']}  generation {s['generation']}"
+        f"  ({len(s['workers'])} processes, target {s['workers_target']})",
+        f"listen   {', '.join(s['listeners'])}",
+        f"reloads  {s['reloads_ok']} ok, {s['reloads_failed']} failed"
+        + (f"  (last failure: {s['last_failure']})" if s["last_failure"] else ""),
+        "",
+        f"{'PID':>8} {'SLOT':>4} {'GEN':>4} {'STATE':<9} {'AGE':>9}",
+    ]
+    for w in s["workers"]:
+        lines.append(f"{w['pid']:>8} {w['slot']:>4} {w['generation']:>4} {w['state']:<9} {w['age']:>8.1f}s")
+    return "\n".join(lines)
+
+
+def stop(pid: int, args: argparse.Namespace) -> int:
+    control.stop(pid, args.timeout, quick=args.quick)
+    print(f"manager {pid} stopped")
+    return 0

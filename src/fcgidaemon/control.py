@@ -1,0 +1,130 @@
+"""The control channel: how `fcgidaemon reload --wait`, `status` and `stop` talk to a manager.
+
+The manager listens on an abstract unix socket named after its pid
+(``@fcgidaemon/<pid>``): nothing is written to disk, so it works with ``--pid``
+alone (systemd's ``$MAINPID``), and it vanishes with the process.  Only root
+and the manager's own user may use it (checked with SO_PEERCRED).  A request is
+one line (``reload``, ``status``); the answer is one JSON line.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import struct
+import time
+from dataclasses import dataclass
+from typing import Any
+
+ENCODING = "utf-8"
+
+
+def address(pid: int) -> bytes:
+    return f"\0fcgidaemon/{pid}".encode()
+
+
+class ControlError(Exception):
+    """The manager could not be reached or answered with a failure."""
+
+
+def listen() -> socket.socket:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.bind(address(os.getpid()))
+    sock.listen(16)
+    sock.setblocking(False)
+    return sock
+
+
+def peer_allowed(conn: socket.socket) -> bool:
+    creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    _, uid, _ = struct.unpack("3i", creds)
+    return uid in (0, os.geteuid())
+
+
+def read_command(conn: socket.socket, timeout: float = 1.0) -> str:
+    conn.settimeout(timeout)
+    data = b""
+    while b"\n" not in data and len(data) < 256:
+        chunk = conn.recv(256)
+        if not chunk:
+            break
+        data += chunk
+    return data.split(b"\n", 1)[0].decode(ENCODING, "replace").strip()
+
+
+def reply(conn: socket.socket, payload: dict[str, Any]) -> None:
+    try:
+        conn.settimeout(1.0)
+        conn.sendall((json.dumps(payload) + "\n").encode(ENCODING))
+    except OSError:
+        pass
+    finally:
+        conn.close()
+
+
+# --------------------------------------------------------------------------- client side
+
+
+@dataclass
+class Target:
+    pid: int
+
+    @classmethod
+    def from_args(cls, pid: int | None, pidfile: str | None) -> "Target":
+        if pid is None:
+            if not pidfile:
+                raise ControlError("give --pid PID or --pidfile FILE")
+            try:
+                with open(pidfile) as fh:
+                    pid = int(fh.read().strip())
+            except (OSError, ValueError) as exc:
+                raise ControlError(f"cannot read pid from {pidfile}: {exc}") from None
+        if not alive(pid):
+            raise ControlError(f"no process {pid}")
+        return cls(pid)
+
+
+def alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def ask(pid: int, command: str, timeout: float) -> dict[str, Any]:
+    """Send one command and wait (bounded) for the manager's one-line JSON answer."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(timeout)
+    try:
+        sock.connect(address(pid))
+        sock.sendall(command.encode(ENCODING) + b"\n")
+        data = b""
+        while not data.endswith(b"\n"):
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    except ConnectionRefusedError:
+        raise ControlError(f"process {pid} is not an fcgidaemon manager (no control socket)") from None
+    except TimeoutError:
+        raise ControlError(f"no answer from manager {pid} within {timeout:g}s") from None
+    except OSError as exc:
+        raise ControlError(f"manager {pid}: {exc}") from None
+    finally:
+        sock.close()
+    if not data:
+        raise ControlError(f"manager {pid} closed the control connection without an answer")
+    return json.loads(data)
+
+
+def stop(pid: int, timeout: float, quick: bool = False) -> None:
+    """SIGTERM (or SIGQUIT) and wait, bounded, for the manager to exit."""
+    os.kill(pid, signal.SIGQUIT if quick else signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while alive(pid):
+        if time.monotonic() > deadline:
+            raise ControlError(f"manager {pid} still running after {timeout:g}s")
+        time.sleep(0.05)

@@ -1,0 +1,201 @@
+"""Configuration and the command line: precedence, bad input, check, reload/status/stop."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+from pathlib import Path
+
+import pytest
+
+from daemon import APPS, ROOT, run_cli
+from fcgidaemon.config import Address, ConfigError, options_markdown, resolve
+from test_lifecycle import app_copy, get, set_version
+
+
+def processes_mentioning(marker: str) -> list[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/cmdline", "rb") as fh:
+                    if marker.encode() in fh.read():
+                        found.append(int(entry))
+            except OSError:
+                continue
+    return found
+
+
+# ---------------------------------------------------------------- precedence (pure)
+
+
+def test_precedence_cli_over_file_over_env_over_default(tmp_path):
+    conf = tmp_path / "c.toml"
+    conf.write_text('workers = 7\nbackground = 1\n'.replace("background = 1\n", "backlog = 50\n"))
+    env = {"FCGIDAEMON_WORKERS": "3", "FCGI_LISTEN_QUEUE": "20", "FCGI_SOCKET_PATH": "/run/x.sock",
+           "FCGIDAEMON_GRACEFUL_TIMEOUT": "5"}
+    c = resolve(["app", "--config", str(conf), "--workers", "9"], env)
+    assert c.workers == 9  # command line beats file and environment
+    assert c.backlog == 50  # file beats environment
+    assert c.bind == Address(path="/run/x.sock")  # environment beats default
+    assert c.graceful_timeout == 5.0
+    assert resolve(["app"], {}).workers == 4  # default
+    assert resolve(["app"], {}).app == "app:application"
+
+
+def test_bind_forms():
+    assert resolve(["a", "--bind", ":9005"], {}).bind == Address(host=None, port=9005)
+    assert resolve(["a", "--bind", "[::1]:9005"], {}).bind == Address(host="::1", port=9005)
+    assert resolve(["a", "--bind", "localhost:80"], {}).bind == Address(host="localhost", port=80)
+    assert resolve(["a", "--bind", "unix:/run/a.sock"], {}).bind == Address(path="/run/a.sock")
+    assert resolve(["a", "--preload", "x,y", "--preload", "z"], {}).preload == ["x", "y", "z"]
+
+
+def test_readme_option_table_is_generated_from_the_code():
+    readme = (ROOT / "README.md").read_text()
+    assert options_markdown() in readme, "README option table is stale: paste options_markdown()"
+
+
+# ---------------------------------------------------------------- bad input: one line, exit 2
+
+
+BAD = {
+    "workers-zero": ["--workers", "0"],
+    "workers-text": ["--workers", "many"],
+    "bad-address": ["--bind", "nowhere"],
+    "bad-port": ["--bind", "127.0.0.1:99999"],
+    "bad-ipv6": ["--bind", "[::zz]:80"],
+    "unknown-flag": ["--frobnicate"],
+    "bad-log-level": ["--log-level", "loud"],
+    "bad-umask": ["--umask", "999"],
+    "unknown-preload": ["--preload", "no_such_module_xyz"],
+    "missing-config": ["--config", "/nonexistent/fcgi.toml"],
+    "unknown-user": ["--user", "no-such-user-xyz"],
+    "missing-chdir": ["--chdir", "/nonexistent/dir"],
+}
+
+
+@pytest.mark.parametrize("args", BAD.values(), ids=BAD.keys())
+def test_bad_option_exit_2_one_line_nothing_left(tmp_path, args):
+    marker = f"marker-{os.getpid()}-{abs(hash(tuple(args)))}"
+    out = run_cli(["testapp", "--pythonpath", f"{APPS},/{marker}", *args], tmp_path)
+    assert out.returncode == 2, (out.stdout, out.stderr)
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("fcgidaemon: "), out.stderr
+    assert out.stdout == ""
+    assert processes_mentioning(marker) == []
+
+
+def test_unknown_app_module(tmp_path):
+    out = run_cli(["no_such_app_xyz:application", "--bind", "127.0.0.1:1"], tmp_path)
+    assert out.returncode == 2
+    assert out.stderr.strip() == "fcgidaemon: application module not found: no_such_app_xyz"
+
+
+def test_unknown_dotted_module_is_found_without_importing_the_package(tmp_path):
+    pkg = tmp_path / "pkg"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("raise SystemExit('the manager must not import the app package')\n")
+    out = run_cli(["pkg.nope", "--pythonpath", str(tmp_path)], tmp_path)
+    assert out.returncode == 2 and "application module not found: pkg.nope" in out.stderr
+
+
+def test_port_in_use(tmp_path):
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    port = taken.getsockname()[1]
+    try:
+        out = run_cli(["testapp", "--pythonpath", str(APPS), "--bind", f"127.0.0.1:{port}"], tmp_path)
+    finally:
+        taken.close()
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines()[-1] == \
+        f"fcgidaemon: --bind 127.0.0.1:{port}: address already in use"
+
+
+def test_unix_socket_in_use_is_refused(start_daemon, tmp_path):
+    path = tmp_path / "busy.sock"
+    start_daemon(bind=str(path), workers=1)
+    out = run_cli(["testapp", "--pythonpath", str(APPS), "--bind", str(path)], tmp_path)
+    assert out.returncode == 2 and "address already in use" in out.stderr
+    assert get(str(path), "/hello").status == 200  # the live socket was not removed
+
+
+def test_bad_toml(tmp_path):
+    conf = tmp_path / "bad.toml"
+    conf.write_text("workers = [unclosed\n")
+    out = run_cli(["testapp", "--config", str(conf)], tmp_path)
+    assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1
+    conf.write_text("wrokers = 3\n")
+    out = run_cli(["testapp", "--config", str(conf)], tmp_path)
+    assert out.returncode == 2 and "unknown option 'wrokers'" in out.stderr
+
+
+def test_config_file_is_used(start_daemon, tmp_path):
+    conf = tmp_path / "fcgi.toml"
+    conf.write_text('[fcgidaemon]\nworkers = 3\n')
+    d = start_daemon("testapp", "--config", str(conf), workers=1)
+    # --workers 1 from the harness is on the command line and wins; the file is read and valid
+    assert len(d.wait_workers(1)) == 1
+
+
+# ---------------------------------------------------------------- check
+
+
+def test_check_ok(tmp_path):
+    out = run_cli(["check", "testapp", "--pythonpath", str(APPS)], tmp_path)
+    assert out.returncode == 0 and "OK" in out.stdout
+
+
+def test_check_reports_traceback(tmp_path):
+    out = run_cli(["check", "broken_syntax", "--pythonpath", str(APPS)], tmp_path)
+    assert out.returncode == 1
+    assert "SyntaxError" in out.stderr and "broken_syntax.py" in out.stderr
+
+
+# ---------------------------------------------------------------- reload --wait, status, stop
+
+
+def test_reload_wait_status_stop(start_daemon, tmp_path):
+    src = app_copy(tmp_path)
+    pidfile = tmp_path / "d.pid"
+    d = start_daemon("liveapp", "--pidfile", str(pidfile), workers=2, pythonpath=[src])
+    set_version(src, "v2")
+    out = run_cli(["reload", "--wait", "--pidfile", str(pidfile)], tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert "generation 2 serving" in out.stdout
+    assert get(d.address, "/hello").body.startswith(b"hello v2 ")  # true as soon as it returns
+
+    (src / "liveapp.py").write_text("def application(environ, start_response)\n")  # SyntaxError
+    out = run_cli(["reload", "--wait", "--pid", str(d.pid)], tmp_path)
+    assert out.returncode == 1
+    assert re.search(r"reload failed: SyntaxError in .*liveapp\.py:1", out.stderr), out.stderr
+    assert get(d.address, "/hello").body.startswith(b"hello v2 ")  # old code still serving
+
+    out = run_cli(["status", "--json", "--pid", str(d.pid)], tmp_path)
+    status = json.loads(out.stdout)
+    assert status["generation"] == 2 and status["reloads_ok"] == 1 and status["reloads_failed"] == 1
+    assert sorted(w["pid"] for w in status["workers"] if w["state"] == "ready") == d.workers()
+    table = run_cli(["status", "--pid", str(d.pid)], tmp_path).stdout
+    assert "generation 2" in table and str(d.workers()[0]) in table
+
+    out = run_cli(["stop", "--pidfile", str(pidfile)], tmp_path)
+    assert out.returncode == 0
+    assert d.wait_exit(5) == 0
+
+
+def test_control_commands_report_missing_manager(tmp_path):
+    out = run_cli(["reload", "--wait", "--pid", "999999"], tmp_path)
+    assert out.returncode == 1 and "no process 999999" in out.stderr
+    out = run_cli(["status", "--pidfile", str(tmp_path / "none.pid")], tmp_path)
+    assert out.returncode == 1 and "cannot read pid" in out.stderr
+
+
+def test_readme_signal_table_is_generated_from_the_code():
+    from fcgidaemon.manager import MANAGER_SIGNALS, SIGNAL_DOCS, signals_markdown
+    assert signals_markdown() in (ROOT / "README.md").read_text()
+    assert set(SIGNAL_DOCS) == set(MANAGER_SIGNALS) - {signal.SIGCHLD}
