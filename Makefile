@@ -7,7 +7,7 @@ APT_PACKAGES := apache2 nginx libfcgi-bin libfcgi-dev libsystemd-dev pkg-config 
 STAMP_APT := $(VENV)/.apt-stamp
 STAMP_PIP := $(VENV)/.pip-stamp
 
-.PHONY: all deps run test bench clean
+.PHONY: all deps run test bench clean readme
 
 all: deps
 
@@ -42,3 +42,6 @@ bench: deps
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache
+
+readme: deps
+	$(PY) scripts/update_readme.py

@@ -104,6 +104,31 @@ def parse_app(text: str) -> str:
     return f"{module}:{attr}"
 
 
+def parse_size(text: str) -> int:
+    """Bytes, or a number with k, M or G (powers of 1024)."""
+    text = str(text).strip()
+    factor = {"k": 1 << 10, "K": 1 << 10, "m": 1 << 20, "M": 1 << 20, "g": 1 << 30, "G": 1 << 30}
+    scale = factor.get(text[-1:], 1)
+    number = text[:-1] if scale != 1 else text
+    try:
+        value = int(float(number) * scale)
+    except ValueError:
+        raise ConfigError(f"not a size: {text!r} (bytes, or with k, M, G)") from None
+    if value < 0:
+        raise ConfigError(f"must not be negative: {text!r}")
+    return value
+
+
+def parse_networks(text: str | Sequence[str]) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
+    nets = []
+    for item in parse_list(text):
+        try:
+            nets.append(ipaddress.ip_network(item, strict=False))
+        except ValueError:
+            raise ConfigError(f"not an address or network: {item!r}") from None
+    return nets
+
+
 @dataclass(frozen=True)
 class Address:
     """Where to listen: a unix path, or a host (None = all IPv4) and a port."""
@@ -206,6 +231,28 @@ OPTIONS: tuple[Option, ...] = (
            "seconds a connection may stall in the middle of a request before it is closed", "S"),
     Option("keep_conn_idle", "--keep-conn-idle", "FCGIDAEMON_KEEP_CONN_IDLE", "60", parse_seconds,
            "seconds an idle kept (FCGI_KEEP_CONN) connection is held open", "S"),
+    Option("timeout", "--timeout", "FCGIDAEMON_TIMEOUT", "0", parse_seconds,
+           "seconds one request may run; a worker busy longer has its stack logged and is killed "
+           "and replaced (0: no limit)", "S"),
+    Option("slow_log", "--slow-log", "FCGIDAEMON_SLOW_LOG", "0", parse_seconds,
+           "log the stack of a request still running after this many seconds, once, without "
+           "killing it (0: off)", "S"),
+    Option("max_requests", "--max-requests", "FCGIDAEMON_MAX_REQUESTS", "0", parse_int_min(0),
+           "a worker is replaced after this many requests; its replacement starts first (0: never)",
+           "N"),
+    Option("max_requests_jitter", "--max-requests-jitter", "FCGIDAEMON_MAX_REQUESTS_JITTER", "0",
+           parse_int_min(0), "add a random 0..J to each worker's --max-requests, so workers do not "
+           "all recycle at once", "J"),
+    Option("max_memory", "--max-memory", "FCGIDAEMON_MAX_MEMORY", "0", parse_int_min(0),
+           "a worker whose RSS exceeds this many MB is replaced the same way (0: no limit)", "MB"),
+    Option("max_body", "--max-body", "FCGIDAEMON_MAX_BODY", "0", parse_size,
+           "largest request body accepted (bytes, or with k/M/G); larger requests get 413 "
+           "(0: no limit)", "SIZE"),
+    Option("max_params", "--max-params", "FCGIDAEMON_MAX_PARAMS", "1M", parse_size,
+           "largest FCGI_PARAMS stream (request headers and CGI variables) accepted", "SIZE"),
+    Option("allow_from", "--allow-from", "FCGI_WEB_SERVER_ADDRS", "", parse_networks,
+           "client addresses or networks allowed to connect over TCP (comma-separated, may repeat; "
+           "empty: any); others are closed and logged", "ADDRS", repeat=True),
     Option("pidfile", "--pidfile", "FCGIDAEMON_PIDFILE", None, parse_optional_str,
            "write the manager's pid here (removed on exit)", "FILE"),
     Option("user", "--user", "FCGIDAEMON_USER", None, parse_optional_str,
@@ -240,6 +287,14 @@ class Config:
     ready_timeout: float = 60.0
     read_timeout: float = 30.0
     keep_conn_idle: float = 60.0
+    timeout: float = 0.0
+    slow_log: float = 0.0
+    max_requests: int = 0
+    max_requests_jitter: int = 0
+    max_memory: int = 0
+    max_body: int = 0
+    max_params: int = 1 << 20
+    allow_from: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = field(default_factory=list)
     pidfile: str | None = None
     user: str | None = None
     group: str | None = None

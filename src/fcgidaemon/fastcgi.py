@@ -37,6 +37,8 @@ BEGIN_BODY = struct.Struct(flup.FCGI_BeginRequestBody)
 UNKNOWN_BODY = struct.Struct(flup.FCGI_UnknownTypeBody)
 MAX_CONTENT = 65535
 FLUSH_AT = 256 * 1024  # bytes of response buffered before a send
+TOO_LARGE = (b"Status: 413 Content Too Large\r\nContent-Type: text/plain\r\nContent-Length: 24\r\n\r\n"
+             b"Request body too large.\n")
 
 
 class ProtocolError(Exception):
@@ -191,6 +193,7 @@ class Connection:
         self.served = 0
         self.keep = True  # False once a request without FCGI_KEEP_CONN was seen
         self.closed = False
+        self.last_call = False  # a retiring worker serves what is waiting here once, then lets go
         self.last_active = time.monotonic()
         sock.settimeout(server.limits.read_timeout)
         if sock.family in (socket.AF_INET, socket.AF_INET6):
@@ -330,11 +333,29 @@ class Connection:
         """Run the runnable request to the end: application, unread input, END_REQUEST."""
         req = self.request
         assert req is not None and req.runnable
+        if self._too_large(req):
+            return
         app_status = self.server.handler(req)
         if self.request is not req:  # the handler ended or dropped it
             return
         req.stdin.drain()
         self.end_request(req, app_status)
+
+    def _too_large(self, req: Request) -> bool:
+        """Answer 413 without running the application, and close: the body is not read."""
+        limit = self.server.limits.max_body
+        try:
+            declared = int(req.params.get("CONTENT_LENGTH") or 0)
+        except ValueError:
+            raise ProtocolError(f"bad CONTENT_LENGTH {req.params.get('CONTENT_LENGTH')!r}") from None
+        if not limit or declared <= limit:
+            return False
+        log.warning("request body of %d bytes refused (--max-body %d): %s", declared, limit,
+                    req.params.get("REQUEST_URI", ""))
+        req.flags &= ~flup.FCGI_KEEP_CONN
+        req.stdout.write(TOO_LARGE)
+        self.end_request(req, 0)
+        return True
 
     def end_request(self, req: Request, app_status: int,
                     protocol_status: int = flup.FCGI_REQUEST_COMPLETE) -> None:

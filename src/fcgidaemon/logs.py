@@ -1,8 +1,11 @@
 """Logging for operators: one line per event, each with role, pid and generation.
 
-Under systemd (JOURNAL_STREAM set) records go to journald with structured fields
-(WORKER_PID, GENERATION, REQUEST_URI) so `journalctl -u fcgidaemon -p err` finds
-application tracebacks; otherwise to stderr.
+Under systemd (stderr is the journal stream) records go to journald over its
+native protocol, one entry per event -- a traceback stays inside its entry's
+MESSAGE -- with the logging level as PRIORITY (so ``journalctl -u fcgidaemon -p
+err`` finds application tracebacks) and structured fields: GENERATION, WORKER_PID
+(in workers), REQUEST_URI (application errors), FCGIDAEMON_ROLE.  Otherwise
+records go to stderr as text lines.
 """
 
 from __future__ import annotations
@@ -15,6 +18,11 @@ from . import systemd
 
 _context = {"role": "manager", "generation": 0}
 
+SYSLOG_IDENTIFIER = "fcgidaemon"
+FORMAT = "%(asctime)s %(levelname)s [%(role)s %(pid)d gen %(generation)d] %(message)s"
+# journald records the sender's pid (_PID) and time itself
+JOURNAL_FORMAT = "[%(role)s gen %(generation)d] %(message)s"
+
 
 def set_context(role: str | None = None, generation: int | None = None) -> None:
     if role is not None:
@@ -24,20 +32,67 @@ def set_context(role: str | None = None, generation: int | None = None) -> None:
 
 
 class ContextFilter(logging.Filter):
+    """Stamps each record with this process's role, pid and generation."""
+
     def filter(self, record: logging.LogRecord) -> bool:
         record.role = _context["role"]
         record.generation = _context["generation"]
         record.pid = os.getpid()
-        # structured fields for journald
-        record.WORKER_PID = record.pid if record.role == "worker" else ""
-        record.GENERATION = record.generation
-        uri = getattr(record, "request_uri", None)
-        if uri:
-            record.REQUEST_URI = uri
         return True
 
 
-FORMAT = "%(asctime)s %(levelname)s [%(role)s %(pid)d gen %(generation)d] %(message)s"
+def priority(levelno: int) -> int:
+    """syslog priority of a logging level (3 = err, 4 = warning, 6 = info, 7 = debug)."""
+    if levelno >= logging.CRITICAL:
+        return 2
+    if levelno >= logging.ERROR:
+        return 3
+    if levelno >= logging.WARNING:
+        return 4
+    if levelno >= logging.INFO:
+        return 6
+    return 7
+
+
+def journal_fields(record: logging.LogRecord) -> dict[str, str | int]:
+    """The journal fields of one record, besides MESSAGE."""
+    fields: dict[str, str | int] = {
+        "PRIORITY": priority(record.levelno),
+        "SYSLOG_IDENTIFIER": SYSLOG_IDENTIFIER,
+        "LOGGER": record.name,
+        "CODE_FILE": record.pathname,
+        "CODE_LINE": record.lineno,
+        "CODE_FUNC": record.funcName,
+        "FCGIDAEMON_ROLE": getattr(record, "role", ""),
+        "GENERATION": getattr(record, "generation", 0),
+    }
+    if getattr(record, "role", "") == "worker":
+        fields["WORKER_PID"] = getattr(record, "pid", os.getpid())
+    uri = getattr(record, "request_uri", None)
+    if uri:
+        fields["REQUEST_URI"] = uri
+    return fields
+
+
+class JournalHandler(logging.Handler):
+    """Sends each record as one journal entry (the formatted message includes any traceback)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            systemd.journal_send(self.format(record), journal_fields(record))
+        except Exception:  # noqa: BLE001 - logging must never take the process down
+            self.handleError(record)
+
+
+def make_handler() -> logging.Handler:
+    if systemd.stderr_is_journal():
+        handler: logging.Handler = JournalHandler()
+        handler.setFormatter(logging.Formatter(JOURNAL_FORMAT))
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter(FORMAT))
+    handler.addFilter(ContextFilter())
+    return handler
 
 
 def setup(level: int) -> None:
@@ -45,11 +100,4 @@ def setup(level: int) -> None:
     root.handlers.clear()
     root.setLevel(level)
     root.propagate = False
-    handler = systemd.journal_handler()
-    if handler is None:
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter(FORMAT))
-    else:
-        handler.setFormatter(logging.Formatter("[%(role)s %(pid)d gen %(generation)d] %(message)s"))
-    handler.addFilter(ContextFilter())
-    root.addHandler(handler)
+    root.addHandler(make_handler())

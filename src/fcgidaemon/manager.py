@@ -20,6 +20,7 @@ from enum import Enum
 
 from . import control, logs, signals, systemd, titles, worker
 from .config import Config
+from .scoreboard import Scoreboard, SlotState
 from .sockets import Listener
 
 log = logging.getLogger("fcgidaemon")
@@ -83,6 +84,10 @@ class WorkerRecord:
     started: float = field(default_factory=time.monotonic)
     deadline: float | None = None  # ready-by while starting, kill-at while retiring
     failure: str | None = None  # import failure reported by the worker
+    board_index: int = 0
+    replace: bool = False  # hit --max-requests/--max-memory: retire once a replacement is ready
+    slow_logged: float = 0.0  # busy_since of the request whose stack was already logged
+    kill_at: float | None = None  # --timeout: SIGKILL after the stack dump
 
     def move(self, new: WState) -> None:
         if new not in TRANSITIONS[self.state]:
@@ -114,6 +119,8 @@ class Manager:
         self.queue = signals.SignalQueue(MANAGER_SIGNALS)
         self.selector.register(self.queue.fileno(), selectors.EVENT_READ, None)
         self.started_at = time.time()
+        self.board = Scoreboard()
+        self.next_memory_check = 0.0
         self.reload_waiters: list[tuple[socket.socket, int]] = []  # (client, generation it waits for)
         self.control = control.listen()
         self.selector.register(self.control, selectors.EVENT_READ, "control")
@@ -148,9 +155,10 @@ class Manager:
             moments.append(self.stop_deadline)
         if self.watchdog:
             moments.append(self.next_watchdog)
+        longest = 0.1 if (self.config.timeout or self.config.slow_log) else 1.0
         if not moments:
-            return 1.0
-        return min(1.0, max(0.0, min(moments) - time.monotonic()))
+            return longest
+        return min(longest, max(0.0, min(moments) - time.monotonic()))
 
     # ------------------------------------------------------------------ signals
 
@@ -226,20 +234,21 @@ class Manager:
         close_fds = [parent_end.fileno(), self.selector.fileno(), self.control.fileno(),
                      *self.queue.fds()]
         close_fds += [rec.channel.fileno() for rec in self.workers.values()]
+        index = self.board.allocate(0, generation)
         old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, MANAGER_SIGNALS)
         try:
             pid = os.fork()
             if pid == 0:
                 spec = worker.WorkerSpec(self.config, slot, generation,
                                          [lst.sock for lst in self.listeners], child_end,
-                                         os.getppid(), close_fds)
-                spec.sigmask = old_mask
+                                         os.getppid(), self.board, index, close_fds, old_mask)
                 worker.run(spec)
         finally:
             if pid:
                 signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
         child_end.close()
-        rec = WorkerRecord(pid, slot, generation, parent_end)
+        self.board.set_pid(index, pid)
+        rec = WorkerRecord(pid, slot, generation, parent_end, board_index=index)
         rec.deadline = rec.started + self.config.ready_timeout
         self.workers[pid] = rec
         self.selector.register(parent_end, selectors.EVENT_READ, rec)
@@ -275,6 +284,8 @@ class Manager:
         elif msg == worker.MSG_HANDOFF:
             self._pass_on(fds, rec)
             fds = []
+        elif msg == worker.MSG_QUOTA:
+            self._mark_for_replacement(rec, "served its --max-requests")
         else:
             log.warning("unknown message from worker %d: %r", rec.pid, msg[:40])
         for fd in fds:
@@ -288,8 +299,7 @@ class Manager:
             if not targets:
                 log.warning("no ready worker to take %d connection(s); closing them", len(fds))
                 return
-            target = targets[(self._handoffs) % len(targets)]
-            self._handoffs += 1
+            target = min(targets, key=self._load)
             socket.send_fds(target.channel, [worker.MSG_ADOPT], fds)
         except OSError as exc:
             log.warning("cannot pass connections on: %s", exc)
@@ -297,7 +307,15 @@ class Manager:
             for fd in fds:
                 os.close(fd)
 
-    _handoffs = 0
+    def _load(self, rec: WorkerRecord) -> tuple[int, float]:
+        """Idle workers first, then the one busy for the longest (likely to finish first)."""
+        slot = self.board.read(rec.board_index)
+        return (0 if slot.state is SlotState.IDLE else 1, slot.busy_since)
+
+    def _mark_for_replacement(self, rec: WorkerRecord, why: str) -> None:
+        if rec.state is WState.READY and not rec.replace:
+            rec.replace = True
+            log.info("worker %d %s; starting its replacement", rec.pid, why)
 
     def _on_ready(self, rec: WorkerRecord) -> None:
         rec.move(WState.READY)
@@ -305,6 +323,10 @@ class Manager:
         self.backoff.pop(rec.slot, None)
         log.info("worker %d ready (slot %d, gen %d) in %.3fs", rec.pid, rec.slot, rec.generation,
                  time.monotonic() - rec.started)
+        for other in list(self.workers.values()):  # a replacement is ready: its predecessor retires
+            if (other.replace and other.slot == rec.slot and other.generation == rec.generation
+                    and other.state is WState.READY):
+                self._retire(other)
         if self.phase in (Phase.STARTING, Phase.RELOADING) and self._generation_ready(rec.generation):
             self._switch_to(rec.generation)
 
@@ -381,6 +403,7 @@ class Manager:
             pass
         self._on_message_backlog(rec)
         rec.channel.close()
+        self.board.release(rec.board_index)
         how = signals.describe_status(status)
         expected = rec.state is WState.RETIRING or self.phase in (Phase.STOPPING, Phase.QUITTING)
         log.log(logging.INFO if expected else logging.WARNING, "worker %d (slot %d, gen %d, %s) exited: %s",
@@ -439,17 +462,65 @@ class Manager:
             for rec in self.workers.values():
                 log.warning("worker %d did not stop in time; killing it", rec.pid)
                 self._kill(rec, signal.SIGKILL)
+        if self.config.timeout or self.config.slow_log:
+            self._check_requests(now)
+        if self.config.max_memory and now >= self.next_memory_check:
+            self.next_memory_check = now + 1.0
+            self._check_memory()
         if self.phase in (Phase.RUNNING, Phase.STARTING, Phase.RELOADING):
             self._reconcile(now)
         if self.watchdog and now >= self.next_watchdog:
             systemd.notify("WATCHDOG=1")
             self.next_watchdog = now + self.watchdog
 
+    def _check_requests(self, now: float) -> None:
+        """--slow-log: dump the stack once; --timeout: dump it, then kill the worker."""
+        for rec in list(self.workers.values()):
+            if rec.kill_at is not None:
+                if now >= rec.kill_at:
+                    rec.kill_at = None
+                    self._kill(rec, signal.SIGKILL)
+                continue
+            slot = self.board.read(rec.board_index)
+            busy = slot.busy_for(now)
+            if not busy:
+                continue
+            what = f"{slot.method} {slot.uri}"
+            if self.config.timeout and busy > self.config.timeout:
+                log.error("worker %d timed out: busy %.1fs on %s (--timeout %g); stack follows, "
+                          "then SIGKILL", rec.pid, busy, what, self.config.timeout)
+                self._kill(rec, signal.SIGUSR1)
+                rec.kill_at = now + 0.2
+                if rec.state is not WState.RETIRING:
+                    rec.move(WState.RETIRING)  # its replacement starts now
+            elif self.config.slow_log and busy > self.config.slow_log and rec.slow_logged != slot.busy_since:
+                rec.slow_logged = slot.busy_since
+                log.warning("slow request: worker %d busy %.1fs on %s; stack follows", rec.pid, busy, what)
+                self._kill(rec, signal.SIGUSR1)
+
+    def _check_memory(self) -> None:
+        limit = self.config.max_memory * 1024 * 1024
+        page = os.sysconf("SC_PAGE_SIZE")
+        for rec in list(self.workers.values()):
+            if rec.state is not WState.READY or rec.replace:
+                continue
+            try:
+                with open(f"/proc/{rec.pid}/statm") as fh:
+                    rss = int(fh.read().split()[1]) * page
+            except (OSError, ValueError, IndexError):
+                continue
+            if rss > limit:
+                self._mark_for_replacement(rec, f"uses {rss >> 20} MB (--max-memory {self.config.max_memory})")
+
     def _reconcile(self, now: float) -> None:
-        """Keep one live worker of the serving generation in every slot below the target."""
+        """Keep one live worker of the serving generation in every slot below the target.
+
+        A slot whose only live workers asked to be replaced (--max-requests, --max-memory)
+        gets one more: the old one retires when the new one is ready, so capacity never drops.
+        """
         generation = self.serving or self.generation
         filled = {w.slot for w in self.workers.values()
-                  if w.generation == generation and w.state is not WState.RETIRING}
+                  if w.generation == generation and w.state is not WState.RETIRING and not w.replace}
         for slot in range(self.target):
             if slot in filled:
                 self.respawn_at.pop(slot, None)

@@ -1,8 +1,9 @@
 """The only importer of python-systemd.  Outside systemd every call is a no-op.
 
 Under systemd the manager tells the service manager its state with sd_notify
-(READY=1, RELOADING=1, STATUS=..., STOPPING=1, WATCHDOG=1, MAINPID=...) and takes
-sockets passed by socket activation.
+(READY=1, RELOADING=1, STATUS=..., STOPPING=1, WATCHDOG=1), takes sockets passed
+by socket activation, and logs to journald with its native protocol (one entry
+per event, tracebacks included, structured fields) when stderr is the journal.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import logging
 import os
 import socket
 import time
+from typing import Mapping
 
 log = logging.getLogger("fcgidaemon")
 
@@ -38,19 +40,25 @@ def notify(*fields: str) -> bool:
 
 
 def monotonic_usec() -> int:
+    """CLOCK_MONOTONIC in microseconds, as systemd wants it in MONOTONIC_USEC=."""
     return time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
 
 
 def watchdog_interval() -> float | None:
-    """Seconds between WATCHDOG=1 pings (half of WatchdogSec), or None."""
+    """Seconds between WATCHDOG=1 pings (half of WatchdogSec), or None.
+
+    Pings are for the process systemd watches: WATCHDOG_PID, when set, must be
+    ours (workers inherit the environment and must stay silent).
+    """
     usec = os.environ.get("WATCHDOG_USEC")
     pid = os.environ.get("WATCHDOG_PID")
     if not usec or (pid and pid != str(os.getpid())):
         return None
     try:
-        return int(usec) / 1e6 / 2
+        value = int(usec)
     except ValueError:
         return None
+    return value / 1e6 / 2 if value > 0 else None
 
 
 def listen_sockets() -> list[socket.socket]:
@@ -61,8 +69,26 @@ def listen_sockets() -> list[socket.socket]:
     return [socket.socket(fileno=fd) for fd in fds]
 
 
-def journal_handler() -> logging.Handler | None:
-    """A journald handler when the service runs under systemd, else None."""
-    if _journal is None or not os.environ.get("JOURNAL_STREAM"):
-        return None
-    return _journal.JournalHandler(SYSLOG_IDENTIFIER="fcgidaemon")
+def stderr_is_journal() -> bool:
+    """True when our stderr is the journal stream systemd connected (JOURNAL_STREAM=dev:ino).
+
+    The variable is inherited by processes whose stderr was redirected elsewhere,
+    so it only counts when it names the file that fd 2 really is.
+    """
+    if _journal is None:
+        return False
+    dev, sep, ino = os.environ.get("JOURNAL_STREAM", "").partition(":")
+    if not sep:
+        return False
+    try:
+        st = os.fstat(2)
+        return (st.st_dev, st.st_ino) == (int(dev), int(ino))
+    except (OSError, ValueError):
+        return False
+
+
+def journal_send(message: str, fields: Mapping[str, str | int]) -> None:
+    """One journal entry over the native protocol: a multi-line MESSAGE stays one entry."""
+    if _journal is None:  # pragma: no cover - stderr_is_journal() is False then
+        return
+    _journal.send(message, **fields)  # CODE_LINE must stay an int; the rest is str()-ed

@@ -20,8 +20,11 @@ Stopping never loses accepted work:
 
 from __future__ import annotations
 
+import faulthandler
+import ipaddress
 import logging
 import os
+import random
 import select
 import signal
 import socket
@@ -33,6 +36,7 @@ from typing import NoReturn
 
 from . import loader, logs, titles
 from .config import Config
+from .scoreboard import Scoreboard, SlotState
 from .fastcgi import Connection, ConnectionLost, Limits, ProtocolError, RequestAborted, Server
 from .wsgi import make_handler
 
@@ -47,6 +51,7 @@ MSG_IMPORT_FAILED = b"import-failed"
 MSG_HANDOFF = b"handoff"
 MSG_ADOPT = b"adopt"
 MSG_RETIRE = b"retire"
+MSG_QUOTA = b"quota"  # --max-requests reached: please start my replacement
 MAX_MESSAGE = 65536
 
 
@@ -66,6 +71,8 @@ class WorkerSpec:
     listeners: list[socket.socket]
     channel: socket.socket
     manager_pid: int
+    board: Scoreboard | None = None
+    board_index: int = 0
     close_fds: list[int] = field(default_factory=list)
     sigmask: set[int] | None = None  # the mask to restore once our handlers are in place
 
@@ -93,6 +100,10 @@ class Worker:
         self.listener_fds = {sock.fileno(): sock for sock in spec.listeners}
         self.server: Server | None = None
         self._wake_r, self._wake_w = socket.socketpair()
+        self.board = spec.board or Scoreboard(1)
+        self.index = spec.board_index if spec.board else 0
+        self.quota = (self.config.max_requests + random.randint(0, self.config.max_requests_jitter)
+                      if self.config.max_requests else 0)
 
     # ------------------------------------------------------------------ start
 
@@ -105,10 +116,12 @@ class Worker:
             message = MSG_IMPORT_FAILED + b"\n" + f"{exc.summary}\n{exc.text}".encode()
             self.spec.channel.send(message[:MAX_MESSAGE])
             return EXIT_IMPORT_FAILED
-        limits = Limits(read_timeout=self.config.read_timeout)
+        limits = Limits(read_timeout=self.config.read_timeout, max_params=self.config.max_params,
+                        max_body=self.config.max_body)
         self.server = Server(make_handler(app), limits, max_conns=self.config.workers * 64,
                              max_reqs=self.config.workers)
         self._register()
+        self.board.set_state(self.index, SlotState.IDLE)
         self.spec.channel.send(MSG_READY)
         self._title("idle")
         self._loop()
@@ -133,6 +146,9 @@ class Worker:
         signal.signal(signal.SIGHUP, self._on_stop_signal)
         signal.signal(signal.SIGINT, _exit_now)
         signal.signal(signal.SIGQUIT, _exit_now)
+        # the manager asks for a stack dump of a slow or hung request: written even while the
+        # application is stuck inside a C call
+        faulthandler.register(signal.SIGUSR1, file=sys.stderr, all_threads=True, chain=False)
         if self.spec.sigmask is not None:
             signal.pthread_sigmask(signal.SIG_SETMASK, self.spec.sigmask)
 
@@ -144,7 +160,10 @@ class Worker:
     def _register(self) -> None:
         for fd, sock in self.listener_fds.items():
             sock.setblocking(False)
-            self.epoll.register(fd, select.EPOLLIN | select.EPOLLEXCLUSIVE)
+            # Not EPOLLEXCLUSIVE: an exclusive wake-up can go to a worker that is busy (not in
+            # epoll_wait) and leave the connection waiting while another worker idles. Every idle
+            # worker wakes and races for accept(); a busy one is not waiting, so it does not.
+            self.epoll.register(fd, select.EPOLLIN)
         self.epoll.register(self._wake_r.fileno(), select.EPOLLIN)
         self.epoll.register(self.spec.channel.fileno(), select.EPOLLIN)
 
@@ -158,15 +177,20 @@ class Worker:
                 events = self.epoll.poll(1.0)
             except InterruptedError:
                 continue
-            for fd, _ in events:
-                if fd in self.listener_fds:
-                    self._accept(self.listener_fds[fd])
+            served = False
+            for fd, _ in events:  # connections we hold first: their requests are already ours
+                if fd in self.conns:
+                    self._serve(self.conns[fd])
+                    served = True
                 elif fd == self._wake_r.fileno():
                     _drain(self._wake_r)
                 elif fd == self.spec.channel.fileno():
                     self._channel_message()
-                elif fd in self.conns:
-                    self._serve(self.conns[fd])
+            if not served:  # after serving, look again: another idle worker may have taken it
+                for fd, _ in events:
+                    if fd in self.listener_fds:
+                        self._accept(self.listener_fds[fd])
+                        break  # one connection at a time
             self._sweep()
 
     def _accept(self, listener: socket.socket) -> None:
@@ -179,13 +203,35 @@ class Worker:
         except OSError as exc:
             log.warning("accept failed: %s", exc)
             return
-        self._adopt(sock)
+        self.board.connection_accepted(self.index)
+        if self.config.allow_from and not self._allowed(sock):
+            return
+        conn = self._adopt(sock)
+        # serve it now if its request is here (web servers send it right after connecting):
+        # while busy we do not take the next connection, and another idle worker accepts it
+        if _readable(sock, 0.002):
+            self._serve(conn)
 
-    def _adopt(self, sock: socket.socket) -> None:
+    def _allowed(self, sock: socket.socket) -> bool:
+        """--allow-from: TCP peers outside the list are closed and logged."""
+        if sock.family not in (socket.AF_INET, socket.AF_INET6):
+            return True
+        peer = sock.getpeername()[0]
+        addr = ipaddress.ip_address(peer)
+        if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped:
+            addr = addr.ipv4_mapped
+        if any(addr in net for net in self.config.allow_from):
+            return True
+        log.warning("connection from %s refused (not in --allow-from)", peer)
+        sock.close()
+        return False
+
+    def _adopt(self, sock: socket.socket) -> Connection:
         assert self.server is not None
         conn = Connection(sock, self.server)
         self.conns[conn.fileno()] = conn
         self.epoll.register(conn.fileno(), select.EPOLLIN)
+        return conn
 
     def _drop(self, conn: Connection, reason: str | None = None, level: int = logging.INFO) -> None:
         if reason:
@@ -228,13 +274,21 @@ class Worker:
     def _run_request(self, conn: Connection) -> None:
         req = conn.request
         assert req is not None
-        self._title(f"busy {req.params.get('REQUEST_METHOD', '?')} "
-                    f"{req.params.get('REQUEST_URI', req.params.get('PATH_INFO', ''))[:80]}")
+        method = req.params.get("REQUEST_METHOD", "?")
+        uri = req.params.get("REQUEST_URI", req.params.get("PATH_INFO", "")).partition("?")[0]
+        self.board.request_started(self.index, method, uri)
+        self._title(f"busy {method} {uri[:80]}")
         try:
             conn.run_request()
         finally:
             self.requests += 1
-            self._title("idle" if self.stop_mode is StopMode.NONE else "retiring")
+            idle = self.stop_mode is StopMode.NONE
+            self.board.request_finished(self.index, self.requests,
+                                        SlotState.IDLE if idle else SlotState.RETIRING)
+            self._title("idle" if idle else "retiring")
+            if self.quota and self.requests == self.quota:
+                log.info("served %d requests (--max-requests); asking for a replacement", self.requests)
+                self.spec.channel.send(MSG_QUOTA)
 
     # ------------------------------------------------------------------ manager channel
 
@@ -271,9 +325,13 @@ class Worker:
             sock.close()
             del self.listener_fds[fd]
         self._title("retiring")
+        self.board.set_state(self.index, SlotState.RETIRING)
         for conn in list(self.conns.values()):
             if conn.has_partial_input:
                 continue  # half-received: serve it first
+            if not conn.last_call and _readable(conn.sock):
+                conn.last_call = True  # a request is already waiting here: serve it, we are idle
+                continue
             if self.stop_mode is StopMode.HANDOFF:
                 self._hand_off(conn)
             elif conn.served and not _readable(conn.sock):
@@ -320,8 +378,8 @@ def _drain(sock: socket.socket) -> None:
         pass
 
 
-def _readable(sock: socket.socket) -> bool:
-    ready, _, _ = select.select([sock], [], [], 0)
+def _readable(sock: socket.socket, wait: float = 0.0) -> bool:
+    ready, _, _ = select.select([sock], [], [], wait)
     return bool(ready)
 
 

@@ -68,4 +68,32 @@ def application(environ, start_response):
                            "pid": os.getpid(), "ppid": os.getppid(),
                            "preloaded_in_manager": "preloaded_mod" in sys.modules}).encode()
         return _text(start_response, body)
+    if path.endswith("/leak"):
+        _LEAK.append(bytearray(int(q.get("mb", 10)) << 20))
+        return _text(start_response, f"holding {len(_LEAK)} blocks".encode())
+    if path.endswith("/closing"):
+        return _Closing(start_response, q["marker"], int(q.get("n", 20 << 20)))
+    if path.endswith("/uid"):
+        return _text(start_response, f"{os.getuid()} {os.getgid()}".encode())
     return _text(start_response, f"hello {VERSION} {os.getpid()}".encode())
+
+
+_LEAK = []
+
+
+class _Closing:
+    """A large streamed response whose close() leaves a marker file behind."""
+
+    def __init__(self, start_response, marker, n):
+        self.marker, self.left = marker, n
+        start_response("200 OK", [("Content-Type", "application/octet-stream"),
+                                  ("Content-Length", str(n))])
+
+    def __iter__(self):
+        while self.left > 0:
+            self.left -= 65536
+            yield b"x" * 65536
+
+    def close(self):
+        with open(self.marker, "w") as fh:
+            fh.write(f"closed with {max(self.left, 0)} bytes unsent")

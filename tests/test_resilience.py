@@ -1,0 +1,153 @@
+"""Broken deploys, hung, slow, leaking and recycled workers: contained, with nothing lost."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import threading
+import time
+
+import pytest
+
+from daemon import alive, wait_for
+from fcgiclient import ConnectionClosed, FCGIClient, make_params
+from load import FCGIChecker, run_load
+from test_lifecycle import app_copy, get, set_version
+
+BROKEN = {
+    "syntax-error": "def application(environ, start_response)\n    return []\n",
+    "import-error": "import no_such_dependency_xyz\n",
+    "raises-at-import": "raise RuntimeError('config missing at import')\n",
+    "dies-at-import": "import os\nos._exit(9)\n",
+}
+REASON = {
+    "syntax-error": r"SyntaxError in .*liveapp\.py:1",
+    "import-error": r"ModuleNotFoundError in .*liveapp\.py:1: No module named 'no_such_dependency_xyz'",
+    "raises-at-import": r"RuntimeError in .*liveapp\.py:1: config missing at import",
+    "dies-at-import": r"worker starting exit 9",
+}
+
+
+@pytest.mark.parametrize("kind", BROKEN)
+def test_broken_deploy_under_load_keeps_old_code_then_fix_deploys(start_daemon, tmp_path, kind):
+    src = app_copy(tmp_path)
+    d = start_daemon("liveapp", workers=3, pythonpath=[src])
+    good = (src / "liveapp.py").read_text()
+    versions: list[bytes] = []
+
+    def check(resp, uid):
+        assert resp.status == 200 and resp.body.startswith(f"id={uid} ".encode()), resp.body[:100]
+        versions.append(resp.body.split()[1])
+
+    def deployer():
+        time.sleep(1)
+        (src / "liveapp.py").write_text(BROKEN[kind])
+        d.signal(signal.SIGHUP)
+        d.wait_log(r"reload to generation 2 failed")
+        time.sleep(1)
+        (src / "liveapp.py").write_text(good.replace('VERSION = "v1"', 'VERSION = "v3"'))
+        d.signal(signal.SIGHUP)
+        d.wait_serving(3)
+
+    thread = threading.Thread(target=deployer)
+    thread.start()
+    with FCGIChecker(d.address, keep_conn=True, uri_template="/id?id={uid}", check=check) as checker:
+        result = run_load(checker, clients=16, duration=6)
+    thread.join(20)
+    print(f"{kind}: {result.summary()}")
+    assert result.failures == 0, result.errors
+    assert result.requests > 500
+    assert versions[0] == b"version=v1" and versions[-1] == b"version=v3"
+    assert set(versions) == {b"version=v1", b"version=v3"}  # nothing from the broken code
+    log = d.log()
+    failures = re.findall(r"reload to generation 2 failed: (.*); still serving generation 1", log)
+    assert len(failures) == 1, failures  # the traceback is logged once, not once per worker
+    assert re.search(REASON[kind], failures[0]), failures[0]
+
+
+def test_hung_request_is_killed_at_timeout_with_its_stack(start_daemon):
+    d = start_daemon("testapp", "--timeout", "1", workers=2)
+    before = d.wait_workers(2)
+    t0 = time.monotonic()
+    with pytest.raises(ConnectionClosed):
+        get(d.address, "/sleep?s=30", timeout=15)
+    took = time.monotonic() - t0
+    print(f"hung request cut after {took:.2f}s")
+    assert 1.0 <= took < 3.0
+    d.wait_log(r"worker (\d+) timed out: busy 1\.\ds on GET /sleep")
+    d.wait_log(r'File ".*testapp\.py", line \d+ in application')  # the stack shows where it hung
+    after = d.wait_workers(2)
+    assert len(set(after) - set(before)) == 1  # only the hung worker was replaced
+    assert get(d.address, "/hello").status == 200
+
+
+def test_slow_request_is_logged_and_completes(start_daemon):
+    d = start_daemon("testapp", "--slow-log", "0.5", workers=1)
+    pid = d.wait_workers(1)
+    resp = get(d.address, "/sleep?s=1.5", timeout=10)
+    assert resp.status == 200 and resp.body.startswith(b"slept 1.5")
+    assert d.count(r"slow request: worker \d+ busy 0\.\ds on GET /sleep; stack follows") == 1
+    d.wait_log(r'File ".*testapp\.py", line \d+ in application')
+    assert d.workers() == pid  # logged, not killed
+
+
+def test_max_requests_recycles_without_losing_capacity(start_daemon):
+    d = start_daemon("testapp", "--max-requests", "10", "--max-requests-jitter", "3", workers=2)
+    with FCGIChecker(d.address, keep_conn=False, uri_template="/id?id={uid}&sleep=0.1") as checker:
+        result = run_load(checker, clients=2, duration=6)
+    recycled = d.count(r"asking for a replacement")
+    worst = max(result.latencies)
+    print(f"{result.summary()}; {recycled} recycles; slowest request {worst * 1000:.0f}ms")
+    assert result.failures == 0, result.errors
+    assert recycled >= 4
+    # 2 clients, 2 workers, 0.1 s requests: a request that waited for another to finish
+    # would take >= 0.2 s. None did, so capacity never dropped below 2.
+    assert worst < 0.19
+    assert d.count(r"worker \d+ \(slot \d, gen 1, retiring\) exited: exit 0") >= recycled - 2
+
+
+def test_max_memory_replaces_a_growing_worker(start_daemon):
+    d = start_daemon("testapp", "--max-memory", "60", workers=1)
+    old = d.wait_workers(1)[0]
+    assert get(d.address, "/leak?mb=80").status == 200
+    d.wait_log(rf"worker {old} uses \d+ MB \(--max-memory 60\); starting its replacement")
+    wait_for(lambda: not alive(old), 10, "the leaking worker to retire")
+    new = d.wait_workers(1)
+    assert new != [old]
+    assert get(d.address, "/hello").status == 200
+
+
+def test_client_gone_mid_response_closes_the_app_iterator(start_daemon, tmp_path):
+    d = start_daemon(workers=1)
+    pid = d.wait_workers(1)
+    marker = tmp_path / "closed.txt"
+    client = FCGIClient(d.address, timeout=5)
+    from fcgiclient import build_request
+    client.send_raw(build_request(make_params("GET", f"/closing?marker={marker}&n={64 << 20}")))
+    client.read_record(time.monotonic() + 5)  # the response has started
+    client.close()  # the web server goes away
+    wait_for(marker.exists, 10, "close() of the app iterator")
+    assert "bytes unsent" in marker.read_text()
+    assert d.workers() == pid
+    assert get(d.address, "/hello").status == 200
+
+
+def test_allow_from(start_daemon):
+    d = start_daemon("testapp", "--allow-from", "10.1.2.3,192.168.0.0/16", workers=1)
+    with pytest.raises(ConnectionClosed):
+        get(d.address, "/hello", timeout=5)
+    d.wait_log(r"connection from 127\.0\.0\.1 refused \(not in --allow-from\)")
+    d2 = start_daemon("testapp", "--allow-from", "127.0.0.0/8", workers=1)
+    assert get(d2.address, "/hello").status == 200
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="dropping privileges needs root")
+def test_privileges_dropped_after_bind_before_import(start_daemon, tmp_path):
+    tmp_path.chmod(0o755)
+    d = start_daemon("testapp", "--user", "nobody", workers=1)
+    uid, gid = get(d.address, "/uid").body.split()
+    import pwd
+    assert int(uid) == pwd.getpwnam("nobody").pw_uid
+    with open(f"/proc/{d.pid}/status") as fh:
+        assert re.search(rf"^Uid:\s+{int(uid)}\s", fh.read(), re.M)  # the manager too
