@@ -1,0 +1,201 @@
+"""Hostile or broken FastCGI input closes that connection only; the worker lives on.
+
+Each live case checks that the worker pids are unchanged and that a normal
+request right after succeeds. The parser and the connection state machine are
+also fuzzed in-process with Hypothesis, at a bounded budget.
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+import threading
+import time
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from fcgiclient import (FCGI_BEGIN_REQUEST, FCGI_KEEP_CONN, FCGI_PARAMS, FCGI_STDIN, ConnectionClosed,
+                        FCGIClient, build_request, encode_params, encode_record, make_params)
+from test_lifecycle import get
+
+BEGIN = encode_record(FCGI_BEGIN_REQUEST, 1, bytes([0, 1, FCGI_KEEP_CONN, 0, 0, 0, 0, 0]))
+
+
+@pytest.fixture
+def daemon(start_daemon):
+    return start_daemon("testapp", "--read-timeout", "1", "--max-body", "100k", "--max-params", "64k",
+                        workers=1)
+
+
+def closed_within(address, data: bytes, seconds: float) -> float:
+    """Send `data`, then time how long until the daemon closes the connection."""
+    sock = socket.create_connection(address, timeout=seconds + 5)
+    try:
+        sock.sendall(data)
+        t0 = time.monotonic()
+        while sock.recv(65536):
+            pass
+        return time.monotonic() - t0
+    except ConnectionResetError:
+        return time.monotonic() - t0
+    finally:
+        sock.close()
+
+
+def assert_worker_unharmed(daemon, before):
+    assert daemon.workers() == before
+    assert get(daemon.address, "/hello").status == 200
+
+
+STALLS = {
+    "truncated-header": BEGIN[:5],
+    "absurd-content-length": struct.pack("!BBHHBx", 1, FCGI_PARAMS, 1, 65535, 0) + b"x" * 10,
+    "params-never-end": BEGIN + encode_record(FCGI_PARAMS, 1, encode_params(make_params())),
+    "half-a-record-slowloris": BEGIN + encode_record(FCGI_PARAMS, 1, encode_params(make_params()))[:30],
+    "body-never-ends": BEGIN + encode_record(FCGI_PARAMS, 1, encode_params(make_params("POST", "/echo", 500)))
+    + encode_record(FCGI_PARAMS, 1) + encode_record(FCGI_STDIN, 1, b"y" * 100),
+}
+
+
+@pytest.mark.parametrize("data", STALLS.values(), ids=STALLS.keys())
+def test_stalled_input_is_closed_after_read_timeout(daemon, data):
+    before = daemon.wait_workers(1)
+    took = closed_within(daemon.address, data, 5)
+    assert 0.9 <= took < 3.5, took
+    assert_worker_unharmed(daemon, before)
+
+
+def test_slowloris_does_not_block_other_requests(daemon):
+    """While a connection dribbles half a record, the same (only) worker serves others."""
+    before = daemon.wait_workers(1)
+    sock = socket.create_connection(daemon.address)
+    try:
+        sock.sendall(STALLS["half-a-record-slowloris"])
+        t0 = time.monotonic()
+        assert get(daemon.address, "/hello", timeout=5).status == 200
+        assert time.monotonic() - t0 < 0.5
+    finally:
+        sock.close()
+    assert_worker_unharmed(daemon, before)
+
+
+def test_declared_body_over_limit_gets_413(daemon):
+    before = daemon.wait_workers(1)
+    with FCGIClient(daemon.address, timeout=5) as client:
+        resp = client.request(make_params("POST", "/echo", body_len=200_000), b"z" * 200_000)
+    assert resp.status == 413
+    assert_worker_unharmed(daemon, before)
+    daemon.wait_log(r"request body of 200000 bytes refused")
+
+
+def test_undeclared_body_over_limit_closes_connection(daemon):
+    before = daemon.wait_workers(1)
+    params = make_params("POST", "/echo", extra={"CONTENT_LENGTH": None})
+    with FCGIClient(daemon.address, timeout=5) as client:
+        with pytest.raises(ConnectionClosed):
+            client.request(params, b"z" * 300_000)
+    assert_worker_unharmed(daemon, before)
+    daemon.wait_log(r"protocol error: request body larger than 102400 bytes")
+
+
+def test_params_over_limit_close_connection(daemon):
+    before = daemon.wait_workers(1)
+    with FCGIClient(daemon.address, timeout=5) as client:
+        with pytest.raises(ConnectionClosed):
+            client.request(make_params("GET", "/hello", extra={"HTTP_X_BIG": "a" * 100_000}))
+    assert_worker_unharmed(daemon, before)
+    daemon.wait_log(r"protocol error: params larger than 65536 bytes")
+
+
+def test_abort_while_the_app_reads_the_body(daemon):
+    before = daemon.wait_workers(1)
+    with FCGIClient(daemon.address, timeout=5) as client:
+        head = build_request(make_params("POST", "/echo", body_len=90_000), b"", keep_conn=True)
+        head = head[: head.rindex(encode_record(FCGI_STDIN, 1))]  # no end of stdin
+        client.send_raw(head + encode_record(FCGI_STDIN, 1, b"q" * 1000) + encode_record(2, 1))
+        records = list(client.recv_records(timeout=3))
+    assert all(r.type != 6 for r in records)  # no response body for an aborted request
+    daemon.wait_log(r"aborted by the web server")
+    assert_worker_unharmed(daemon, before)
+
+
+def test_random_garbage_live(daemon):
+    """200 blobs of random bytes, each on its own connection: no worker dies."""
+    import random
+    rng = random.Random(1234)
+    before = daemon.wait_workers(1)
+    for i in range(200):
+        blob = bytes(rng.randrange(256) for _ in range(rng.randrange(1, 300)))
+        if i % 3 == 0:
+            blob = bytes([1]) + blob  # version 1: gets past the version check
+        sock = socket.create_connection(daemon.address, timeout=5)
+        try:
+            sock.sendall(blob)
+            sock.shutdown(socket.SHUT_WR)
+            while sock.recv(65536):
+                pass
+        except (ConnectionResetError, TimeoutError):
+            pass
+        finally:
+            sock.close()
+    assert_worker_unharmed(daemon, before)
+
+
+# ---------------------------------------------------------------- in-process fuzzing
+
+
+def _records() -> st.SearchStrategy[bytes]:
+    rtype = st.sampled_from([1, 2, 4, 5, 8, 9, 11, 42])
+    rid = st.sampled_from([0, 1, 2])
+    content = st.binary(max_size=300)
+    plain = st.builds(lambda t, r, c: encode_record(t, r, c), rtype, rid, content)
+    begin = st.builds(lambda r, f: encode_record(1, r, bytes([0, r, f, 0, 0, 0, 0, 0])), rid,
+                      st.sampled_from([0, 1]))
+    params = st.builds(lambda r, p: encode_record(4, r, encode_params(p)), rid,
+                       st.dictionaries(st.text(max_size=20), st.text(max_size=40), max_size=5))
+    raw = st.binary(min_size=1, max_size=40)
+    return st.one_of(plain, begin, params, raw)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(_records(), max_size=12))
+def test_fuzz_connection_state_machine(chunks):
+    """Whatever arrives, the connection raises only its own errors or carries on."""
+    from fcgidaemon.fastcgi import Connection, ConnectionLost, Limits, ProtocolError, RequestAborted, Server
+    from fcgidaemon.wsgi import make_handler
+
+    def app(environ, start_response):
+        environ["wsgi.input"].read()
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return [b"ok"]
+
+    ours, theirs = socket.socketpair()
+    theirs.settimeout(0.2)
+    server = Server(make_handler(app), Limits(read_timeout=0.05, max_params=4096, max_body=4096))
+    conn = Connection(ours, server)
+    drain = threading.Thread(target=lambda: _drain(theirs), daemon=True)
+    drain.start()
+    try:
+        theirs.sendall(b"".join(chunks))
+        theirs.shutdown(socket.SHUT_WR)
+        while not conn.closed and conn.receive():
+            conn.parse_available()
+            while conn.request is not None and conn.request.runnable and not conn.closed:
+                conn.run_request()
+                conn.parse_available()
+    except (ProtocolError, ConnectionLost, RequestAborted):
+        pass
+    finally:
+        conn.close()
+        theirs.close()
+        drain.join(2)
+
+
+def _drain(sock: socket.socket) -> None:
+    try:
+        while sock.recv(65536):
+            pass
+    except OSError:
+        pass
