@@ -17,7 +17,7 @@ import sys
 import traceback
 from typing import Sequence
 
-from . import commands, loader, logs
+from . import commands, loader, logs, upgrade
 from .config import Config, ConfigError, log_level_number, resolve
 from .manager import Manager
 from .sockets import Listener, open_listeners
@@ -84,8 +84,9 @@ def drop_privileges(config: Config) -> None:
 
 def serve(config: Config) -> int:
     logs.setup(log_level_number(config))
+    predecessor = upgrade.parent_pid()
     try:
-        listeners = open_listeners(config)
+        listeners = open_listeners(config, upgrade.inherited_unlink_paths())
     except ConfigError as exc:
         return usage_error(exc)
     pidfile_written = False
@@ -105,7 +106,7 @@ def serve(config: Config) -> int:
             return usage_error(exc)
         gc.collect()
         gc.freeze()  # preloaded objects stay shared copy-on-write across forks
-        manager = Manager(config, listeners)
+        manager = Manager(config, listeners, predecessor)
         try:
             return manager.run()
         finally:

@@ -17,7 +17,7 @@ from typing import Any, Sequence
 
 from . import control
 
-COMMANDS = ("reload", "status", "stop")
+COMMANDS = ("reload", "upgrade", "status", "stop")
 EXIT_FAILED = 1
 EXIT_USAGE = 2
 
@@ -28,9 +28,9 @@ def parser(command: str) -> argparse.ArgumentParser:
     target.add_argument("--pid", type=int, help="the manager's pid")
     target.add_argument("--pidfile", help="file holding the manager's pid")
     p.add_argument("--timeout", type=float, default=120.0, help="seconds to wait (default 120)")
-    if command == "reload":
+    if command in ("reload", "upgrade"):
         p.add_argument("--wait", action="store_true",
-                       help="wait until the new generation serves; exit 1 if the reload failed")
+                       help=f"wait until the {command} is done; exit 1 if it failed")
     if command == "status":
         p.add_argument("--json", action="store_true", help="machine-readable output")
     if command == "stop":
@@ -45,7 +45,8 @@ def run(command: str, argv: Sequence[str]) -> int:
         return EXIT_USAGE if exc.code else 0
     try:
         target = control.Target.from_args(args.pid, args.pidfile)
-        return {"reload": reload, "status": status, "stop": stop}[command](target.pid, args)
+        return {"reload": reload, "upgrade": upgrade, "status": status,
+                "stop": stop}[command](target.pid, args)
     except control.ControlError as exc:
         print(f"fcgidaemon {command}: {exc}", file=sys.stderr)
         return EXIT_FAILED
@@ -61,6 +62,16 @@ def reload(pid: int, args: argparse.Namespace) -> int:
     took = time.monotonic() - started
     print(f"{answer.get('message', answer)} ({took:.2f}s)",
           file=sys.stdout if answer.get("ok") else sys.stderr)
+    return 0 if answer.get("ok") else EXIT_FAILED
+
+
+def upgrade(pid: int, args: argparse.Namespace) -> int:
+    if not args.wait:
+        os.kill(pid, signal.SIGUSR2)
+        print(f"sent SIGUSR2 to {pid}")
+        return 0
+    answer = control.ask(pid, "upgrade", args.timeout)
+    print(answer.get("message", answer), file=sys.stdout if answer.get("ok") else sys.stderr)
     return 0 if answer.get("ok") else EXIT_FAILED
 
 

@@ -43,15 +43,29 @@ def peer_allowed(conn: socket.socket) -> bool:
     return uid in (0, os.geteuid())
 
 
-def read_command(conn: socket.socket, timeout: float = 1.0) -> str:
+def read_command(conn: socket.socket, timeout: float = 1.0) -> tuple[str, list[int]]:
+    """One command line, and any file descriptors sent with it (SCM_RIGHTS)."""
     conn.settimeout(timeout)
-    data = b""
+    data, fds = b"", []
     while b"\n" not in data and len(data) < 256:
-        chunk = conn.recv(256)
+        chunk, got, _, _ = socket.recv_fds(conn, 256, 64)
+        fds += got
         if not chunk:
             break
         data += chunk
-    return data.split(b"\n", 1)[0].decode(ENCODING, "replace").strip()
+    return data.split(b"\n", 1)[0].decode(ENCODING, "replace").strip(), fds
+
+
+def send_fds(pid: int, command: str, fds: list[int], timeout: float = 5.0) -> None:
+    """Hand connections to manager `pid` (used by a retiring manager after an upgrade)."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(timeout)
+    try:
+        sock.connect(address(pid))
+        socket.send_fds(sock, [command.encode(ENCODING) + b"\n"], fds)
+        sock.recv(256)  # wait for the answer: the fds have been taken
+    finally:
+        sock.close()
 
 
 def reply(conn: socket.socket, payload: dict[str, Any]) -> None:

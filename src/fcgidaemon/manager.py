@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass, field
 from enum import Enum
 
-from . import control, logs, signals, systemd, titles, worker
+from . import control, logs, signals, systemd, titles, upgrade, worker
 from .config import Config
 from .scoreboard import Scoreboard, SlotState
 from .sockets import Listener
@@ -29,7 +29,7 @@ BACKOFF_START = 0.1
 BACKOFF_MAX = 10.0
 YOUNG = 2.0  # a worker that dies within this many seconds of its start died young
 MANAGER_SIGNALS = (signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGCHLD,
-                   signal.SIGTTIN, signal.SIGTTOU)
+                   signal.SIGTTIN, signal.SIGTTOU, signal.SIGUSR2)
 
 
 # What each signal does to the manager; the README's signal table is rendered from this.
@@ -44,6 +44,11 @@ SIGNAL_DOCS: dict[signal.Signals, str] = {
     signal.SIGQUIT: "quick stop, as SIGINT",
     signal.SIGTTIN: "one worker more",
     signal.SIGTTOU: "one worker fewer (never below 1)",
+    signal.SIGUSR2: "upgrade in place: start a new manager (fork+exec of the same command line: new "
+                    "Python, new fcgidaemon, new preloaded modules) that inherits the listening "
+                    "sockets; once its workers are ready, this manager's workers hand their "
+                    "connections over and it exits. If the new manager fails, this one keeps "
+                    "serving. Refused while an upgrade is in progress",
 }
 
 
@@ -59,6 +64,9 @@ class Phase(Enum):
     RELOADING = "reloading"  # a new generation is starting beside the serving one
     STOPPING = "stopping"  # graceful: workers finish their requests
     QUITTING = "quitting"  # quick: workers exit at once
+    RETIRED = "retired"  # a new manager took over (SIGUSR2): our workers hand over and leave
+
+ENDING = (Phase.STOPPING, Phase.QUITTING, Phase.RETIRED)
 
 
 class WState(Enum):
@@ -96,13 +104,15 @@ class WorkerRecord:
 
 
 class Manager:
-    def __init__(self, config: Config, listeners: list[Listener]) -> None:
+    def __init__(self, config: Config, listeners: list[Listener], predecessor: int | None = None) -> None:
         self.config = config
+        self.predecessor = predecessor  # the manager we replace (SIGUSR2), told once we are ready
+        self.upgrade: upgrade.Upgrade | None = None  # our own successor, while one starts
         self.listeners = listeners
         self.target = config.workers
         self.phase = Phase.STARTING
         self.workers: dict[int, WorkerRecord] = {}
-        self.generation = 1  # the newest generation started
+        self.generation = upgrade.first_generation()  # the newest generation started
         self.serving = 0  # the generation that serves (0: none yet)
         self.reload_pending = False
         self.reload_started = 0.0
@@ -132,7 +142,7 @@ class Manager:
         self._title()
         for slot in range(self.target):
             self._spawn(slot, self.generation)
-        while not (self.phase in (Phase.STOPPING, Phase.QUITTING) and not self.workers):
+        while not (self.phase in ENDING and not self.workers):
             timeout = self._timeout()
             for key, _ in self.selector.select(timeout):
                 if key.data is None:
@@ -144,7 +154,11 @@ class Manager:
                     self._on_message(key.data)
             self._reap()
             self._tick()
-        systemd.notify("STATUS=stopped")
+        if self.phase is Phase.RETIRED and self.upgrade:
+            self.upgrade.drop_oldbin()
+            log.info("handed over to manager %d", self.upgrade.pid)
+        else:
+            systemd.notify("STATUS=stopped")
         log.info("manager exiting with status %d", self.exit_code)
         return self.exit_code
 
@@ -153,6 +167,8 @@ class Manager:
         moments += [w.deadline for w in self.workers.values() if w.deadline is not None]
         if self.stop_deadline is not None:
             moments.append(self.stop_deadline)
+        if self.upgrade is not None and not self.upgrade.successor_ready:
+            moments.append(self.upgrade.deadline)
         if self.watchdog:
             moments.append(self.next_watchdog)
         longest = 0.1 if (self.config.timeout or self.config.slow_log) else 1.0
@@ -176,9 +192,15 @@ class Manager:
             self._resize(self.target + 1)
         elif signum == signal.SIGTTOU:
             self._resize(self.target - 1)
+        elif signum == signal.SIGUSR2:
+            self.start_upgrade()
 
     def request_reload(self) -> None:
-        if self.phase in (Phase.STOPPING, Phase.QUITTING):
+        if self.phase in ENDING:
+            return
+        if self.upgrade is not None:
+            log.warning("reload refused: an upgrade to manager %d is in progress", self.upgrade.pid)
+            self._answer_waiters(None, {"ok": False, "message": "an upgrade is in progress"})
             return
         if self.phase in (Phase.STARTING, Phase.RELOADING):
             self.reload_pending = True  # coalesced: one more reload after this one
@@ -200,8 +222,10 @@ class Manager:
         self._title()
 
     def stop(self, graceful: bool) -> None:
-        if self.phase is Phase.QUITTING or (graceful and self.phase is Phase.STOPPING):
+        if self.phase in (Phase.QUITTING, Phase.RETIRED) or (graceful and self.phase is Phase.STOPPING):
             return
+        if self.upgrade is not None:  # stopping during an upgrade stops the new manager too
+            self._upgrade_failed("the old manager is stopping", kill=True)
         self.phase = Phase.STOPPING if graceful else Phase.QUITTING
         self.respawn_at.clear()
         self.reload_pending = False
@@ -216,7 +240,7 @@ class Manager:
         self._title()
 
     def _resize(self, target: int) -> None:
-        if target < 1 or self.phase in (Phase.STOPPING, Phase.QUITTING):
+        if target < 1 or self.phase in ENDING:
             log.warning("worker count stays %d", self.target)
             return
         old, self.target = self.target, target
@@ -291,11 +315,15 @@ class Manager:
         for fd in fds:
             os.close(fd)
 
-    def _pass_on(self, fds: list[int], source: WorkerRecord) -> None:
-        """Give connections from a retiring worker to a ready worker of the serving generation."""
+    def _pass_on(self, fds: list[int], source: WorkerRecord | None) -> None:
+        """Give connections from a retiring worker to a ready worker of the serving generation
+        (after an upgrade: to the new manager, which does the same)."""
         targets = [w for w in self.workers.values()
                    if w.state is WState.READY and w.generation == self.serving and w is not source]
         try:
+            if self.phase is Phase.RETIRED and self.upgrade is not None:
+                control.send_fds(self.upgrade.pid, "adopt", fds)
+                return
             if not targets:
                 log.warning("no ready worker to take %d connection(s); closing them", len(fds))
                 return
@@ -346,6 +374,8 @@ class Manager:
                 self._retire(rec)
         if first:
             log.info("generation %d serving: %d workers", generation, self.target)
+            if self.predecessor:
+                self._announce_to_predecessor()
         else:
             self.reloads_ok += 1
             log.info("reload complete: generation %d serving (%d workers) in %.3fs, "
@@ -395,6 +425,12 @@ class Manager:
             rec = self.workers.pop(pid, None)
             if rec is not None:
                 self._on_exit(rec, status)
+            elif self.upgrade is not None and pid == self.upgrade.pid:
+                how = signals.describe_status(status)
+                if self.phase is Phase.RETIRED:
+                    log.warning("new manager %d exited: %s", pid, how)
+                else:
+                    self._upgrade_failed(f"new manager {pid} exited ({how}) before it was ready")
 
     def _on_exit(self, rec: WorkerRecord, status: int) -> None:
         try:
@@ -405,7 +441,7 @@ class Manager:
         rec.channel.close()
         self.board.release(rec.board_index)
         how = signals.describe_status(status)
-        expected = rec.state is WState.RETIRING or self.phase in (Phase.STOPPING, Phase.QUITTING)
+        expected = rec.state is WState.RETIRING or self.phase in ENDING
         log.log(logging.INFO if expected else logging.WARNING, "worker %d (slot %d, gen %d, %s) exited: %s",
                 rec.pid, rec.slot, rec.generation, rec.state.value, how)
         if expected:
@@ -457,6 +493,10 @@ class Manager:
                     log.warning("worker %d still busy after %gs; killing it", rec.pid,
                                 self.config.graceful_timeout)
                 self._kill(rec, signal.SIGKILL)
+        if (self.upgrade is not None and self.phase is not Phase.RETIRED
+                and now >= self.upgrade.deadline):
+            self._upgrade_failed(f"new manager {self.upgrade.pid} not ready within "
+                                 f"{self.config.ready_timeout * 2:g}s", kill=True)
         if self.stop_deadline is not None and now >= self.stop_deadline:
             self.stop_deadline = None
             for rec in self.workers.values():
@@ -548,10 +588,21 @@ class Manager:
             log.warning("control connection failed: %s", exc)
             conn.close()
             return
-        if command == "status":
+        command, fds = command
+        if command == "adopt":
+            self._pass_on(fds, None)
+            control.reply(conn, {"ok": True})
+            return
+        for fd in fds:
+            os.close(fd)
+        if command.startswith("upgraded "):
+            self._on_successor(conn, command.split()[1])
+        elif command == "upgrade":
+            self.start_upgrade(conn)
+        elif command == "status":
             control.reply(conn, self.status())
         elif command == "reload":
-            if self.phase in (Phase.STOPPING, Phase.QUITTING):
+            if self.phase in ENDING:
                 control.reply(conn, {"ok": False, "message": "the manager is stopping"})
                 return
             log.info("reload requested over the control socket")
@@ -569,6 +620,78 @@ class Manager:
             else:
                 keep.append((conn, wanted))
         self.reload_waiters = keep
+
+    # ------------------------------------------------------------------ upgrade (SIGUSR2)
+
+    def start_upgrade(self, waiter: socket.socket | None = None) -> None:
+        refusal = None
+        if self.upgrade is not None:
+            refusal = f"upgrade refused: an upgrade to manager {self.upgrade.pid} is in progress"
+        elif self.phase is not Phase.RUNNING:
+            refusal = f"upgrade refused: the manager is {self.phase.value}"
+        if refusal:
+            log.warning("%s", refusal)
+            if waiter is not None:
+                control.reply(waiter, {"ok": False, "message": refusal})
+            return
+        self.upgrade = upgrade.start(self.listeners, self.config.pidfile, self.config.ready_timeout * 2,
+                                     self.generation + 1)
+        if waiter is not None:
+            self.upgrade.waiters.append(waiter)
+        systemd.notify(f"STATUS=upgrading: new manager {self.upgrade.pid} starting")
+
+    def _announce_to_predecessor(self) -> None:
+        """We replace an old manager: tell it (it retires) and tell systemd we are the main pid."""
+        try:
+            answer = control.ask(self.predecessor or 0, f"upgraded {os.getpid()}", 10.0)
+        except control.ControlError as exc:
+            log.error("cannot reach the old manager %s: %s", self.predecessor, exc)
+            return
+        if answer.get("ok"):
+            systemd.notify(f"MAINPID={os.getpid()}", "READY=1", f"STATUS={self.status_line()}")
+            log.info("took over from manager %d", self.predecessor)
+
+    def _on_successor(self, conn: socket.socket, pid_text: str) -> None:
+        up = self.upgrade
+        if up is None or pid_text != str(up.pid) or self.phase is not Phase.RUNNING:
+            control.reply(conn, {"ok": False, "message": "no such upgrade in progress"})
+            return
+        up.successor_ready = True
+        self.phase = Phase.RETIRED
+        self.reload_pending = False
+        self.respawn_at.clear()
+        for lst in self.listeners:
+            lst.unlink_path = None  # the new manager removes the socket at its exit
+        log.info("upgrade: manager %d is ready; retiring %d workers", up.pid, len(self.workers))
+        control.reply(conn, {"ok": True})
+        for waiter in up.waiters:
+            control.reply(waiter, {"ok": True, "pid": up.pid, "message": f"manager {up.pid} serving"})
+        up.waiters.clear()
+        self._answer_waiters(None, {"ok": False, "message": f"handed over to manager {up.pid}"})
+        for rec in list(self.workers.values()):
+            if rec.state is WState.STARTING:
+                rec.move(WState.RETIRING)
+                self._kill(rec, signal.SIGKILL)
+            elif rec.state is WState.READY:
+                self._retire(rec)
+        self._title()
+
+    def _upgrade_failed(self, reason: str, kill: bool = False) -> None:
+        up = self.upgrade
+        if up is None:
+            return
+        self.upgrade = None
+        if kill:
+            try:
+                os.kill(up.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        up.restore_pidfile()
+        self.last_failure = reason
+        log.error("upgrade failed: %s; still serving", reason)
+        systemd.notify(f"STATUS=upgrade failed: {reason}; {self.status_line()}")
+        for waiter in up.waiters:
+            control.reply(waiter, {"ok": False, "message": f"upgrade failed: {reason}"})
 
     # ------------------------------------------------------------------ reporting
 

@@ -44,11 +44,20 @@ class Listener:
                 log.warning("cannot remove socket %s: %s", self.unlink_path, exc)
 
 
-def open_listeners(config: Config) -> list[Listener]:
-    """Sockets from systemd or a parent manager if any were passed, else bind."""
+def open_listeners(config: Config, owned_paths: set[str] = frozenset()) -> list[Listener]:
+    """Sockets from a previous manager (upgrade) or systemd if any were passed, else bind.
+
+    A passed unix socket is unlinked at exit only if it is in `owned_paths` (a previous
+    manager that created it handed that duty over); systemd's sockets never are.
+    """
     passed = inherited_sockets() or systemd.listen_sockets()
     if passed:
-        return [validate_passed(sock) for sock in passed]
+        listeners = [validate_passed(sock) for sock in passed]
+        for lst in listeners:
+            path = lst.name[5:].split(" ")[0] if lst.name.startswith("unix:") else None
+            if path in owned_paths:
+                lst.unlink_path = path
+        return listeners
     if config.bind.path is not None:
         return [bind_unix(config.bind.path, config)]
     return bind_tcp(config.bind, config.backlog)

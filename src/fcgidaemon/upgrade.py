@@ -1,0 +1,107 @@
+"""Upgrade in place (SIGUSR2): a new manager is started by fork+exec of our own command line.
+
+It inherits the listening sockets by file descriptor (``FCGIDAEMON_FDS``), so the
+socket is never closed; it preloads, forks its workers, and once they are all
+ready it announces itself on our control socket (``upgraded <pid>``) and tells
+systemd ``MAINPID=<its pid>`` + ``READY=1``.  Only then do our workers retire,
+handing their idle connections to the new manager.  If the new manager dies or
+is not ready in time, we keep serving and put the pidfile back.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Sequence
+
+from .sockets import INHERIT_ENV, Listener
+
+log = logging.getLogger("fcgidaemon")
+
+PARENT_ENV = "FCGIDAEMON_UPGRADE_FROM"  # the old manager's pid, read by the new one
+GENERATION_ENV = "FCGIDAEMON_GENERATION"  # generations keep counting across upgrades
+UNLINK_ENV = "FCGIDAEMON_UNLINK"  # unix socket path whose removal at exit passes to the new manager
+START_DIR = os.getcwd()  # relative paths on the command line are relative to this
+
+
+@dataclass
+class Upgrade:
+    """One upgrade in progress, seen from the old manager."""
+
+    pid: int
+    deadline: float
+    pidfile: str | None
+    waiters: list = field(default_factory=list)
+    successor_ready: bool = False
+
+    @property
+    def oldbin(self) -> str | None:
+        return f"{self.pidfile}.oldbin" if self.pidfile else None
+
+    def restore_pidfile(self) -> None:
+        if self.pidfile and self.oldbin and os.path.exists(self.oldbin):
+            os.replace(self.oldbin, self.pidfile)
+
+    def drop_oldbin(self) -> None:
+        if self.oldbin:
+            try:
+                os.unlink(self.oldbin)
+            except FileNotFoundError:
+                pass
+
+
+def start(listeners: Sequence[Listener], pidfile: str | None, timeout: float,
+          generation: int) -> Upgrade:
+    """Fork and exec a new manager with our listening sockets; returns its record."""
+    fds = [lst.fileno() for lst in listeners]
+    for lst in listeners:
+        lst.sock.set_inheritable(True)
+    env = dict(os.environ)
+    env[INHERIT_ENV] = ",".join(str(fd) for fd in fds)
+    env[PARENT_ENV] = str(os.getpid())
+    env[GENERATION_ENV] = str(generation)
+    owned = [lst.unlink_path for lst in listeners if lst.unlink_path]
+    if owned:
+        env[UNLINK_ENV] = ",".join(owned)
+    if pidfile and os.path.exists(pidfile):
+        os.replace(pidfile, f"{pidfile}.oldbin")
+    argv = [sys.executable, *sys.orig_argv[1:]]
+    pid = os.fork()
+    if pid == 0:
+        _exec(argv, env)
+    log.info("upgrade: started new manager %d: %s", pid, " ".join(argv))
+    return Upgrade(pid, time.monotonic() + timeout, pidfile)
+
+
+def _exec(argv: list[str], env: dict[str, str]) -> None:
+    try:
+        os.chdir(START_DIR)
+        signal.set_wakeup_fd(-1)
+        for signum in range(1, signal.NSIG):
+            try:
+                if signal.getsignal(signum) not in (signal.SIG_IGN, None):
+                    signal.signal(signum, signal.SIG_DFL)
+            except (OSError, ValueError):
+                continue
+        signal.pthread_sigmask(signal.SIG_SETMASK, set())
+        os.execve(argv[0], argv, env)
+    finally:
+        os._exit(127)
+
+
+def inherited_unlink_paths() -> set[str]:
+    return {p for p in os.environ.pop(UNLINK_ENV, "").split(",") if p}
+
+
+def parent_pid() -> int | None:
+    text = os.environ.pop(PARENT_ENV, "")
+    return int(text) if text.isdigit() else None
+
+
+def first_generation() -> int:
+    text = os.environ.pop(GENERATION_ENV, "")
+    return int(text) if text.isdigit() and int(text) > 0 else 1

@@ -1,0 +1,120 @@
+"""SIGUSR2: a new manager takes over the listening socket; nothing is lost, failure is safe."""
+
+from __future__ import annotations
+
+import json
+import signal
+import threading
+import time
+
+from daemon import alive, children, run_cli, wait_for
+from fcgiclient import FCGIClient, make_params
+from load import FCGIChecker, run_load
+from test_lifecycle import app_copy, get, set_version
+
+
+def preload_info(address) -> dict:
+    return json.loads(get(address, "/preload").body)
+
+
+def test_upgrade_under_load_new_manager_new_preload_zero_failures(start_daemon, tmp_path):
+    src = app_copy(tmp_path)
+    (src / "preloaded_mod.py").write_text("import os\nIMPORT_PID = os.getpid()\nFLAVOUR = 'old'\n")
+    pidfile = tmp_path / "m.pid"
+    d = start_daemon("liveapp", "--preload", "preloaded_mod", "--pidfile", str(pidfile), workers=3,
+                     pythonpath=[src])
+    old_workers = d.wait_workers(3)
+    assert preload_info(d.address)["preload_pid"] == d.pid
+    outcome: dict = {}
+
+    def upgrader():
+        time.sleep(1.5)
+        (src / "preloaded_mod.py").write_text("import os\nIMPORT_PID = os.getpid()\nFLAVOUR = 'new'\n")
+        set_version(src, "v2")
+        outcome["cli"] = run_cli(["upgrade", "--wait", "--pidfile", str(pidfile)], tmp_path)
+
+    thread = threading.Thread(target=upgrader)
+    thread.start()
+    results = []
+    for keep in (True, False):
+        with FCGIChecker(d.address, keep_conn=keep, uri_template="/id?id={uid}") as checker:
+            results.append(run_load(checker, clients=16, duration=3 if keep else 2))
+        if keep:
+            thread.join(20)
+    for result in results:
+        print(result.summary())
+        assert result.failures == 0, result.errors
+    assert outcome["cli"].returncode == 0, outcome["cli"].stderr
+    new_pid = int(pidfile.read_text())
+    assert new_pid != d.pid
+    wait_for(lambda: d.proc.poll() is not None, 10, "the old manager to exit")
+    assert d.proc.returncode == 0
+    assert not any(alive(w) for w in old_workers)
+    info = preload_info(d.address)
+    assert info["preload_pid"] == new_pid and info["ppid"] == new_pid  # new preload, new manager
+    assert get(d.address, "/hello").body.startswith(b"hello v2 ")
+    assert not (tmp_path / "m.pid.oldbin").exists()
+    d.wait_log(rf"\[manager {new_pid} gen 2\] generation 2 serving")
+    # the new manager is a full manager: reload and stop work on it
+    set_version(src, "v3")
+    assert run_cli(["reload", "--wait", "--pid", str(new_pid)], tmp_path).returncode == 0
+    assert get(d.address, "/hello").body.startswith(b"hello v3 ")
+    assert run_cli(["stop", "--pid", str(new_pid)], tmp_path).returncode == 0
+    assert not pidfile.exists()
+
+
+def test_upgrade_with_broken_preload_keeps_the_old_manager(start_daemon, tmp_path):
+    src = app_copy(tmp_path)
+    pidfile = tmp_path / "m.pid"
+    d = start_daemon("liveapp", "--preload", "preloaded_mod", "--pidfile", str(pidfile), workers=2,
+                     pythonpath=[src])
+    workers = d.wait_workers(2)
+    outcome: dict = {}
+
+    def upgrader():
+        time.sleep(1)
+        (src / "preloaded_mod.py").write_text("raise ImportError('broken preload')\n")
+        outcome["cli"] = run_cli(["upgrade", "--wait", "--pid", str(d.pid)], tmp_path)
+
+    thread = threading.Thread(target=upgrader)
+    thread.start()
+    with FCGIChecker(d.address, keep_conn=True, uri_template="/id?id={uid}") as checker:
+        result = run_load(checker, clients=8, duration=3)
+    thread.join(20)
+    print(result.summary())
+    assert result.failures == 0, result.errors
+    assert outcome["cli"].returncode == 1
+    assert "upgrade failed: new manager" in outcome["cli"].stderr
+    assert d.proc.poll() is None and d.workers() == workers
+    assert pidfile.read_text().strip() == str(d.pid)  # put back from .oldbin
+    assert preload_info(d.address)["preload_pid"] == d.pid
+    d.wait_log(r"ImportError: broken preload")
+
+
+def test_second_usr2_during_an_upgrade_is_refused(start_daemon, tmp_path):
+    src = app_copy(tmp_path)
+    (src / "slowpre.py").write_text("import time\ntime.sleep(1.5)\n")
+    d = start_daemon("liveapp", "--preload", "slowpre", workers=1, pythonpath=[src])
+    d.signal(signal.SIGUSR2)
+    d.wait_log(r"upgrade: started new manager")
+    d.signal(signal.SIGUSR2)
+    d.wait_log(r"upgrade refused: an upgrade to manager \d+ is in progress")
+    d.wait_log(r"upgrade: manager \d+ is ready")
+    wait_for(lambda: d.proc.poll() is not None, 10, "the old manager to exit")
+    assert d.count(r"upgrade: started new manager") == 1
+
+
+def test_upgrade_keeps_the_unix_socket(start_daemon, tmp_path):
+    path = tmp_path / "up.sock"
+    d = start_daemon(bind=f"unix:{path}", workers=1)
+    d.signal(signal.SIGUSR2)
+    d.wait_log(r"handed over to manager (\d+)")
+    import re
+    new_pid = int(re.search(r"handed over to manager (\d+)", d.log()).group(1))
+    wait_for(lambda: d.proc.poll() is not None, 10, "the old manager to exit")
+    assert path.exists()
+    assert get(str(path), "/hello").status == 200
+    import os
+    os.kill(new_pid, signal.SIGTERM)
+    wait_for(lambda: not alive(new_pid), 10, "the new manager to stop")
+    assert not path.exists()  # the new manager owned the socket file and removed it
