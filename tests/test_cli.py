@@ -179,9 +179,10 @@ def test_reload_wait_status_stop(start_daemon, tmp_path):
     out = run_cli(["status", "--json", "--pid", str(d.pid)], tmp_path)
     status = json.loads(out.stdout)
     assert status["generation"] == 2 and status["reloads_ok"] == 1 and status["reloads_failed"] == 1
-    assert sorted(w["pid"] for w in status["workers"] if w["state"] == "ready") == d.workers()
+    assert sorted(w["pid"] for w in status["worker_list"] if w["state"] == "ready") == d.workers()
+    assert status["workers"]["idle"] == 2 and status["requests"] >= 2
     table = run_cli(["status", "--pid", str(d.pid)], tmp_path).stdout
-    assert "generation 2" in table and str(d.workers()[0]) in table
+    assert re.search(r"^generation: +2$", table, re.M) and str(d.workers()[0]) in table
 
     out = run_cli(["stop", "--pidfile", str(pidfile)], tmp_path)
     assert out.returncode == 0

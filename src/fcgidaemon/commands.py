@@ -85,18 +85,19 @@ def status(pid: int, args: argparse.Namespace) -> int:
 
 
 def render_status(s: dict[str, Any]) -> str:
-    lines = [
-        f"manager  {s['pid']}  {s['app']}  {s['phase']}  generation {s['generation']}"
-        f"  ({len(s['workers'])} processes, target {s['workers_target']})",
-        f"listen   {', '.join(s['listeners'])}",
-        f"reloads  {s['reloads_ok']} ok, {s['reloads_failed']} failed"
-        + (f"  (last failure: {s['last_failure']})" if s["last_failure"] else ""),
-        "",
-        f"{'PID':>8} {'SLOT':>4} {'GEN':>4} {'STATE':<9} {'AGE':>9}",
-    ]
-    for w in s["workers"]:
-        lines.append(f"{w['pid']:>8} {w['slot']:>4} {w['generation']:>4} {w['state']:<9} {w['age']:>8.1f}s")
-    return "\n".join(lines)
+    """The status page's text, then one row per worker process."""
+    from .status import render_text
+
+    head = render_text(s)
+    rows = [f"{'PID':>8} {'SLOT':>4} {'GEN':>4} {'STATE':<9} {'ACTIVITY':<9} {'REQS':>7} "
+            f"{'RSS':>7} {'AGE':>8}  REQUEST"]
+    for w in s["worker_list"]:
+        request = f"{w.get('request_method', '')} {w.get('request_uri', '')} " \
+                  f"({w.get('request_age', 0):.1f}s)" if w.get("activity") == "busy" else ""
+        rows.append(f"{w['pid']:>8} {w['slot']:>4} {w['generation']:>4} {w['state']:<9} "
+                    f"{w.get('activity', ''):<9} {w.get('requests', 0):>7} "
+                    f"{w.get('rss', 0) >> 20:>6}M {w['age']:>7.1f}s  {request}")
+    return f"listen:               {', '.join(s['listeners'])}\n{head}\n" + "\n".join(rows)
 
 
 def stop(pid: int, args: argparse.Namespace) -> int:

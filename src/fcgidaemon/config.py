@@ -253,6 +253,25 @@ OPTIONS: tuple[Option, ...] = (
     Option("allow_from", "--allow-from", "FCGI_WEB_SERVER_ADDRS", "", parse_networks,
            "client addresses or networks allowed to connect over TCP (comma-separated, may repeat; "
            "empty: any); others are closed and logged", "ADDRS", repeat=True),
+    Option("min_workers", "--min-workers", "FCGIDAEMON_MIN_WORKERS", "0", parse_int_min(0),
+           "dynamic mode (with --max-workers): never fewer workers than this (0: fixed at --workers)",
+           "N"),
+    Option("max_workers", "--max-workers", "FCGIDAEMON_MAX_WORKERS", "0", parse_int_min(0),
+           "dynamic mode: add workers while requests wait or all workers are busy, up to this "
+           "many (0: fixed at --workers)", "N"),
+    Option("idle_timeout", "--idle-timeout", "FCGIDAEMON_IDLE_TIMEOUT", "10", parse_seconds,
+           "dynamic mode: a worker idle this long is retired (down to --min-workers)", "S"),
+    Option("status_path", "--status-path", "FCGIDAEMON_STATUS_PATH", "", parse_optional_str,
+           "answer this path with the status page (text; `?json`, `?full`, `?openmetrics`), "
+           "without calling the application (off by default)", "PATH"),
+    Option("ping_path", "--ping-path", "FCGIDAEMON_PING_PATH", "", parse_optional_str,
+           "answer this path with `pong` (off by default)", "PATH"),
+    Option("status_allow", "--status-allow", "FCGIDAEMON_STATUS_ALLOW", "127.0.0.0/8,::1",
+           parse_networks, "client addresses (REMOTE_ADDR) allowed to read the status and ping "
+           "pages (comma-separated, may repeat)", "ADDRS", repeat=True),
+    Option("access_log", "--access-log", "FCGIDAEMON_ACCESS_LOG", "", parse_optional_str,
+           "write an access log (combined format, then request time in us and worker pid) to "
+           "FILE or `-` for stdout (off by default)", "FILE"),
     Option("pidfile", "--pidfile", "FCGIDAEMON_PIDFILE", None, parse_optional_str,
            "write the manager's pid here (removed on exit)", "FILE"),
     Option("user", "--user", "FCGIDAEMON_USER", None, parse_optional_str,
@@ -295,6 +314,13 @@ class Config:
     max_body: int = 0
     max_params: int = 1 << 20
     allow_from: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = field(default_factory=list)
+    min_workers: int = 0
+    max_workers: int = 0
+    idle_timeout: float = 10.0
+    status_path: str | None = None
+    ping_path: str | None = None
+    status_allow: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = field(default_factory=list)
+    access_log: str | None = None
     pidfile: str | None = None
     user: str | None = None
     group: str | None = None
@@ -303,6 +329,10 @@ class Config:
     socket_owner: str | None = None
     log_level: str = "INFO"
     config_file: str | None = None
+
+    @property
+    def dynamic(self) -> bool:
+        return bool(self.max_workers)
 
     @property
     def app_module(self) -> str:
@@ -377,7 +407,23 @@ def resolve(argv: Sequence[str], environ: Mapping[str, str] | None = None) -> Co
             values[opt.name] = None if raw is None else opt.parse(raw)
         except ConfigError as exc:
             raise ConfigError(f"{opt.flag or opt.name} ({source}): {exc}") from None
-    return Config(config_file=config_file, **values)
+    config = Config(config_file=config_file, **values)
+    check_consistency(config)
+    return config
+
+
+def check_consistency(config: Config) -> None:
+    if config.max_workers:
+        low = config.min_workers or 1
+        if not low <= config.workers <= config.max_workers:
+            raise ConfigError(f"--workers {config.workers} must lie within --min-workers {low} "
+                              f"and --max-workers {config.max_workers}")
+    elif config.min_workers:
+        raise ConfigError("--min-workers needs --max-workers")
+    for name in ("status_path", "ping_path"):
+        path = getattr(config, name)
+        if path is not None and not path.startswith("/"):
+            raise ConfigError(f"--{name.replace('_', '-')} must start with /: {path!r}")
 
 
 def _pick(opt: Option, given: dict[str, Any], from_file: dict[str, Any],

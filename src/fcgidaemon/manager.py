@@ -18,9 +18,9 @@ import time
 from dataclasses import dataclass, field
 from enum import Enum
 
-from . import control, logs, signals, systemd, titles, upgrade, worker
+from . import control, listenq, logs, signals, status, systemd, titles, upgrade, worker
 from .config import Config
-from .scoreboard import Scoreboard, SlotState
+from .scoreboard import Pool, Scoreboard, SlotState
 from .sockets import Listener
 
 log = logging.getLogger("fcgidaemon")
@@ -120,9 +120,8 @@ class Manager:
         self.backoff: dict[int, float] = {}  # slot -> next delay
         self.stop_deadline: float | None = None
         self.exit_code = 0
-        self.reloads_ok = 0
-        self.reloads_failed = 0
-        self.last_failure = ""
+        self.pool = Pool(start_time=time.time(), manager_pid=os.getpid(), backlog=config.backlog)
+        self.all_busy_now = False
         self.watchdog = systemd.watchdog_interval()
         self.next_watchdog = 0.0
         self.selector = selectors.DefaultSelector()
@@ -171,7 +170,7 @@ class Manager:
             moments.append(self.upgrade.deadline)
         if self.watchdog:
             moments.append(self.next_watchdog)
-        longest = 0.1 if (self.config.timeout or self.config.slow_log) else 1.0
+        longest = 0.1 if (self.config.timeout or self.config.slow_log or self.config.dynamic) else 0.25
         if not moments:
             return longest
         return min(longest, max(0.0, min(moments) - time.monotonic()))
@@ -240,7 +239,9 @@ class Manager:
         self._title()
 
     def _resize(self, target: int) -> None:
-        if target < 1 or self.phase in ENDING:
+        low = max(1, self.config.min_workers)
+        high = self.config.max_workers or target
+        if not low <= target <= high or self.phase in ENDING:
             log.warning("worker count stays %d", self.target)
             return
         old, self.target = self.target, target
@@ -377,7 +378,7 @@ class Manager:
             if self.predecessor:
                 self._announce_to_predecessor()
         else:
-            self.reloads_ok += 1
+            self.pool.reloads_ok += 1
             log.info("reload complete: generation %d serving (%d workers) in %.3fs, "
                      "generation %d retiring", generation, self.target,
                      time.monotonic() - self.reload_started, old)
@@ -391,8 +392,8 @@ class Manager:
     def _abort_reload(self, reason: str, detail: str | None) -> None:
         """A new worker failed before its generation was ready: keep the old one serving."""
         failed = self.generation
-        self.reloads_failed += 1
-        self.last_failure = reason
+        self.pool.reloads_failed += 1
+        self.pool.last_failure = reason
         log.error("reload to generation %d failed: %s; still serving generation %d%s",
                   failed, reason, self.serving, f"\n{detail.rstrip()}" if detail else "")
         for rec in list(self.workers.values()):
@@ -439,7 +440,7 @@ class Manager:
             pass
         self._on_message_backlog(rec)
         rec.channel.close()
-        self.board.release(rec.board_index)
+        self.board.release(rec.board_index, self.pool)
         how = signals.describe_status(status)
         expected = rec.state is WState.RETIRING or self.phase in ENDING
         log.log(logging.INFO if expected else logging.WARNING, "worker %d (slot %d, gen %d, %s) exited: %s",
@@ -507,6 +508,9 @@ class Manager:
         if self.config.max_memory and now >= self.next_memory_check:
             self.next_memory_check = now + 1.0
             self._check_memory()
+        self._publish()
+        if self.config.dynamic and self.phase is Phase.RUNNING:
+            self._scale(now)
         if self.phase in (Phase.RUNNING, Phase.STARTING, Phase.RELOADING):
             self._reconcile(now)
         if self.watchdog and now >= self.next_watchdog:
@@ -529,14 +533,57 @@ class Manager:
             if self.config.timeout and busy > self.config.timeout:
                 log.error("worker %d timed out: busy %.1fs on %s (--timeout %g); stack follows, "
                           "then SIGKILL", rec.pid, busy, what, self.config.timeout)
+                self.pool.timeouts += 1
                 self._kill(rec, signal.SIGUSR1)
                 rec.kill_at = now + 0.2
                 if rec.state is not WState.RETIRING:
                     rec.move(WState.RETIRING)  # its replacement starts now
             elif self.config.slow_log and busy > self.config.slow_log and rec.slow_logged != slot.busy_since:
                 rec.slow_logged = slot.busy_since
+                self.pool.slow += 1
                 log.warning("slow request: worker %d busy %.1fs on %s; stack follows", rec.pid, busy, what)
                 self._kill(rec, signal.SIGUSR1)
+
+    def _publish(self) -> None:
+        """Write the pool record: what every worker's status page shows."""
+        pool = self.pool
+        pool.generation, pool.target, pool.phase = self.serving, self.target, self.phase.value
+        queued = [q for q in (listenq.queue_length(lst.sock) for lst in self.listeners) if q]
+        pool.listen_queue = sum(q[0] for q in queued)
+        pool.listen_queue_max = max(pool.listen_queue_max, pool.listen_queue)
+        serving = [w for w in self.workers.values()
+                   if w.generation == self.serving and w.state is WState.READY]
+        busy = bool(serving) and all(self.board.read(w.board_index).state is SlotState.BUSY
+                                     for w in serving)
+        if busy and not self.all_busy_now:
+            pool.all_busy += 1
+        self.all_busy_now = busy
+        self.board.write_pool(pool)
+
+    def _scale(self, now: float) -> None:
+        """Dynamic mode: one worker more while requests wait or all are busy; retire the
+        highest slot after --idle-timeout idle. Decisions come from the scoreboard."""
+        low, high = max(1, self.config.min_workers), self.config.max_workers
+        mine = [w for w in self.workers.values() if w.generation == self.serving
+                and w.state is not WState.RETIRING]
+        if any(w.state is WState.STARTING for w in mine):
+            return  # one step at a time: let the last one start
+        slots = {w.slot: (w, self.board.read(w.board_index)) for w in mine}
+        idle = [s for _, s in slots.values() if s.state is SlotState.IDLE]
+        if (self.pool.listen_queue > 0 or not idle) and self.target < high:
+            self.target += 1
+            log.info("scaling up to %d workers (listen queue %d, %d idle)", self.target,
+                     self.pool.listen_queue, len(idle))
+            return
+        top = slots.get(self.target - 1)
+        if self.target > low and top is not None and top[1].state is SlotState.IDLE:
+            rec, slot = top
+            idle_since = max(rec.started, slot.busy_since + slot.last_duration)
+            if now - idle_since > self.config.idle_timeout and len(idle) > 1:
+                self.target -= 1
+                log.info("scaling down to %d workers (worker %d idle %.0fs)", self.target, rec.pid,
+                         now - idle_since)
+                self._retire(rec)
 
     def _check_memory(self) -> None:
         limit = self.config.max_memory * 1024 * 1024
@@ -687,7 +734,7 @@ class Manager:
             except ProcessLookupError:
                 pass
         up.restore_pidfile()
-        self.last_failure = reason
+        self.pool.last_failure = reason
         log.error("upgrade failed: %s; still serving", reason)
         systemd.notify(f"STATUS=upgrade failed: {reason}; {self.status_line()}")
         for waiter in up.waiters:
@@ -696,18 +743,21 @@ class Manager:
     # ------------------------------------------------------------------ reporting
 
     def status(self) -> dict:
+        """What `fcgidaemon status` shows: the status page's snapshot plus the manager's table."""
+        self._publish()
+        snap = status.snapshot(self.board, self.config.app)
+        by_pid = {p["pid"]: p for p in snap.pop("processes")}
         now = time.monotonic()
-        return {
-            "ok": True, "pid": os.getpid(), "app": self.config.app, "phase": self.phase.value,
-            "generation": self.serving, "newest_generation": self.generation,
-            "workers_target": self.target, "started": self.started_at,
-            "reloads_ok": self.reloads_ok, "reloads_failed": self.reloads_failed,
-            "last_failure": self.last_failure,
+        snap.update({
+            "ok": True, "pid": os.getpid(), "newest_generation": self.generation,
             "listeners": [lst.name for lst in self.listeners],
-            "workers": [{"pid": w.pid, "slot": w.slot, "generation": w.generation,
-                         "state": w.state.value, "age": round(now - w.started, 3)}
-                        for w in sorted(self.workers.values(), key=lambda w: (w.generation, w.slot))],
-        }
+            "worker_list": [{**by_pid.get(w.pid, {}), "pid": w.pid, "slot": w.slot,
+                             "generation": w.generation, "state": w.state.value,
+                             "activity": by_pid.get(w.pid, {}).get("state", ""),
+                             "age": round(now - w.started, 3)}
+                            for w in sorted(self.workers.values(), key=lambda w: (w.generation, w.slot))],
+        })
+        return snap
 
     def counts(self) -> dict[str, int]:
         out = {state.value: 0 for state in WState}
@@ -719,8 +769,8 @@ class Manager:
         ready = sum(1 for w in self.workers.values()
                     if w.generation == self.serving and w.state is WState.READY)
         line = f"serving gen {self.serving}, {ready}/{self.target} workers"
-        if self.last_failure:
-            line += f"; last reload failed: {self.last_failure}"
+        if self.pool.last_failure:
+            line += f"; last failure: {self.pool.last_failure}"
         return line
 
     def _title(self) -> None:

@@ -1,23 +1,37 @@
-"""The scoreboard: one record per worker in shared memory, mapped before the fork.
+"""The scoreboard: shared memory mapped before the fork, one writer per record, no locks.
 
-A worker writes its own record at the start and end of every request (no locks:
-each record has one writer); the manager reads all of them from its loop.  The
-manager never waits for a worker to report anything: a hung worker's record
-simply keeps saying "busy since T", which is how `--timeout` and `--slow-log`
-find it.  Times are CLOCK_MONOTONIC, which all processes share.
+* one *worker record* per worker: its own writes at the start and end of every
+  request (state, current request, counters, a duration histogram);
+* one *pool record*, written only by the manager from its loop: generation,
+  reloads, listen queue, and the totals of workers that have exited.
+
+The manager never waits for a worker to report: a hung worker's record keeps
+saying "busy since T", which is how `--timeout` and `--slow-log` find it, and any
+worker can answer the status page by reading the whole board.  Times are
+CLOCK_MONOTONIC (shared by all processes) except the pool's start time.
 """
 
 from __future__ import annotations
 
+import bisect
 import mmap
 import struct
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import IntEnum
 
-RECORD = struct.Struct("=iiB3xQQd8s96sd")
-# pid, generation, state, requests, accepted, busy_since, method, uri, last_duration
+BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)  # + Inf
+NB = len(BUCKETS) + 1
+
+# pid, generation, state, requests, accepted, busy_since, method, uri, last_duration, duration_sum,
+# histogram counts
+RECORD = struct.Struct(f"=iiB3xQQd8s96sdd{NB}Q")
 CAPACITY = 1024
+
+# start_time(unix), manager_pid, generation, target, phase, reloads_ok, reloads_failed, requests of
+# exited workers, accepted of exited workers, listen_queue, listen_queue_max, backlog, all_busy,
+# slow, timeouts, duration_sum of exited workers, last_failure, histogram of exited workers
+POOL = struct.Struct(f"=diiiIIIQQIIIQQQd200s{NB}Q")
 
 
 class SlotState(IntEnum):
@@ -37,9 +51,11 @@ class Slot:
     requests: int
     accepted: int
     busy_since: float
-    last_duration: float
     method: str
     uri: str
+    last_duration: float
+    duration_sum: float
+    histogram: tuple[int, ...]
 
     def busy_for(self, now: float | None = None) -> float:
         if self.state is not SlotState.BUSY:
@@ -47,62 +63,128 @@ class Slot:
         return (time.monotonic() if now is None else now) - self.busy_since
 
 
-# field offsets inside a record, for the worker's small writes on the request path
+@dataclass
+class Pool:
+    start_time: float = 0.0
+    manager_pid: int = 0
+    generation: int = 0
+    target: int = 0
+    phase: str = ""
+    reloads_ok: int = 0
+    reloads_failed: int = 0
+    requests_exited: int = 0
+    accepted_exited: int = 0
+    listen_queue: int = 0
+    listen_queue_max: int = 0
+    backlog: int = 0
+    all_busy: int = 0
+    slow: int = 0
+    timeouts: int = 0
+    duration_sum_exited: float = 0.0
+    last_failure: str = ""
+    histogram_exited: list[int] = field(default_factory=lambda: [0] * NB)
+
+
+PHASES = ("starting", "running", "reloading", "stopping", "quitting", "retired")
+
+# offsets inside a worker record, for the small writes on the request path
 _OFF_STATE = 8
 _OFF_REQUESTS = 12
 _OFF_ACCEPTED = 20
 _OFF_BUSY = 28  # busy_since, method and uri are contiguous: one pack per request start
-_OFF_LAST = 140
+_OFF_LAST = 140  # last_duration, duration_sum
+_OFF_HIST = 156
 _BUSY = struct.Struct("=d8s96s")
-_DONE = struct.Struct("=Q")
+_U64 = struct.Struct("=Q")
+_DONE = struct.Struct("=dd")
 
 
 class Scoreboard:
     def __init__(self, capacity: int = CAPACITY) -> None:
         self.capacity = capacity
-        self.mem = mmap.mmap(-1, RECORD.size * capacity, flags=mmap.MAP_SHARED | mmap.MAP_ANONYMOUS)
+        size = POOL.size + RECORD.size * capacity
+        self.mem = mmap.mmap(-1, size, flags=mmap.MAP_SHARED | mmap.MAP_ANONYMOUS)
         self._free = list(range(capacity - 1, -1, -1))
+
+    def _base(self, index: int) -> int:
+        return POOL.size + index * RECORD.size
 
     # ------------------------------------------------------------------ manager side
 
     def allocate(self, pid: int, generation: int) -> int:
         index = self._free.pop()
-        RECORD.pack_into(self.mem, index * RECORD.size, pid, generation, SlotState.STARTING,
-                         0, 0, 0.0, b"", b"", 0.0)
+        RECORD.pack_into(self.mem, self._base(index), pid, generation, SlotState.STARTING,
+                         0, 0, 0.0, b"", b"", 0.0, 0.0, *([0] * NB))
         return index
 
     def set_pid(self, index: int, pid: int) -> None:
-        struct.pack_into("=i", self.mem, index * RECORD.size, pid)
+        struct.pack_into("=i", self.mem, self._base(index), pid)
 
-    def release(self, index: int) -> None:
-        RECORD.pack_into(self.mem, index * RECORD.size, 0, 0, SlotState.FREE, 0, 0, 0.0, b"", b"", 0.0)
+    def release(self, index: int, pool: Pool) -> None:
+        """Fold an exited worker's counters into the pool totals and free its record."""
+        slot = self.read(index)
+        pool.requests_exited += slot.requests
+        pool.accepted_exited += slot.accepted
+        pool.duration_sum_exited += slot.duration_sum
+        pool.histogram_exited = [a + b for a, b in zip(pool.histogram_exited, slot.histogram)]
+        RECORD.pack_into(self.mem, self._base(index), 0, 0, SlotState.FREE, 0, 0, 0.0, b"", b"",
+                         0.0, 0.0, *([0] * NB))
         self._free.append(index)
 
+    def write_pool(self, pool: Pool) -> None:
+        POOL.pack_into(self.mem, 0, pool.start_time, pool.manager_pid, pool.generation, pool.target,
+                       PHASES.index(pool.phase) if pool.phase in PHASES else 0,
+                       pool.reloads_ok, pool.reloads_failed, pool.requests_exited, pool.accepted_exited,
+                       pool.listen_queue, pool.listen_queue_max, pool.backlog, pool.all_busy, pool.slow,
+                       pool.timeouts, pool.duration_sum_exited,
+                       pool.last_failure.encode("utf-8", "replace")[:200], *pool.histogram_exited)
+
+    # ------------------------------------------------------------------ readers (anyone)
+
     def read(self, index: int) -> Slot:
-        pid, gen, state, reqs, acc, since, method, uri, last = RECORD.unpack_from(
-            self.mem, index * RECORD.size)
-        return Slot(index, pid, gen, SlotState(state), reqs, acc, since, last,
-                    method.rstrip(b"\0").decode("latin-1"), uri.rstrip(b"\0").decode("latin-1"))
+        values = RECORD.unpack_from(self.mem, self._base(index))
+        pid, gen, state, reqs, acc, since, method, uri, last, total = values[:10]
+        return Slot(index, pid, gen, SlotState(state), reqs, acc, since,
+                    method.rstrip(b"\0").decode("latin-1"), uri.rstrip(b"\0").decode("latin-1"),
+                    last, total, tuple(values[10:]))
+
+    def read_pool(self) -> Pool:
+        values = POOL.unpack_from(self.mem, 0)
+        head = list(values[:16])
+        head[4] = PHASES[head[4]] if head[4] < len(PHASES) else "?"
+        failure = values[16].rstrip(b"\0").decode("utf-8", "replace")
+        return Pool(*head, failure, list(values[17:]))
+
+    def slots(self) -> list[Slot]:
+        """Every record in use, in index order."""
+        out = []
+        for index in range(self.capacity):
+            if self.mem[self._base(index) + _OFF_STATE] != SlotState.FREE:
+                out.append(self.read(index))
+        return out
 
     # ------------------------------------------------------------------ worker side
 
     def set_state(self, index: int, state: SlotState) -> None:
-        self.mem[index * RECORD.size + _OFF_STATE] = state
+        self.mem[self._base(index) + _OFF_STATE] = state
 
     def request_started(self, index: int, method: str, uri: str) -> None:
-        base = index * RECORD.size
+        base = self._base(index)
         _BUSY.pack_into(self.mem, base + _OFF_BUSY, time.monotonic(),
                         method.encode("latin-1", "replace")[:8], uri.encode("latin-1", "replace")[:96])
         self.mem[base + _OFF_STATE] = SlotState.BUSY
 
     def request_finished(self, index: int, requests: int, state: SlotState = SlotState.IDLE) -> None:
-        base = index * RECORD.size
+        base = self._base(index)
         since = struct.unpack_from("=d", self.mem, base + _OFF_BUSY)[0]
-        struct.pack_into("=d", self.mem, base + _OFF_LAST, time.monotonic() - since)
-        _DONE.pack_into(self.mem, base + _OFF_REQUESTS, requests)
+        took = time.monotonic() - since
+        total = struct.unpack_from("=d", self.mem, base + _OFF_LAST + 8)[0]
+        _DONE.pack_into(self.mem, base + _OFF_LAST, took, total + took)
+        bucket = base + _OFF_HIST + 8 * bisect.bisect_left(BUCKETS, took)
+        _U64.pack_into(self.mem, bucket, _U64.unpack_from(self.mem, bucket)[0] + 1)
+        _U64.pack_into(self.mem, base + _OFF_REQUESTS, requests)
         self.mem[base + _OFF_STATE] = state
 
     def connection_accepted(self, index: int) -> None:
-        base = index * RECORD.size + _OFF_ACCEPTED
-        count = _DONE.unpack_from(self.mem, base)[0]
-        _DONE.pack_into(self.mem, base, count + 1)
+        base = self._base(index) + _OFF_ACCEPTED
+        _U64.pack_into(self.mem, base, _U64.unpack_from(self.mem, base)[0] + 1)

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import NoReturn
 
-from . import loader, logs, titles
+from . import accesslog, loader, logs, status, titles
 from .config import Config
 from .scoreboard import Scoreboard, SlotState
 from .fastcgi import Connection, ConnectionLost, Limits, ProtocolError, RequestAborted, Server
@@ -116,6 +116,7 @@ class Worker:
             message = MSG_IMPORT_FAILED + b"\n" + f"{exc.summary}\n{exc.text}".encode()
             self.spec.channel.send(message[:MAX_MESSAGE])
             return EXIT_IMPORT_FAILED
+        app = self._wrap(app)
         limits = Limits(read_timeout=self.config.read_timeout, max_params=self.config.max_params,
                         max_body=self.config.max_body)
         self.server = Server(make_handler(app), limits, max_conns=self.config.workers * 64,
@@ -126,6 +127,16 @@ class Worker:
         self._title("idle")
         self._loop()
         return EXIT_OK
+
+    def _wrap(self, app: loader.WSGIApp) -> loader.WSGIApp:
+        """Our own pages and the access log sit in front of the application."""
+        config = self.config
+        if config.access_log:
+            app = accesslog.middleware(app, accesslog.open_log(config.access_log))
+        if config.status_path or config.ping_path:
+            app = status.middleware(app, self.board, config.app, config.status_path, config.ping_path,
+                                    config.status_allow)
+        return app
 
     def _setup_process(self) -> None:
         for fd in self.spec.close_fds:

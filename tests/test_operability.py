@@ -1,0 +1,155 @@
+"""Status and ping pages, metrics, the listen queue, dynamic worker count, access log."""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+import socket
+import threading
+import time
+
+from prometheus_client.openmetrics.parser import text_string_to_metric_families
+
+from daemon import run_cli, wait_for
+from fcgiclient import FCGIClient, build_request, make_params
+from load import FCGIChecker, run_load
+from test_lifecycle import app_copy, get
+
+STATUS = ("--status-path", "/fcgi-status", "--ping-path", "/fcgi-ping")
+
+
+def status_json(d, query: str = "json") -> dict:
+    return json.loads(get(d.address, f"/fcgi-status?{query}").body)
+
+
+def manager_status(d, tmp_path) -> dict:
+    out = run_cli(["status", "--json", "--pid", str(d.pid)], tmp_path)
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout)
+
+
+def test_ping(start_daemon):
+    d = start_daemon("testapp", *STATUS, workers=1)
+    resp = get(d.address, "/fcgi-ping")
+    assert resp.status == 200 and resp.body == b"pong\n"
+
+
+def test_status_counts_requests_exactly(start_daemon):
+    d = start_daemon("testapp", *STATUS, workers=3)
+    for i in range(37):
+        assert get(d.address, f"/id?id={i}").status == 200
+    assert status_json(d)["requests"] == 37  # the status request itself is still in progress
+    snap = status_json(d)
+    assert snap["requests"] == 38 and snap["accepted"] == 39
+    assert snap["workers"]["idle"] + snap["workers"]["busy"] == 3
+    assert sum(snap["duration_histogram"].values()) == 38
+
+
+def test_busy_request_shows_in_text_json_and_openmetrics(start_daemon):
+    d = start_daemon("testapp", *STATUS, workers=2)
+    thread = threading.Thread(target=lambda: get(d.address, "/sleep?s=2&secret=1", timeout=10))
+    thread.start()
+    wait_for(lambda: status_json(d)["workers"]["busy"] == 2, 5, "the slow request to be busy")
+    time.sleep(0.3)  # let it age measurably
+    full = status_json(d, "json&full")
+    busy = [p for p in full["processes"] if p["request_uri"] == "/sleep"]
+    assert len(busy) == 1 and busy[0]["request_method"] == "GET" and busy[0]["request_age"] >= 0.3
+    assert "secret" not in json.dumps(full)  # no query strings on the status page
+    text = get(d.address, "/fcgi-status?full").body.decode()
+    assert re.search(r"^request_uri: +/sleep$", text, re.M)
+    assert re.search(r"^busy workers: +2$", text, re.M)
+    metrics = {}
+    raw = get(d.address, "/fcgi-status?openmetrics").body.decode()
+    for family in text_string_to_metric_families(raw):
+        for sample in family.samples:
+            metrics[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    assert metrics[("fcgidaemon_workers", (("state", "busy"),))] == 2
+    ages = [v for (name, _), v in metrics.items() if name == "fcgidaemon_worker_request_age_seconds"]
+    assert any(age >= 0.3 for age in ages)
+    assert ("fcgidaemon_request_duration_seconds_bucket", (("le", "+Inf"),)) in metrics
+    thread.join(10)
+
+
+def test_listen_queue_grows_and_drains(start_daemon, tmp_path):
+    d = start_daemon("testapp", *STATUS, workers=1)
+    hold = threading.Thread(target=lambda: get(d.address, "/sleep?s=2", timeout=10))
+    hold.start()
+    wait_for(lambda: manager_status(d, tmp_path)["workers"]["busy"] == 1, 5, "the worker to be busy")
+    waiting = []
+    for i in range(3):
+        client = FCGIClient(d.address, timeout=10)
+        client.send_raw(build_request(make_params("GET", f"/id?id=q{i}")))
+        waiting.append(client)
+    wait_for(lambda: manager_status(d, tmp_path)["listen_queue"] == 3, 3, "3 queued connections")
+    for i, client in enumerate(waiting):
+        assert client.read_response(1, keep_conn=False).body.startswith(f"id=q{i} ".encode())
+    hold.join(10)
+    snap = manager_status(d, tmp_path)
+    assert snap["listen_queue"] == 0 and snap["listen_queue_max"] >= 3
+    assert snap["all_busy"] >= 1
+
+
+def test_listen_queue_on_a_unix_socket(start_daemon, tmp_path):
+    path = tmp_path / "q.sock"
+    d = start_daemon("testapp", *STATUS, workers=1, bind=f"unix:{path}")
+    hold = threading.Thread(target=lambda: get(str(path), "/sleep?s=1.5", timeout=10))
+    hold.start()
+    wait_for(lambda: manager_status(d, tmp_path)["workers"]["busy"] == 1, 5, "the worker to be busy")
+    extra = [socket.socket(socket.AF_UNIX) for _ in range(2)]
+    for sock in extra:
+        sock.connect(str(path))
+    wait_for(lambda: manager_status(d, tmp_path)["listen_queue"] == 2, 3, "2 queued unix connections")
+    for sock in extra:
+        sock.close()
+    hold.join(10)
+
+
+def test_reloads_counted_with_reason(start_daemon, tmp_path):
+    src = app_copy(tmp_path)
+    d = start_daemon("liveapp", *STATUS, workers=1, pythonpath=[src])
+    d.reload(2)
+    (src / "liveapp.py").write_text("raise RuntimeError('no database')\n")
+    d.signal(signal.SIGHUP)
+    d.wait_log(r"reload to generation 3 failed")
+    snap = status_json(d)
+    assert snap["reloads_ok"] == 1 and snap["reloads_failed"] == 1 and snap["generation"] == 2
+    assert re.match(r"RuntimeError in .*liveapp\.py:1: no database", snap["last_reload_failure"])
+
+
+def test_status_allow_refuses_other_addresses(start_daemon):
+    d = start_daemon("testapp", *STATUS, "--status-allow", "10.0.0.0/8", workers=1)
+    with FCGIClient(d.address) as client:
+        assert client.request(make_params("GET", "/fcgi-status")).status == 403
+    with FCGIClient(d.address) as client:
+        resp = client.request(make_params("GET", "/fcgi-status", remote_addr="10.1.2.3"))
+    assert resp.status == 200 and b"manager pid:" in resp.body
+
+
+def test_dynamic_workers_grow_to_max_and_shrink_back(start_daemon, tmp_path):
+    d = start_daemon("testapp", *STATUS, "--min-workers", "1", "--max-workers", "4",
+                     "--idle-timeout", "1", workers=1)
+    with FCGIChecker(d.address, keep_conn=False, uri_template="/id?id={uid}&sleep=0.2") as checker:
+        result = run_load(checker, clients=8, duration=4)
+    grown = manager_status(d, tmp_path)["workers_target"]
+    peak = d.count(r"scaling up to \d+ workers")
+    print(f"{result.summary()}; target after the burst {grown}, {peak} scale-ups")
+    assert result.failures == 0, result.errors
+    assert grown == 4 and peak == 3  # grew to --max-workers and not beyond
+    wait_for(lambda: manager_status(d, tmp_path)["workers_target"] == 1, 15, "shrinking to --min-workers")
+    d.wait_workers(1)
+    assert get(d.address, "/hello").status == 200
+    assert d.count(r"scaling down to \d+ workers") == 3
+
+
+def test_access_log(start_daemon, tmp_path):
+    log = tmp_path / "access.log"
+    d = start_daemon("testapp", "--access-log", str(log), workers=1)
+    with FCGIClient(d.address) as client:
+        client.request(make_params("GET", "/id?id=1", http_user_agent="probe/1.0",
+                                   http_referer="http://r/"))
+    pid = d.workers()[0]
+    wait_for(log.exists, 5, "the access log")
+    line = log.read_text().strip()
+    assert re.fullmatch(rf'127\.0\.0\.1 - - \[[^]]+\] "GET /id\?id=1 HTTP/1\.1" 200 \d+ "http://r/" '
+                        rf'"probe/1\.0" \d+ {pid}', line), line
