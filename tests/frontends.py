@@ -288,6 +288,16 @@ def _wait_listening(proc: subprocess.Popen[bytes], port: int, timeout: float) ->
     raise FrontEndError(f"pid {proc.pid} not listening on port {port} after {timeout}s")
 
 
+def _wait_children(front: FrontEnd, count: int, timeout: float) -> None:
+    """Poll until *front* has *count* child processes (bounded)."""
+    deadline = time.monotonic() + timeout
+    while len(front.child_pids()) < count:
+        if time.monotonic() > deadline or not front.alive:
+            log = front.read_error_log()
+            raise FrontEndError(f"{front.name} did not start {count} workers:\n{log}")
+        time.sleep(0.05)
+
+
 def _launch(
     name: str,
     argv: Sequence[str],
@@ -296,9 +306,12 @@ def _launch(
     error_log: Path,
     access_log: Path,
     config: Path,
+    *,
+    min_children: int,
     cleanup: Sequence[Callable[[], None]] = (),
 ) -> FrontEnd:
-    """Start *argv* in its own session and wait until *port* listens.
+    """Start *argv* in its own session; wait until *port* listens and at
+    least *min_children* worker processes exist.
 
     *cleanup* callables run after the server has been stopped.
     """
@@ -323,6 +336,8 @@ def _launch(
     )
     try:
         ready = _wait_listening(proc, port, START_TIMEOUT)
+        if ready:
+            _wait_children(front, min_children, START_TIMEOUT)
     except BaseException:
         front.stop()
         raise
@@ -362,6 +377,7 @@ def _fresh_dir(tmp_path: Path, name: str) -> Path:
 # --------------------------------------------------------------------------
 # Apache
 
+APACHE_START_SERVERS = 2
 APACHE_THREADS_PER_CHILD = 16
 
 
@@ -373,7 +389,9 @@ def apache_proxy_target(backend: Backend) -> str:
     return f"unix:{os.fspath(backend)}|fcgi://localhost"
 
 
-def apache_proxy_params(*, enablereuse: bool = False, max_conns: int = APACHE_THREADS_PER_CHILD) -> str:
+def apache_proxy_params(
+    *, enablereuse: bool = False, max_conns: int = APACHE_THREADS_PER_CHILD
+) -> str:
     """Worker parameters used on every ProxyPass line.
 
     ``timeout`` bounds a stalled backend, ``connectiontimeout`` a dead one and
@@ -395,6 +413,7 @@ def apache_config(
     *,
     enablereuse: bool = False,
     pathinfo: str | None = None,
+    sendcl: bool = False,
     extra: str = "",
     modules: Sequence[str] = (),
     log_level: str = "warn",
@@ -403,6 +422,8 @@ def apache_config(
     user, group = worker_user()
     if pathinfo:
         modules = (*modules, "setenvif")
+    if sendcl:
+        modules = (*modules, "env")
     load = "\n".join(
         f"LoadModule {mod}_module {APACHE_MODULE_DIR}/mod_{mod}.so"
         for mod in dict.fromkeys((*APACHE_MODULES, *modules))
@@ -412,6 +433,9 @@ def apache_config(
     pathinfo_line = (
         f"SetEnvIf Request_URI . proxy-fcgi-pathinfo={pathinfo}" if pathinfo else ""
     )
+    # Without it a request body that has not fully arrived when the proxy
+    # starts is streamed: no CONTENT_LENGTH, HTTP_TRANSFER_ENCODING=chunked.
+    sendcl_line = "SetEnv proxy-sendcl 1" if sendcl else ""
     mappings = _apache_mappings(backend, enablereuse) if backend is not None else ""
     threads = APACHE_THREADS_PER_CHILD
     return f"""\
@@ -426,7 +450,7 @@ Group {group}
 ServerName {LOOPBACK}
 Listen {LOOPBACK}:{port}
 
-StartServers 2
+StartServers {APACHE_START_SERVERS}
 ServerLimit 4
 ThreadLimit {threads}
 ThreadsPerChild {threads}
@@ -454,6 +478,7 @@ DocumentRoot "{docroot}"
 </Directory>
 
 {pathinfo_line}
+{sendcl_line}
 {mappings}
 
 {extra}
@@ -476,18 +501,26 @@ def start_apache(
     *,
     enablereuse: bool = False,
     pathinfo: str | None = None,
+    sendcl: bool = False,
     extra: str = "",
     modules: Sequence[str] = (),
     log_level: str = "warn",
 ) -> FrontEnd:
     """Run Apache (event MPM, ``-DFOREGROUND``) in front of *backend*.
 
-    With *backend* ``None`` the two standard mappings are left out and
-    *extra* has to provide the proxying. *enablereuse* adds ``enablereuse=on max=N`` to both mappings.
+    *enablereuse* adds ``enablereuse=on max=N`` to both mappings, which
+    makes Apache pool backend connections and set FCGI_KEEP_CONN.
     *pathinfo* sets the ``proxy-fcgi-pathinfo`` variable for every request
     (``"unescape"``, ``"first-dot"``, ``"last-dot"``, ``"full"``, ``"1"``).
-    *extra* is appended verbatim to the server config; *modules* names
-    additional modules to load (``"setenvif"`` loads ``mod_setenvif.so``).
+    *sendcl* sets ``proxy-sendcl``: Apache then spools every request body
+    and always sends CONTENT_LENGTH, instead of streaming a chunked body
+    without one. *extra* is appended verbatim to the server config, after the mappings;
+    *modules* names additional modules to load (``"setenvif"`` loads
+    ``mod_setenvif.so``). With *backend* ``None`` the two standard mappings
+    are left out and *extra* has to provide the proxying.
+
+    Workers run as :func:`worker_user`; a unix-socket *backend* they cannot
+    reach raises :class:`FrontEndError` before anything starts.
     """
     if not apache_available():
         raise FrontEndError(f"{APACHE_BIN} or mod_proxy_fcgi is not installed")
@@ -505,14 +538,15 @@ def start_apache(
         conf.write_text(
             apache_config(
                 workdir, docroot, port, backend, enablereuse=enablereuse,
-                pathinfo=pathinfo, extra=extra, modules=modules, log_level=log_level,
+                pathinfo=pathinfo, sendcl=sendcl, extra=extra, modules=modules,
+                log_level=log_level,
             )
         )
         argv = [APACHE_BIN, "-d", str(workdir), "-f", str(conf), "-DFOREGROUND"]
         logs = workdir / "logs"
         return _launch(
             "apache", argv, workdir, port, logs / "error.log", logs / "access.log", conf,
-            cleanup=[remove_docroot],
+            min_children=APACHE_START_SERVERS, cleanup=[remove_docroot],
         )
 
     return _start_with_retry(build)
@@ -530,6 +564,8 @@ def _check_apache_can_reach(sock: Path) -> None:
 
 # --------------------------------------------------------------------------
 # nginx
+
+NGINX_WORKERS = 2
 
 # Our own list of FastCGI parameters: the CGI/1.1 meta-variables plus the
 # usual extras. They are set at server level and inherited by every location
@@ -613,7 +649,7 @@ def nginx_config(
     return f"""\
 # generated by tests/frontends.py
 {user}
-worker_processes 2;
+worker_processes {NGINX_WORKERS};
 pid {prefix}/nginx.pid;
 lock_file {prefix}/nginx.lock;
 error_log {prefix}/logs/error.log {log_level};
@@ -698,6 +734,10 @@ def start_nginx(
             NGINX_BIN, "-p", f"{prefix}/", "-c", str(conf),
             "-e", str(error_log), "-g", "daemon off;",
         ]
-        return _launch("nginx", argv, prefix, port, error_log, prefix / "logs" / "access.log", conf)
+        access_log = prefix / "logs" / "access.log"
+        return _launch(
+            "nginx", argv, prefix, port, error_log, access_log, conf,
+            min_children=NGINX_WORKERS,
+        )
 
     return _start_with_retry(build)

@@ -18,6 +18,7 @@ import socket
 import socketserver
 import struct
 import threading
+import time
 import urllib.parse
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -108,7 +109,7 @@ def _record(rtype: int, request_id: int, content: bytes = b"") -> bytes:
 def _read_request(stream: Any, conn: socket.socket) -> FcgiRequest | None:
     """Read one complete request (BEGIN, PARAMS..., STDIN...) or None on EOF."""
     request: FcgiRequest | None = None
-    raw_params, stdin = b"", b""
+    raw_params, stdin = bytearray(), bytearray()
     while True:
         record = _read_record(stream)
         if record is None:
@@ -126,8 +127,8 @@ def _read_request(stream: Any, conn: socket.socket) -> FcgiRequest | None:
         elif rtype == STDIN and content:
             stdin += content
         elif rtype == STDIN and request is not None:
-            request.params = _decode_params(raw_params)
-            request.stdin = stdin
+            request.params = _decode_params(bytes(raw_params))
+            request.stdin = bytes(stdin)
             return request
 
 
@@ -236,11 +237,18 @@ class Rig:
     def is_apache(self) -> bool:
         return self.front.name == "apache"
 
-    def get(self, path: str, **kwargs: Any) -> dict[str, Any]:
+    def get(
+        self,
+        path: str,
+        *,
+        method: str = "GET",
+        body: bytes | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> dict[str, Any]:
         """Request *path*, assert 200 and return the decoded echo."""
-        status, _headers, body = self.front.request(kwargs.pop("method", "GET"), path, **kwargs)
-        assert status == 200, (status, body[:300], self.front.read_error_log()[-2000:])
-        return json.loads(body)
+        status, _, reply = self.front.request(method, path, body=body, headers=headers)
+        assert status == 200, (status, reply[:300], self.front.read_error_log()[-2000:])
+        return json.loads(reply)
 
 
 def start_front(name: str, reuse: bool, tmp_path: Path, backend: Backend) -> FrontEnd:
@@ -305,8 +313,13 @@ def rig(request: pytest.FixtureRequest, tmp_path: Path, echo: EchoBackend) -> It
 #           and SCRIPT_NAME un-stripped; it must be set with SetEnvIf,
 #           SetEnv is too late and silently ignored.
 #   nginx   SCRIPT_NAME=/app PATH_INFO=/some/path SCRIPT_FILENAME=<root>/app
-# Request bodies: both buffer a chunked body and send CONTENT_LENGTH; nginx
-# also passes HTTP_TRANSFER_ENCODING=chunked (and HTTP_CONTENT_LENGTH).
+# Chunked request bodies: nginx buffers the body and always sends
+# CONTENT_LENGTH, plus HTTP_TRANSFER_ENCODING=chunked. Apache sends
+# CONTENT_LENGTH (and drops the T-E header) only if the whole body has
+# already arrived when it starts proxying; otherwise it streams the body with
+# NO CONTENT_LENGTH and HTTP_TRANSFER_ENCODING=chunked, so the backend must
+# read FCGI_STDIN to its end. "SetEnv proxy-sendcl 1" (sendcl=True) makes it
+# spool and always send the length. nginx passes HTTP_CONTENT_LENGTH too.
 # A client "Proxy:" header: Apache drops it, nginx passes HTTP_PROXY.
 # Unmapped: Apache 404 for /app (no slash), nginx 301 to /app/.
 # Apache answers %2F in the path with 404 (AllowEncodedSlashes Off); nginx
@@ -315,7 +328,12 @@ def rig(request: pytest.FixtureRequest, tmp_path: Path, echo: EchoBackend) -> It
 # verbatim (still %-encoded), SCRIPT_NAME/PATH_INFO %-decoded raw bytes.
 # Apache sends no CONTENT_LENGTH/CONTENT_TYPE on a GET without a body; nginx
 # (with the usual params) sends both as "". Apache sends FCGI_KEEP_CONN only
-# with enablereuse=on, nginx only with fastcgi_keep_conn on.
+# with enablereuse=on, nginx only with fastcgi_keep_conn on; without it
+# each opens one connection per request.
+# Apache quirk: a ProxyPassMatch target "fcgi://host:port/$1" only uses its
+# own worker (and so its timeout=/retry=/enablereuse= settings) when the
+# text substituted for $1 is at least two characters long: /x.py ("x") falls
+# back to Apache's default worker with default settings. Use longer names.
 
 
 def apache_script_filename(echo: EchoBackend, rest: str) -> str:
@@ -385,31 +403,60 @@ def test_post_body_reaches_backend(rig: Rig) -> None:
     assert reply["params"]["CONTENT_TYPE"] == "application/octet-stream"
 
 
-def test_chunked_request_body_arrives_with_a_length(rig: Rig) -> None:
-    conn = rig.front.connection()
+def _post_chunked(
+    front: FrontEnd, parts: list[bytes], pause: float, path: str = "/app/upload"
+) -> dict[str, Any]:
+    """POST *parts* to *path* as chunks, *pause* seconds apart."""
+    conn = front.connection()
     try:
-        conn.request(
-            "POST", "/app/upload", body=iter([b"x" * 5000, b"y" * 7000]),
-            headers={"Content-Type": "text/plain"}, encode_chunked=True,
-        )
+        conn.putrequest("POST", path)
+        conn.putheader("Transfer-Encoding", "chunked")
+        conn.endheaders()
+        for i, part in enumerate(parts):
+            if i:
+                time.sleep(pause)
+            conn.send(b"%x\r\n%s\r\n" % (len(part), part))
+        conn.send(b"0\r\n\r\n")
         resp = conn.getresponse()
         assert resp.status == 200
-        reply = json.loads(resp.read())
+        return json.loads(resp.read())
     finally:
         conn.close()
 
-    # both front ends buffer the whole body and send its length
+
+def test_chunked_request_body_still_arriving(rig: Rig) -> None:
+    reply = _post_chunked(rig.front, [b"x" * 5000, b"y" * 7000], pause=0.3)
+    params = reply["params"]
+
+    assert reply["stdin_len"] == 12000
+    if rig.is_apache:
+        # Normally streamed: no length up front and the client's header passed
+        # on. Had Apache been slower than the pause, it would have seen the
+        # whole body and sent its length instead.
+        streamed = ("CONTENT_LENGTH" not in params, params.get("HTTP_TRANSFER_ENCODING"))
+        buffered = (params.get("CONTENT_LENGTH") == "12000", params.get("HTTP_TRANSFER_ENCODING"))
+        assert streamed == (True, "chunked") or buffered == (True, None), params
+    else:
+        # nginx buffers the whole body first (fastcgi_request_buffering on)
+        assert params["CONTENT_LENGTH"] == "12000"
+        assert params["HTTP_TRANSFER_ENCODING"] == "chunked"
+
+
+@NEEDS_APACHE
+def test_apache_sendcl_always_sends_content_length(
+    tmp_path: Path, tcp_echo: EchoBackend
+) -> None:
+    with start_apache(tmp_path, tcp_echo.address, sendcl=True) as front:
+        reply = _post_chunked(front, [b"x" * 5000, b"y" * 7000], pause=0.3)
     assert reply["stdin_len"] == 12000
     assert reply["params"]["CONTENT_LENGTH"] == "12000"
-    # nginx still forwards the (meaningless) request header
-    expected_te = None if rig.is_apache else "chunked"
-    assert reply["params"].get("HTTP_TRANSFER_ENCODING") == expected_te
+    assert "HTTP_TRANSFER_ENCODING" not in reply["params"]
 
 
 def test_proxy_request_header(rig: Rig) -> None:
     params = rig.get("/app/x", headers={"Proxy": "http://evil/"})["params"]
     # Apache drops it (httpoxy); the harness nginx passes it on like a
-    # config without a guard would (deploy/nginx/fcgidaemon.conf blanks it)
+    # config without a guard would (deploy/nginx/fcgidaemon.conf drops it)
     assert params.get("HTTP_PROXY") == (None if rig.is_apache else "http://evil/")
 
 
@@ -447,7 +494,12 @@ def test_backend_connection_reuse(rig: Rig) -> None:
     ],
 )
 def test_apache_proxy_fcgi_pathinfo(
-    tmp_path: Path, tcp_echo: EchoBackend, pathinfo: str, path: str, script_name: str, path_info: str
+    tmp_path: Path,
+    tcp_echo: EchoBackend,
+    pathinfo: str,
+    path: str,
+    script_name: str,
+    path_info: str,
 ) -> None:
     # a rule that, unlike the anchored .py one, forwards trailing path info
     target = "fcgi://{}:{}".format(*tcp_echo.address)
@@ -461,10 +513,13 @@ def test_apache_proxy_fcgi_pathinfo(
 def test_apache_runs_real_unprivileged_workers(tmp_path: Path, tcp_echo: EchoBackend) -> None:
     with start_apache(tmp_path, tcp_echo.address) as front:
         Rig(front, False, tcp_echo).get("/hello.py")
-        children = front.child_pids()
-        assert len(children) >= 2, children  # event MPM, StartServers 2
         worker_uid = pwd.getpwnam(worker_user()[0]).pw_uid
-        assert {_uid(pid) for pid in children} == {worker_uid}
+        # a freshly forked child drops privileges a moment after fork
+        deadline = time.monotonic() + 10
+        while {_uid(pid) for pid in front.child_pids()} != {worker_uid}:
+            assert time.monotonic() < deadline, [_uid(pid) for pid in front.child_pids()]
+            time.sleep(0.05)
+        assert len(front.child_pids()) >= 2  # event MPM, StartServers 2
         assert _uid(front.pid) == os.geteuid()
 
 
@@ -576,13 +631,15 @@ def test_deploy_apache_snippet(tmp_path: Path, variant: str | None, kind: str) -
             text = text.replace("127.0.0.1:9005", "127.0.0.1:%d" % echo.address[1])
         else:
             text = text.replace("/run/fcgidaemon/app.sock", str(echo.address))
-        with start_apache(tmp_path, None, extra=text, modules=("setenvif",)) as front:
+        with start_apache(tmp_path, None, extra=text, modules=("setenvif", "env")) as front:
             reply = Rig(front, False, echo).get("/hello.py?x=1")
             extra_status, _, extra_body = front.request("GET", "/hello.py/extra?x=1")
+            chunked = _post_chunked(front, [b"x" * 100, b"y" * 200], pause=0.1, path="/up.py")
 
     assert reply["params"]["SCRIPT_NAME"] == "/hello.py"
     assert "PATH_INFO" not in reply["params"]
     assert reply["keep_conn"] is (variant == "keep backend connections")
+    assert chunked["params"]["CONTENT_LENGTH"] == "300"  # proxy-sendcl
     if variant == "forward path info":
         params = json.loads(extra_body)["params"]
         assert (params["SCRIPT_NAME"], params["PATH_INFO"]) == ("/hello.py", "/extra")
@@ -590,7 +647,7 @@ def test_deploy_apache_snippet(tmp_path: Path, variant: str | None, kind: str) -
         assert extra_status == 404
 
 
-BALANCER_MODULES = ("proxy_balancer", "slotmem_shm", "lbmethod_bybusyness", "authz_host")
+BALANCER_MODULES = ("proxy_balancer", "slotmem_shm", "lbmethod_bybusyness", "authz_host", "env")
 
 
 def _set_member_disabled(front: FrontEnd, member: str, disabled: bool) -> None:
@@ -602,10 +659,11 @@ def _set_member_disabled(front: FrontEnd, member: str, disabled: bool) -> None:
     form = urllib.parse.urlencode(
         {"b": "fcgidaemon", "w": member, "w_status_D": int(disabled), "nonce": nonce[1].decode()}
     )
-    status, _, _ = front.request(
-        "POST", manager, body=form.encode(),
-        headers={"Content-Type": "application/x-www-form-urlencoded", "Referer": front.url(manager)},
-    )
+    headers = {
+        "Content-Type": "application/x-www-form-urlencoded",
+        "Referer": front.url(manager),  # the manager ignores cross-site posts
+    }
+    status, _, _ = front.request("POST", manager, body=form.encode(), headers=headers)
     assert status == 200
 
 
@@ -658,9 +716,13 @@ def test_deploy_nginx_snippet(tmp_path: Path, tcp_echo: EchoBackend) -> None:
     assert max(reply["conn_requests"] for reply in mounted) > 1
 
 
-def _uid(pid: int) -> int:
-    """Effective uid of *pid* from /proc."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+def _uid(pid: int) -> int | None:
+    """Effective uid of *pid* from /proc (None if it has gone)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return None
+    for line in status.splitlines():
         if line.startswith("Uid:"):
             return int(line.split()[2])
-    raise AssertionError(f"no Uid line for pid {pid}")
+    return None
