@@ -16,6 +16,8 @@ import time
 from pathlib import Path
 from typing import Callable, Sequence
 
+from fcgidaemon.control import alive  # noqa: F401 - re-exported for the tests
+
 ROOT = Path(__file__).resolve().parent.parent
 APPS = Path(__file__).resolve().parent / "apps"
 
@@ -53,14 +55,6 @@ def children(pid: int) -> list[int]:
         if int(fields[1]) == pid and fields[0] != "Z":
             out.append(int(entry))
     return sorted(out)
-
-
-def alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 class Daemon:
