@@ -284,3 +284,17 @@ def test_kept_connections_do_not_pin_workers(server):
     finally:
         for client in clients:
             client.close()
+
+
+def test_request_then_half_close_is_still_answered(daemon):
+    """A client that sends a whole request and shuts down its write side gets the response."""
+    sock = socket.create_connection(daemon.address, timeout=5)
+    try:
+        sock.sendall(build_request(make_params("GET", "/id?id=halfclose")))
+        sock.shutdown(socket.SHUT_WR)
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    finally:
+        sock.close()
+    assert b"id=halfclose version=v1" in data

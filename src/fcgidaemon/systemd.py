@@ -12,7 +12,7 @@ import logging
 import os
 import socket
 import time
-from typing import Mapping
+from typing import Mapping, MutableMapping
 
 log = logging.getLogger("fcgidaemon")
 
@@ -37,6 +37,23 @@ def notify(*fields: str) -> bool:
     except OSError as exc:
         log.warning("sd_notify failed: %s", exc)
         return False
+
+
+def hand_over_main_pid(pid: int, status: str) -> bool:
+    """Make `pid` (the manager that replaces us after an upgrade) the service's main process.
+
+    Only the current main process can do this: with NotifyAccess=main systemd drops
+    whatever the successor sends until then, and when we exit it would take the
+    service for dead and SIGKILL the successor with the rest of the cgroup.
+    """
+    return notify(f"MAINPID={pid}", f"STATUS={status}")
+
+
+def successor_environment(env: MutableMapping[str, str], pid: int) -> None:
+    """Adjust the environment of a manager exec'd as `pid` to replace us: the watchdog
+    pings become its job (WATCHDOG_PID names the process systemd watches)."""
+    if "WATCHDOG_PID" in env:
+        env["WATCHDOG_PID"] = str(pid)
 
 
 def monotonic_usec() -> int:

@@ -261,12 +261,7 @@ class Worker:
 
     def _serve(self, conn: Connection) -> None:
         """Read what arrived on `conn` and run every request that is complete."""
-        if not conn.receive():
-            if conn.has_partial_input:
-                self._drop(conn, "web server closed the connection in the middle of a request")
-            else:
-                self._drop(conn)
-            return
+        still_open = conn.receive()  # at EOF, complete requests already received are still served
         try:
             conn.parse_available()
             while conn.request is not None and conn.request.runnable and not conn.closed:
@@ -279,7 +274,9 @@ class Worker:
         except Exception:  # noqa: BLE001 - a fault on one connection must not end the worker
             log.error("internal error on a connection; closing it", exc_info=True)
             self._drop(conn)
-        if conn.closed:
+        if not still_open and not conn.closed and conn.has_partial_input:
+            self._drop(conn, "web server closed the connection in the middle of a request")
+        elif conn.closed or not still_open:
             self._drop(conn)
 
     def _run_request(self, conn: Connection) -> None:
