@@ -426,12 +426,7 @@ class Manager:
             rec = self.workers.pop(pid, None)
             if rec is not None:
                 self._on_exit(rec, status)
-            elif self.upgrade is not None and pid == self.upgrade.pid:
-                how = signals.describe_status(status)
-                if self.phase is Phase.RETIRED:
-                    log.warning("new manager %d exited: %s", pid, how)
-                else:
-                    self._upgrade_failed(f"new manager {pid} exited ({how}) before it was ready")
+
 
     def _on_exit(self, rec: WorkerRecord, status: int) -> None:
         try:
@@ -494,10 +489,12 @@ class Manager:
                     log.warning("worker %d still busy after %gs; killing it", rec.pid,
                                 self.config.graceful_timeout)
                 self._kill(rec, signal.SIGKILL)
-        if (self.upgrade is not None and self.phase is not Phase.RETIRED
-                and now >= self.upgrade.deadline):
-            self._upgrade_failed(f"new manager {self.upgrade.pid} not ready within "
-                                 f"{self.config.ready_timeout * 2:g}s", kill=True)
+        if self.upgrade is not None and self.phase is not Phase.RETIRED:
+            if not control.alive(self.upgrade.pid):  # not our child: watched through /proc
+                self._upgrade_failed(f"new manager {self.upgrade.pid} exited before it was ready")
+            elif now >= self.upgrade.deadline:
+                self._upgrade_failed(f"new manager {self.upgrade.pid} not ready within "
+                                     f"{self.config.ready_timeout * 2:g}s", kill=True)
         if self.stop_deadline is not None and now >= self.stop_deadline:
             self.stop_deadline = None
             for rec in self.workers.values():
@@ -710,6 +707,7 @@ class Manager:
         for lst in self.listeners:
             lst.unlink_path = None  # the new manager removes the socket at its exit
         log.info("upgrade: manager %d is ready; retiring %d workers", up.pid, len(self.workers))
+        systemd.hand_over_main_pid(up.pid, f"upgraded: manager {up.pid} serving")
         control.reply(conn, {"ok": True})
         for waiter in up.waiters:
             control.reply(waiter, {"ok": True, "pid": up.pid, "message": f"manager {up.pid} serving"})

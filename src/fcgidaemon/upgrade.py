@@ -18,6 +18,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Sequence
 
+from . import systemd
 from .sockets import INHERIT_ENV, Listener
 
 log = logging.getLogger("fcgidaemon")
@@ -70,11 +71,37 @@ def start(listeners: Sequence[Listener], pidfile: str | None, timeout: float,
     if pidfile and os.path.exists(pidfile):
         os.replace(pidfile, f"{pidfile}.oldbin")
     argv = [sys.executable, *sys.orig_argv[1:]]
-    pid = os.fork()
-    if pid == 0:
-        _exec(argv, env)
+    pid = _spawn_detached(argv, env)
     log.info("upgrade: started new manager %d: %s", pid, " ".join(argv))
     return Upgrade(pid, time.monotonic() + timeout, pidfile)
+
+
+def _spawn_detached(argv: list[str], env: dict[str, str]) -> int:
+    """Fork twice, so that the new manager is not our child but init's (under systemd:
+    systemd's own child). systemd then accepts it as the main process without taking it
+    for an 'alien' it cannot watch: for an alien main process, a stop with KillMode=mixed
+    skips SIGTERM and kills it at once. We watch it through /proc instead of waitpid."""
+    read_end, write_end = os.pipe()
+    middle = os.fork()
+    if middle == 0:
+        try:
+            os.close(read_end)
+            pid = os.fork()
+            if pid == 0:
+                os.close(write_end)
+                _exec(argv, env)
+            os.write(write_end, str(pid).encode())
+        finally:
+            os._exit(0)
+    os.close(write_end)
+    try:
+        os.waitpid(middle, 0)
+        text = os.read(read_end, 32)
+    finally:
+        os.close(read_end)
+    if not text:
+        raise OSError("could not start the new manager")
+    return int(text)
 
 
 def _exec(argv: list[str], env: dict[str, str]) -> None:
@@ -88,6 +115,7 @@ def _exec(argv: list[str], env: dict[str, str]) -> None:
             except (OSError, ValueError):
                 continue
         signal.pthread_sigmask(signal.SIG_SETMASK, set())
+        systemd.successor_environment(env, os.getpid())
         os.execve(argv[0], argv, env)
     finally:
         os._exit(127)
