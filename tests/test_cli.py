@@ -7,12 +7,11 @@ import os
 import re
 import signal
 import socket
-from pathlib import Path
 
 import pytest
 
 from daemon import APPS, ROOT, run_cli
-from fcgidaemon.config import Address, ConfigError, options_markdown, resolve
+from fcgidaemon.config import Address, options_markdown, resolve
 from test_lifecycle import app_copy, get, set_version
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from daemon import APPS, Daemon, alive, children, wait_for
+from daemon import APPS, Daemon, alive, wait_for
 from fcgiclient import FCGIClient, make_params
 from load import FCGIChecker, run_load
 

@@ -19,10 +19,8 @@ from pathlib import Path
 import pytest
 
 from daemon import APPS, Daemon, free_port, wait_for
-from fcgiclient import (FCGI_BEGIN_REQUEST, FCGI_CANT_MPX_CONN, FCGI_END_REQUEST, FCGI_GET_VALUES,
-                        FCGI_KEEP_CONN, FCGI_PARAMS, FCGI_STDIN, FCGI_UNKNOWN_ROLE,
-                        FCGI_UNKNOWN_TYPE, ConnectionClosed, FCGIClient, ProtocolError,
-                        build_request, encode_params, encode_record, make_params)
+from fcgiclient import (FCGI_BEGIN_REQUEST, FCGI_CANT_MPX_CONN, FCGI_END_REQUEST, FCGI_KEEP_CONN, FCGI_PARAMS, FCGI_STDIN, FCGI_UNKNOWN_ROLE,
+                        FCGI_UNKNOWN_TYPE, ConnectionClosed, FCGIClient, build_request, encode_params, encode_record, make_params)
 
 
 class FlupServer:

@@ -13,7 +13,7 @@ import pytest
 from daemon import alive, wait_for
 from fcgiclient import ConnectionClosed, FCGIClient, make_params
 from load import FCGIChecker, run_load
-from test_lifecycle import app_copy, get, set_version
+from test_lifecycle import app_copy, get
 
 BROKEN = {
     "syntax-error": "def application(environ, start_response)\n    return []\n",

@@ -7,8 +7,7 @@ import signal
 import threading
 import time
 
-from daemon import alive, children, run_cli, wait_for
-from fcgiclient import FCGIClient, make_params
+from daemon import alive, run_cli, wait_for
 from load import FCGIChecker, run_load
 from test_lifecycle import app_copy, get, set_version
 

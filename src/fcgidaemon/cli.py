@@ -20,7 +20,7 @@ from typing import Sequence
 from . import commands, loader, logs, upgrade
 from .config import Config, ConfigError, log_level_number, resolve
 from .manager import Manager
-from .sockets import Listener, open_listeners
+from .sockets import open_listeners
 
 log = logging.getLogger("fcgidaemon")
 

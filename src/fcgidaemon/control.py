@@ -10,6 +10,7 @@ one line (``reload``, ``status``); the answer is one JSON line.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import socket
@@ -17,6 +18,9 @@ import struct
 import time
 from dataclasses import dataclass
 from typing import Any
+
+from . import status as status_page
+from .states import ENDING
 
 ENCODING = "utf-8"
 
@@ -142,3 +146,76 @@ def stop(pid: int, timeout: float, quick: bool = False) -> None:
         if time.monotonic() > deadline:
             raise ControlError(f"manager {pid} still running after {timeout:g}s")
         time.sleep(0.05)
+
+
+# --------------------------------------------------------------------------- manager side
+
+log = logging.getLogger("fcgidaemon")
+
+
+class ControlCommands:
+    """The manager's side of the control socket (a mixin of the manager)."""
+
+    def _on_control(self) -> None:
+        try:
+            conn, _ = self.control.accept()
+        except BlockingIOError:
+            return
+        try:
+            if not peer_allowed(conn):
+                reply(conn, {"ok": False, "message": "permission denied"})
+                return
+            command = read_command(conn)
+        except OSError as exc:
+            log.warning("control connection failed: %s", exc)
+            conn.close()
+            return
+        command, fds = command
+        if command == "adopt":
+            self._pass_on(fds, None)
+            reply(conn, {"ok": True})
+            return
+        for fd in fds:
+            os.close(fd)
+        if command.startswith("upgraded "):
+            self._on_successor(conn, command.split()[1])
+        elif command == "upgrade":
+            self.start_upgrade(conn)
+        elif command == "status":
+            reply(conn, self.status())
+        elif command == "reload":
+            if self.phase in ENDING:
+                reply(conn, {"ok": False, "message": "the manager is stopping"})
+                return
+            log.info("reload requested over the control socket")
+            self.reload_waiters.append((conn, self.generation + 1))
+            self.request_reload()
+        else:
+            reply(conn, {"ok": False, "message": f"unknown command {command!r}"})
+
+    def _answer_waiters(self, generation: int | None, payload: dict) -> None:
+        """Answer everyone waiting for a reload up to `generation` (None: everyone)."""
+        keep = []
+        for conn, wanted in self.reload_waiters:
+            if generation is None or wanted <= generation:
+                reply(conn, payload)
+            else:
+                keep.append((conn, wanted))
+        self.reload_waiters = keep
+
+    def status(self) -> dict:
+        """What `fcgidaemon status` shows: the status page's snapshot plus the manager's table."""
+        self._publish()
+        snap = status_page.snapshot(self.board, self.config.app)
+        by_pid = {p["pid"]: p for p in snap.pop("processes")}
+        now = time.monotonic()
+        snap.update({
+            "ok": True, "pid": os.getpid(), "newest_generation": self.generation,
+            "listeners": [lst.name for lst in self.listeners],
+            "worker_list": [{**by_pid.get(w.pid, {}), "pid": w.pid, "slot": w.slot,
+                             "generation": w.generation, "state": w.state.value,
+                             "activity": by_pid.get(w.pid, {}).get("state", ""),
+                             "age": round(now - w.started, 3)}
+                            for w in sorted(self.workers.values(), key=lambda w: (w.generation, w.slot))],
+        })
+        return snap

@@ -71,6 +71,7 @@ class Server:
     # read by flup's InputStream and OutputStream
     maxwrite: int = MAX_CONTENT - 7 + flup.FCGI_HEADER_LEN  # body chunks of 65528 bytes: no padding
     inputStreamShrinkThreshold: int = 102400 - 8192
+    on_done: Callable[["Request"], None] | None = None  # bookkeeping before the response leaves
 
     def capabilities(self) -> dict[bytes, bytes]:
         return {
@@ -365,6 +366,8 @@ class Connection:
             req.stderr.close()
         self.write_record(make_record(flup.FCGI_END_REQUEST, req.requestId,
                                       END_BODY.pack(app_status, protocol_status)))
+        if self.server.on_done is not None:
+            self.server.on_done(req)  # counted before the web server can see the response
         self.flush()
         self.request = None
         self.served += 1

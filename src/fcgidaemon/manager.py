@@ -15,12 +15,11 @@ import selectors
 import signal
 import socket
 import time
-from dataclasses import dataclass, field
-from enum import Enum
 
-from . import control, listenq, logs, signals, status, systemd, titles, upgrade, worker
+from . import control, logs, signals, supervise, systemd, titles, upgrade, worker
 from .config import Config
 from .scoreboard import Pool, Scoreboard, SlotState
+from .states import ENDING, TRANSITIONS, Phase, WorkerRecord, WState  # noqa: F401 - re-exported
 from .sockets import Listener
 
 log = logging.getLogger("fcgidaemon")
@@ -58,52 +57,7 @@ def signals_markdown() -> str:
     return "\n".join(rows)
 
 
-class Phase(Enum):
-    STARTING = "starting"  # first generation not ready yet
-    RUNNING = "running"
-    RELOADING = "reloading"  # a new generation is starting beside the serving one
-    STOPPING = "stopping"  # graceful: workers finish their requests
-    QUITTING = "quitting"  # quick: workers exit at once
-    RETIRED = "retired"  # a new manager took over (SIGUSR2): our workers hand over and leave
-
-ENDING = (Phase.STOPPING, Phase.QUITTING, Phase.RETIRED)
-
-
-class WState(Enum):
-    STARTING = "starting"  # forked, importing the application
-    READY = "ready"  # serving
-    RETIRING = "retiring"  # told to finish and leave
-
-
-TRANSITIONS: dict[WState, set[WState]] = {
-    WState.STARTING: {WState.READY, WState.RETIRING},
-    WState.READY: {WState.RETIRING},
-    WState.RETIRING: set(),
-}
-
-
-@dataclass
-class WorkerRecord:
-    pid: int
-    slot: int
-    generation: int
-    channel: socket.socket
-    state: WState = WState.STARTING
-    started: float = field(default_factory=time.monotonic)
-    deadline: float | None = None  # ready-by while starting, kill-at while retiring
-    failure: str | None = None  # import failure reported by the worker
-    board_index: int = 0
-    replace: bool = False  # hit --max-requests/--max-memory: retire once a replacement is ready
-    slow_logged: float = 0.0  # busy_since of the request whose stack was already logged
-    kill_at: float | None = None  # --timeout: SIGKILL after the stack dump
-
-    def move(self, new: WState) -> None:
-        if new not in TRANSITIONS[self.state]:
-            raise RuntimeError(f"worker {self.pid}: {self.state.value} -> {new.value} not allowed")
-        self.state = new
-
-
-class Manager:
+class Manager(supervise.Supervision, control.ControlCommands, upgrade.Upgrading):
     def __init__(self, config: Config, listeners: list[Listener], predecessor: int | None = None) -> None:
         self.config = config
         self.predecessor = predecessor  # the manager we replace (SIGUSR2), told once we are ready
@@ -514,88 +468,6 @@ class Manager:
             systemd.notify("WATCHDOG=1")
             self.next_watchdog = now + self.watchdog
 
-    def _check_requests(self, now: float) -> None:
-        """--slow-log: dump the stack once; --timeout: dump it, then kill the worker."""
-        for rec in list(self.workers.values()):
-            if rec.kill_at is not None:
-                if now >= rec.kill_at:
-                    rec.kill_at = None
-                    self._kill(rec, signal.SIGKILL)
-                continue
-            slot = self.board.read(rec.board_index)
-            busy = slot.busy_for(now)
-            if not busy:
-                continue
-            what = f"{slot.method} {slot.uri}"
-            if self.config.timeout and busy > self.config.timeout:
-                log.error("worker %d timed out: busy %.1fs on %s (--timeout %g); stack follows, "
-                          "then SIGKILL", rec.pid, busy, what, self.config.timeout)
-                self.pool.timeouts += 1
-                self._kill(rec, signal.SIGUSR1)
-                rec.kill_at = now + 0.2
-                if rec.state is not WState.RETIRING:
-                    rec.move(WState.RETIRING)  # its replacement starts now
-            elif self.config.slow_log and busy > self.config.slow_log and rec.slow_logged != slot.busy_since:
-                rec.slow_logged = slot.busy_since
-                self.pool.slow += 1
-                log.warning("slow request: worker %d busy %.1fs on %s; stack follows", rec.pid, busy, what)
-                self._kill(rec, signal.SIGUSR1)
-
-    def _publish(self) -> None:
-        """Write the pool record: what every worker's status page shows."""
-        pool = self.pool
-        pool.generation, pool.target, pool.phase = self.serving, self.target, self.phase.value
-        queued = [q for q in (listenq.queue_length(lst.sock) for lst in self.listeners) if q]
-        pool.listen_queue = sum(q[0] for q in queued)
-        pool.listen_queue_max = max(pool.listen_queue_max, pool.listen_queue)
-        serving = [w for w in self.workers.values()
-                   if w.generation == self.serving and w.state is WState.READY]
-        busy = bool(serving) and all(self.board.read(w.board_index).state is SlotState.BUSY
-                                     for w in serving)
-        if busy and not self.all_busy_now:
-            pool.all_busy += 1
-        self.all_busy_now = busy
-        self.board.write_pool(pool)
-
-    def _scale(self, now: float) -> None:
-        """Dynamic mode: one worker more while requests wait or all are busy; retire the
-        highest slot after --idle-timeout idle. Decisions come from the scoreboard."""
-        low, high = max(1, self.config.min_workers), self.config.max_workers
-        mine = [w for w in self.workers.values() if w.generation == self.serving
-                and w.state is not WState.RETIRING]
-        if any(w.state is WState.STARTING for w in mine):
-            return  # one step at a time: let the last one start
-        slots = {w.slot: (w, self.board.read(w.board_index)) for w in mine}
-        idle = [s for _, s in slots.values() if s.state is SlotState.IDLE]
-        if (self.pool.listen_queue > 0 or not idle) and self.target < high:
-            self.target += 1
-            log.info("scaling up to %d workers (listen queue %d, %d idle)", self.target,
-                     self.pool.listen_queue, len(idle))
-            return
-        top = slots.get(self.target - 1)
-        if self.target > low and top is not None and top[1].state is SlotState.IDLE:
-            rec, slot = top
-            idle_since = max(rec.started, slot.busy_since + slot.last_duration)
-            if now - idle_since > self.config.idle_timeout and len(idle) > 1:
-                self.target -= 1
-                log.info("scaling down to %d workers (worker %d idle %.0fs)", self.target, rec.pid,
-                         now - idle_since)
-                self._retire(rec)
-
-    def _check_memory(self) -> None:
-        limit = self.config.max_memory * 1024 * 1024
-        page = os.sysconf("SC_PAGE_SIZE")
-        for rec in list(self.workers.values()):
-            if rec.state is not WState.READY or rec.replace:
-                continue
-            try:
-                with open(f"/proc/{rec.pid}/statm") as fh:
-                    rss = int(fh.read().split()[1]) * page
-            except (OSError, ValueError, IndexError):
-                continue
-            if rss > limit:
-                self._mark_for_replacement(rec, f"uses {rss >> 20} MB (--max-memory {self.config.max_memory})")
-
     def _reconcile(self, now: float) -> None:
         """Keep one live worker of the serving generation in every slot below the target.
 
@@ -616,152 +488,7 @@ class Manager:
         for slot in [s for s in self.respawn_at if s >= self.target]:
             del self.respawn_at[slot]
 
-    # ------------------------------------------------------------------ control channel
-
-    def _on_control(self) -> None:
-        try:
-            conn, _ = self.control.accept()
-        except BlockingIOError:
-            return
-        try:
-            if not control.peer_allowed(conn):
-                control.reply(conn, {"ok": False, "message": "permission denied"})
-                return
-            command = control.read_command(conn)
-        except OSError as exc:
-            log.warning("control connection failed: %s", exc)
-            conn.close()
-            return
-        command, fds = command
-        if command == "adopt":
-            self._pass_on(fds, None)
-            control.reply(conn, {"ok": True})
-            return
-        for fd in fds:
-            os.close(fd)
-        if command.startswith("upgraded "):
-            self._on_successor(conn, command.split()[1])
-        elif command == "upgrade":
-            self.start_upgrade(conn)
-        elif command == "status":
-            control.reply(conn, self.status())
-        elif command == "reload":
-            if self.phase in ENDING:
-                control.reply(conn, {"ok": False, "message": "the manager is stopping"})
-                return
-            log.info("reload requested over the control socket")
-            self.reload_waiters.append((conn, self.generation + 1))
-            self.request_reload()
-        else:
-            control.reply(conn, {"ok": False, "message": f"unknown command {command!r}"})
-
-    def _answer_waiters(self, generation: int | None, payload: dict) -> None:
-        """Answer everyone waiting for a reload up to `generation` (None: everyone)."""
-        keep = []
-        for conn, wanted in self.reload_waiters:
-            if generation is None or wanted <= generation:
-                control.reply(conn, payload)
-            else:
-                keep.append((conn, wanted))
-        self.reload_waiters = keep
-
-    # ------------------------------------------------------------------ upgrade (SIGUSR2)
-
-    def start_upgrade(self, waiter: socket.socket | None = None) -> None:
-        refusal = None
-        if self.upgrade is not None:
-            refusal = f"upgrade refused: an upgrade to manager {self.upgrade.pid} is in progress"
-        elif self.phase is not Phase.RUNNING:
-            refusal = f"upgrade refused: the manager is {self.phase.value}"
-        if refusal:
-            log.warning("%s", refusal)
-            if waiter is not None:
-                control.reply(waiter, {"ok": False, "message": refusal})
-            return
-        self.upgrade = upgrade.start(self.listeners, self.config.pidfile, self.config.ready_timeout * 2,
-                                     self.generation + 1)
-        if waiter is not None:
-            self.upgrade.waiters.append(waiter)
-        systemd.notify(f"STATUS=upgrading: new manager {self.upgrade.pid} starting")
-
-    def _announce_to_predecessor(self) -> None:
-        """We replace an old manager: tell it (it retires) and tell systemd we are the main pid."""
-        try:
-            answer = control.ask(self.predecessor or 0, f"upgraded {os.getpid()}", 10.0)
-        except control.ControlError as exc:
-            log.error("cannot reach the old manager %s: %s", self.predecessor, exc)
-            return
-        if answer.get("ok"):
-            systemd.notify(f"MAINPID={os.getpid()}", "READY=1", f"STATUS={self.status_line()}")
-            log.info("took over from manager %d", self.predecessor)
-
-    def _on_successor(self, conn: socket.socket, pid_text: str) -> None:
-        up = self.upgrade
-        if up is None or pid_text != str(up.pid) or self.phase is not Phase.RUNNING:
-            control.reply(conn, {"ok": False, "message": "no such upgrade in progress"})
-            return
-        up.successor_ready = True
-        self.phase = Phase.RETIRED
-        self.reload_pending = False
-        self.respawn_at.clear()
-        for lst in self.listeners:
-            lst.unlink_path = None  # the new manager removes the socket at its exit
-        log.info("upgrade: manager %d is ready; retiring %d workers", up.pid, len(self.workers))
-        systemd.hand_over_main_pid(up.pid, f"upgraded: manager {up.pid} serving")
-        control.reply(conn, {"ok": True})
-        for waiter in up.waiters:
-            control.reply(waiter, {"ok": True, "pid": up.pid, "message": f"manager {up.pid} serving"})
-        up.waiters.clear()
-        self._answer_waiters(None, {"ok": False, "message": f"handed over to manager {up.pid}"})
-        for rec in list(self.workers.values()):
-            if rec.state is WState.STARTING:
-                rec.move(WState.RETIRING)
-                self._kill(rec, signal.SIGKILL)
-            elif rec.state is WState.READY:
-                self._retire(rec)
-        self._title()
-
-    def _upgrade_failed(self, reason: str, kill: bool = False) -> None:
-        up = self.upgrade
-        if up is None:
-            return
-        self.upgrade = None
-        if kill:
-            try:
-                os.kill(up.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-        up.restore_pidfile()
-        self.pool.last_failure = reason
-        log.error("upgrade failed: %s; still serving", reason)
-        systemd.notify(f"STATUS=upgrade failed: {reason}; {self.status_line()}")
-        for waiter in up.waiters:
-            control.reply(waiter, {"ok": False, "message": f"upgrade failed: {reason}"})
-
     # ------------------------------------------------------------------ reporting
-
-    def status(self) -> dict:
-        """What `fcgidaemon status` shows: the status page's snapshot plus the manager's table."""
-        self._publish()
-        snap = status.snapshot(self.board, self.config.app)
-        by_pid = {p["pid"]: p for p in snap.pop("processes")}
-        now = time.monotonic()
-        snap.update({
-            "ok": True, "pid": os.getpid(), "newest_generation": self.generation,
-            "listeners": [lst.name for lst in self.listeners],
-            "worker_list": [{**by_pid.get(w.pid, {}), "pid": w.pid, "slot": w.slot,
-                             "generation": w.generation, "state": w.state.value,
-                             "activity": by_pid.get(w.pid, {}).get("state", ""),
-                             "age": round(now - w.started, 3)}
-                            for w in sorted(self.workers.values(), key=lambda w: (w.generation, w.slot))],
-        })
-        return snap
-
-    def counts(self) -> dict[str, int]:
-        out = {state.value: 0 for state in WState}
-        for rec in self.workers.values():
-            out[rec.state.value] += 1
-        return out
 
     def status_line(self) -> str:
         ready = sum(1 for w in self.workers.values()

@@ -13,12 +13,14 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import socket
 import sys
 import time
 from dataclasses import dataclass, field
 from typing import Sequence
 
-from . import systemd
+from . import control, systemd
+from .states import Phase, WState
 from .sockets import INHERIT_ENV, Listener
 
 log = logging.getLogger("fcgidaemon")
@@ -133,3 +135,78 @@ def parent_pid() -> int | None:
 def first_generation() -> int:
     text = os.environ.pop(GENERATION_ENV, "")
     return int(text) if text.isdigit() and int(text) > 0 else 1
+
+
+class Upgrading:
+    """The manager's side of an upgrade, old and new (a mixin of the manager)."""
+
+    def start_upgrade(self, waiter: socket.socket | None = None) -> None:
+        refusal = None
+        if self.upgrade is not None:
+            refusal = f"upgrade refused: an upgrade to manager {self.upgrade.pid} is in progress"
+        elif self.phase is not Phase.RUNNING:
+            refusal = f"upgrade refused: the manager is {self.phase.value}"
+        if refusal:
+            log.warning("%s", refusal)
+            if waiter is not None:
+                control.reply(waiter, {"ok": False, "message": refusal})
+            return
+        self.upgrade = start(self.listeners, self.config.pidfile, self.config.ready_timeout * 2,
+                                     self.generation + 1)
+        if waiter is not None:
+            self.upgrade.waiters.append(waiter)
+        systemd.notify(f"STATUS=upgrading: new manager {self.upgrade.pid} starting")
+
+    def _announce_to_predecessor(self) -> None:
+        """We replace an old manager: tell it (it retires) and tell systemd we are the main pid."""
+        try:
+            answer = control.ask(self.predecessor or 0, f"upgraded {os.getpid()}", 10.0)
+        except control.ControlError as exc:
+            log.error("cannot reach the old manager %s: %s", self.predecessor, exc)
+            return
+        if answer.get("ok"):
+            systemd.notify(f"MAINPID={os.getpid()}", "READY=1", f"STATUS={self.status_line()}")
+            log.info("took over from manager %d", self.predecessor)
+
+    def _on_successor(self, conn: socket.socket, pid_text: str) -> None:
+        up = self.upgrade
+        if up is None or pid_text != str(up.pid) or self.phase is not Phase.RUNNING:
+            control.reply(conn, {"ok": False, "message": "no such upgrade in progress"})
+            return
+        up.successor_ready = True
+        self.phase = Phase.RETIRED
+        self.reload_pending = False
+        self.respawn_at.clear()
+        for lst in self.listeners:
+            lst.unlink_path = None  # the new manager removes the socket at its exit
+        log.info("upgrade: manager %d is ready; retiring %d workers", up.pid, len(self.workers))
+        systemd.hand_over_main_pid(up.pid, f"upgraded: manager {up.pid} serving")
+        control.reply(conn, {"ok": True})
+        for waiter in up.waiters:
+            control.reply(waiter, {"ok": True, "pid": up.pid, "message": f"manager {up.pid} serving"})
+        up.waiters.clear()
+        self._answer_waiters(None, {"ok": False, "message": f"handed over to manager {up.pid}"})
+        for rec in list(self.workers.values()):
+            if rec.state is WState.STARTING:
+                rec.move(WState.RETIRING)
+                self._kill(rec, signal.SIGKILL)
+            elif rec.state is WState.READY:
+                self._retire(rec)
+        self._title()
+
+    def _upgrade_failed(self, reason: str, kill: bool = False) -> None:
+        up = self.upgrade
+        if up is None:
+            return
+        self.upgrade = None
+        if kill:
+            try:
+                os.kill(up.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        up.restore_pidfile()
+        self.pool.last_failure = reason
+        log.error("upgrade failed: %s; still serving", reason)
+        systemd.notify(f"STATUS=upgrade failed: {reason}; {self.status_line()}")
+        for waiter in up.waiters:
+            control.reply(waiter, {"ok": False, "message": f"upgrade failed: {reason}"})

@@ -120,7 +120,7 @@ class Worker:
         limits = Limits(read_timeout=self.config.read_timeout, max_params=self.config.max_params,
                         max_body=self.config.max_body)
         self.server = Server(make_handler(app), limits, max_conns=self.config.workers * 64,
-                             max_reqs=self.config.workers)
+                             max_reqs=self.config.workers, on_done=self._request_done)
         self._register()
         self.board.set_state(self.index, SlotState.IDLE)
         self.spec.channel.send(MSG_READY)
@@ -286,17 +286,21 @@ class Worker:
         uri = req.params.get("REQUEST_URI", req.params.get("PATH_INFO", "")).partition("?")[0]
         self.board.request_started(self.index, method, uri)
         self._title(f"busy {method} {uri[:80]}")
+        counted = self.requests
         try:
             conn.run_request()
         finally:
-            self.requests += 1
-            idle = self.stop_mode is StopMode.NONE
-            self.board.request_finished(self.index, self.requests,
-                                        SlotState.IDLE if idle else SlotState.RETIRING)
-            self._title("idle" if idle else "retiring")
+            if self.requests == counted:  # ended without a response (connection lost)
+                self._request_done(req)
+            self._title("idle" if self.stop_mode is StopMode.NONE else "retiring")
             if self.quota and self.requests == self.quota:
                 log.info("served %d requests (--max-requests); asking for a replacement", self.requests)
                 self.spec.channel.send(MSG_QUOTA)
+
+    def _request_done(self, req: object) -> None:
+        self.requests += 1
+        self.board.request_finished(self.index, self.requests, SlotState.IDLE
+                                    if self.stop_mode is StopMode.NONE else SlotState.RETIRING)
 
     # ------------------------------------------------------------------ manager channel
 
