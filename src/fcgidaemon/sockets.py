@@ -77,7 +77,15 @@ def validate_passed(sock: socket.socket) -> Listener:
         raise ConfigError(f"passed fd {sock.fileno()} is not a socket: {exc.strerror}") from None
     if kind != socket.SOCK_STREAM or not listening:
         raise ConfigError(f"passed fd {sock.fileno()} is not a listening stream socket")
+    defer_accept(sock)
     return Listener(sock, describe(sock) + " (passed)")
+
+
+def defer_accept(sock: socket.socket) -> None:
+    """TCP_DEFER_ACCEPT: accept() returns a connection once its first bytes are in, so a
+    worker that accepts can serve at once, and idle connections never reach a worker."""
+    if sock.family in (socket.AF_INET, socket.AF_INET6):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT, 1)
 
 
 def describe(sock: socket.socket) -> str:
@@ -120,6 +128,7 @@ def _bind_one(family: int, kind: int, proto: int, sockaddr: tuple, backlog: int,
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
         sock.bind(sockaddr)
         sock.listen(backlog)
+        defer_accept(sock)
     except OSError as exc:
         sock.close()
         if exc.errno == errno.EADDRINUSE:

@@ -95,6 +95,8 @@ class Worker:
         self.config = spec.config
         self.stop_mode = StopMode.NONE
         self.conns: dict[int, Connection] = {}
+        self.registered: set[int] = set()  # connection fds in the epoll set
+        self.next_sweep = 0.0
         self.requests = 0
         self.epoll = select.epoll()
         self.listener_fds = {sock.fileno(): sock for sock in spec.listeners}
@@ -217,11 +219,13 @@ class Worker:
         self.board.connection_accepted(self.index)
         if self.config.allow_from and not self._allowed(sock):
             return
-        conn = self._adopt(sock)
-        # serve it now if its request is here (web servers send it right after connecting):
-        # while busy we do not take the next connection, and another idle worker accepts it
-        if _readable(sock, 0.002):
-            self._serve(conn)
+        # Serve it at once: with TCP_DEFER_ACCEPT its request is already here. Busy, we do
+        # not take the next connection, so another idle worker accepts it. Only a connection
+        # still open afterwards (kept, or its request not complete yet) joins the epoll set.
+        conn = self._adopt(sock, register=False)
+        self._serve(conn, socket.MSG_DONTWAIT)
+        if not conn.closed:
+            self._watch(conn)
 
     def _allowed(self, sock: socket.socket) -> bool:
         """--allow-from: TCP peers outside the list are closed and logged."""
@@ -237,12 +241,17 @@ class Worker:
         sock.close()
         return False
 
-    def _adopt(self, sock: socket.socket) -> Connection:
+    def _adopt(self, sock: socket.socket, register: bool = True) -> Connection:
         assert self.server is not None
         conn = Connection(sock, self.server)
         self.conns[conn.fileno()] = conn
-        self.epoll.register(conn.fileno(), select.EPOLLIN)
+        if register:
+            self._watch(conn)
         return conn
+
+    def _watch(self, conn: Connection) -> None:
+        self.epoll.register(conn.fileno(), select.EPOLLIN)
+        self.registered.add(conn.fileno())
 
     def _drop(self, conn: Connection, reason: str | None = None, level: int = logging.INFO) -> None:
         if reason:
@@ -252,16 +261,14 @@ class Worker:
             if value is conn:
                 del self.conns[key]
                 fd = key
-        if fd is not None:
-            try:
-                self.epoll.unregister(fd)
-            except (OSError, ValueError):
-                pass
+        if fd is not None and fd in self.registered:
+            self.registered.discard(fd)
+            self.epoll.unregister(fd)
         conn.close()
 
-    def _serve(self, conn: Connection) -> None:
+    def _serve(self, conn: Connection, flags: int = 0) -> None:
         """Read what arrived on `conn` and run every request that is complete."""
-        still_open = conn.receive()  # at EOF, complete requests already received are still served
+        still_open = conn.receive(flags)  # at EOF, complete requests received are still served
         try:
             conn.parse_available()
             while conn.request is not None and conn.request.runnable and not conn.closed:
@@ -360,8 +367,11 @@ class Worker:
         self._drop(conn)
 
     def _sweep(self) -> None:
-        """Close stalled and long-idle connections; notice a dead manager."""
+        """Close stalled and long-idle connections; notice a dead manager (4 times a second)."""
         now = time.monotonic()
+        if now < self.next_sweep:
+            return
+        self.next_sweep = now + 0.25
         for conn in list(self.conns.values()):
             idle = now - conn.last_active
             if conn.has_partial_input or not conn.served:
