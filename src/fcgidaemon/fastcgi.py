@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import select
 import socket
 import struct
 import time
@@ -130,27 +131,30 @@ def decode_params(data: bytes) -> dict[str, str]:
     the stream; tests/test_codec.py proves it reads what flup's `encode_pair` writes.
     """
     params: dict[str, str] = {}
+    text = data.decode("latin-1")  # once; the names and values are slices of it
     pos, size = 0, len(data)
-    while pos < size:
-        lengths = []
-        for _ in range(2):
-            if pos >= size:
-                raise ProtocolError("truncated name-value pair")
+    try:
+        while pos < size:
             n = data[pos]
-            if n & 0x80:
-                if pos + 4 > size:
-                    raise ProtocolError("truncated name-value pair length")
-                n = int.from_bytes(data[pos:pos + 4], "big") & 0x7FFFFFFF
-                pos += 4
-            else:
+            if n < 128:
                 pos += 1
-            lengths.append(n)
-        middle = pos + lengths[0]
-        end = middle + lengths[1]
-        if end > size:
-            raise ProtocolError("name-value pair longer than its stream")
-        params[data[pos:middle].decode("latin-1")] = data[middle:end].decode("latin-1")
-        pos = end
+            else:
+                n = ((n & 0x7F) << 24) | (data[pos + 1] << 16) | (data[pos + 2] << 8) | data[pos + 3]
+                pos += 4
+            v = data[pos]
+            if v < 128:
+                pos += 1
+            else:
+                v = ((v & 0x7F) << 24) | (data[pos + 1] << 16) | (data[pos + 2] << 8) | data[pos + 3]
+                pos += 4
+            middle = pos + n
+            end = middle + v
+            if end > size:
+                raise ProtocolError("name-value pair longer than its stream")
+            params[text[pos:middle]] = text[middle:end]
+            pos = end
+    except IndexError:
+        raise ProtocolError("truncated name-value pair") from None
     return params
 
 
@@ -214,7 +218,9 @@ class Connection:
         self.last_call = False  # a retiring worker serves what is waiting here once, then lets go
         self.last_active = time.monotonic()
         self.nodelay = sock.family not in (socket.AF_INET, socket.AF_INET6)  # set once needed
-        sock.settimeout(server.limits.read_timeout)
+        # Non-blocking, with our own bounded waits: a Python socket with a timeout polls
+        # before every recv and send, two extra system calls per request.
+        sock.setblocking(False)
 
     def fileno(self) -> int:
         return self.sock.fileno()
@@ -226,7 +232,7 @@ class Connection:
         False when the peer closed."""
         try:
             data = self.sock.recv(65536, flags)
-        except (ConnectionResetError, TimeoutError):
+        except ConnectionResetError:
             return False
         except BlockingIOError:
             return True
@@ -236,13 +242,22 @@ class Connection:
         self.last_active = time.monotonic()
         return True
 
+    def _wait(self, event: int, what: str) -> None:
+        """Wait up to the read timeout for the socket to be readable or writable."""
+        poller = select.poll()
+        poller.register(self.sock, event)
+        if not poller.poll(self.server.limits.read_timeout * 1000):
+            raise ConnectionLost(f"{what} for {self.server.limits.read_timeout:g}s")
+
     def _recv_blocking(self) -> None:
-        try:
-            data = self.sock.recv(65536)
-        except TimeoutError:
-            raise ConnectionLost(f"no input for {self.server.limits.read_timeout:g}s") from None
-        except OSError as exc:
-            raise ConnectionLost(f"receive failed: {exc.strerror or exc}") from None
+        while True:
+            try:
+                data = self.sock.recv(65536)
+                break
+            except BlockingIOError:
+                self._wait(select.POLLIN, "no input")
+            except OSError as exc:
+                raise ConnectionLost(f"receive failed: {exc.strerror or exc}") from None
         if not data:
             raise ConnectionLost("web server closed the connection in the middle of a request")
         self.inbuf += data
@@ -416,10 +431,13 @@ class Connection:
             return
         data = b"".join(self._out) if len(self._out) > 1 else self._out[0]
         self.discard_output()
+        view = memoryview(data)
         try:
-            self.sock.sendall(data)
-        except TimeoutError:
-            raise ConnectionLost("web server stopped reading the response") from None
+            while view:
+                try:
+                    view = view[self.sock.send(view):]
+                except BlockingIOError:
+                    self._wait(select.POLLOUT, "web server stopped reading the response")
         except OSError as exc:
             if exc.errno in (errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN, errno.EBADF):
                 raise ConnectionLost("web server closed the connection during the response") from None

@@ -400,9 +400,10 @@ def _drain(sock: socket.socket) -> None:
         pass
 
 
-def _readable(sock: socket.socket, wait: float = 0.0) -> bool:
-    ready, _, _ = select.select([sock], [], [], wait)
-    return bool(ready)
+def _readable(sock: socket.socket) -> bool:
+    poller = select.poll()  # not select(): descriptors may be above 1024
+    poller.register(sock, select.POLLIN)
+    return bool(poller.poll(0))
 
 
 if sys.platform != "linux":  # pragma: no cover
