@@ -73,7 +73,7 @@ def test_busy_request_shows_in_text_json_and_openmetrics(start_daemon):
 
 def test_listen_queue_grows_and_drains(start_daemon, tmp_path):
     d = start_daemon("testapp", *STATUS, workers=1)
-    hold = threading.Thread(target=lambda: get(d.address, "/sleep?s=2", timeout=10))
+    hold = threading.Thread(target=lambda: get(d.address, "/sleep?s=5", timeout=20))
     hold.start()
     wait_for(lambda: manager_status(d, tmp_path)["workers"]["busy"] == 1, 5, "the worker to be busy")
     waiting = []
@@ -81,10 +81,10 @@ def test_listen_queue_grows_and_drains(start_daemon, tmp_path):
         client = FCGIClient(d.address, timeout=10)
         client.send_raw(build_request(make_params("GET", f"/id?id=q{i}")))
         waiting.append(client)
-    wait_for(lambda: manager_status(d, tmp_path)["listen_queue"] == 3, 3, "3 queued connections")
+    wait_for(lambda: manager_status(d, tmp_path)["listen_queue"] == 3, 10, "3 queued connections")
     for i, client in enumerate(waiting):
         assert client.read_response(1, keep_conn=False).body.startswith(f"id=q{i} ".encode())
-    hold.join(10)
+    hold.join(20)
     snap = manager_status(d, tmp_path)
     assert snap["listen_queue"] == 0 and snap["listen_queue_max"] >= 3
     assert snap["all_busy"] >= 1
@@ -93,16 +93,16 @@ def test_listen_queue_grows_and_drains(start_daemon, tmp_path):
 def test_listen_queue_on_a_unix_socket(start_daemon, tmp_path):
     path = tmp_path / "q.sock"
     d = start_daemon("testapp", *STATUS, workers=1, bind=f"unix:{path}")
-    hold = threading.Thread(target=lambda: get(str(path), "/sleep?s=1.5", timeout=10))
+    hold = threading.Thread(target=lambda: get(str(path), "/sleep?s=5", timeout=20))
     hold.start()
     wait_for(lambda: manager_status(d, tmp_path)["workers"]["busy"] == 1, 5, "the worker to be busy")
     extra = [socket.socket(socket.AF_UNIX) for _ in range(2)]
     for sock in extra:
         sock.connect(str(path))
-    wait_for(lambda: manager_status(d, tmp_path)["listen_queue"] == 2, 3, "2 queued unix connections")
+    wait_for(lambda: manager_status(d, tmp_path)["listen_queue"] == 2, 10, "2 queued unix connections")
     for sock in extra:
         sock.close()
-    hold.join(10)
+    hold.join(20)
 
 
 def test_reloads_counted_with_reason(start_daemon, tmp_path):
