@@ -296,3 +296,21 @@ def test_request_then_half_close_is_still_answered(daemon):
     finally:
         sock.close()
     assert b"id=halfclose version=v1" in data
+
+
+def test_request_in_several_writes_without_keep_conn(daemon):
+    """Like mod_proxy_fcgi: the request arrives in pieces (the connection waits in the epoll
+    set), then the worker closes it after the response. The worker must survive."""
+    before = daemon.workers()
+    for i in range(20):
+        data = build_request(make_params("GET", f"/id?id=split{i}"))
+        with socket.create_connection(daemon.address, timeout=5) as sock:
+            sock.sendall(data[:8])
+            time.sleep(0.02)
+            sock.sendall(data[8:])
+            reply = b""
+            while chunk := sock.recv(65536):
+                reply += chunk
+        assert f"id=split{i} version=v1".encode() in reply
+    assert daemon.workers() == before
+    assert "worker crashed" not in daemon.log()

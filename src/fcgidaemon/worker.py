@@ -263,7 +263,8 @@ class Worker:
                 fd = key
         if fd is not None and fd in self.registered:
             self.registered.discard(fd)
-            self.epoll.unregister(fd)
+            if not conn.closed:  # closing the socket already took it out of the epoll set
+                self.epoll.unregister(fd)
         conn.close()
 
     def _serve(self, conn: Connection, flags: int = 0) -> None:
