@@ -1,0 +1,24 @@
+"""An application that holds ~50 MB of Python objects built at import (via memdata).
+
+Each request looks up one entry (so serving touches some of the shared objects'
+reference counts, as a real app would) and answers with the worker's pid, which
+lets the memory benchmark see how requests spread over the workers.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Callable, Iterable
+
+import memdata
+
+_counter = 0
+
+
+def application(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+    global _counter
+    _counter += 1
+    entry = memdata.TABLE[memdata.KEYS[_counter % len(memdata.KEYS)]]
+    body = f"{os.getpid()} {len(entry)}\n".encode()
+    start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", str(len(body)))])
+    return [body]

@@ -1,0 +1,113 @@
+"""Memory of fcgidaemon at 8 workers serving an app that holds ~50 MB of Python objects.
+
+Variants, run one after the other (never side by side: PSS splits shared pages
+among every process that maps them, so a second daemon would skew the first):
+
+* ``--preload memdata``: the objects are built once in the manager, which calls
+  ``gc.freeze()`` before forking, so the workers share them copy-on-write;
+* ``import in each worker``: the same app without ``--preload``, each worker
+  builds its own copy (what happens without preloading and freezing).
+
+Each daemon serves 10,000 requests (new connection each, 16 at a time, straight
+over FastCGI); then PSS, USS (Private_Clean + Private_Dirty) and RSS are read
+from /proc/PID/smaps_rollup for the manager and every worker.
+"""
+
+from __future__ import annotations
+
+import collections
+import statistics
+import threading
+from pathlib import Path
+from typing import Any, Callable
+
+import fcgiclient
+import servers
+from procs import LoadMeter, Proc, children, free_port, smaps_rollup
+
+VARIANTS: dict[str, list[str]] = {
+    "--preload memdata (gc.freeze)": ["--preload", "memdata"],
+    "import in each worker": [],
+}
+
+
+def run(workers: int, requests: int, workdir: Path, progress: Callable[[str], None],
+        entries: int | None = None) -> dict[str, Any]:
+    out: dict[str, Any] = {"workers": workers, "requests": requests, "variants": {}}
+    env_entries = {} if entries is None else {"BENCH_MEM_ENTRIES": str(entries)}
+    for name, extra in VARIANTS.items():
+        spec = servers.BackendSpec("fcgidaemon", free_port(), workers, app="memapp:application",
+                                   extra=tuple(extra), env=env_entries)
+        proc = servers.start(spec, workdir / "logs", ready_timeout=120)
+        try:
+            before = snapshot(proc)
+            meter = LoadMeter([proc.pid])
+            spread = drive(spec.port, requests)
+            other = meter.other_cores()
+            after = snapshot(proc)
+        finally:
+            proc.stop()
+        out["variants"][name] = {"before": before, "after": after, "requests_per_worker": spread,
+                                 "other_cores": other}
+        progress(f"memory {name:32} total PSS {after['total_pss_mb']:.1f} MB, "
+                 f"worker PSS median {after['worker_pss_mb']['median']:.1f} MB, "
+                 f"USS median {after['worker_uss_mb']['median']:.1f} MB")
+    return out
+
+
+def drive(port: int, requests: int, concurrency: int = 16) -> dict[str, int]:
+    """Send `requests` GETs, `concurrency` at a time; count answers per worker pid."""
+    counts: collections.Counter[str] = collections.Counter()
+    lock = threading.Lock()
+    errors: list[str] = []
+
+    def loop(n: int) -> None:
+        local: collections.Counter[str] = collections.Counter()
+        try:
+            for _ in range(n):
+                status, body = fcgiclient.request(port, uri="/mem")
+                local[body.split()[0].decode() if status == 200 else f"status {status}"] += 1
+        except OSError as exc:
+            errors.append(str(exc))
+        with lock:
+            counts.update(local)
+
+    share = [requests // concurrency + (1 if i < requests % concurrency else 0)
+             for i in range(concurrency)]
+    threads = [threading.Thread(target=loop, args=(n,)) for n in share]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=600)
+    if errors:
+        counts["errors"] = len(errors)
+    return dict(sorted(counts.items()))
+
+
+def snapshot(proc: Proc) -> dict[str, Any]:
+    manager = _mb(smaps_rollup(proc.pid))
+    workers = [_mb(smaps_rollup(pid)) for pid in children(proc.pid)]
+    pss = [w["pss"] for w in workers]
+    uss = [w["uss"] for w in workers]
+    return {
+        "manager": manager,
+        "workers": workers,
+        "worker_pss_mb": _mmm(pss),
+        "worker_uss_mb": _mmm(uss),
+        "worker_rss_mb": _mmm([w["rss"] for w in workers]),
+        "total_pss_mb": round(manager["pss"] + sum(pss), 1),
+        "total_uss_mb": round(manager["uss"] + sum(uss), 1),
+    }
+
+
+def _mb(rollup: dict[str, int]) -> dict[str, float]:
+    uss = rollup.get("Private_Clean", 0) + rollup.get("Private_Dirty", 0)
+    return {"pss": round(rollup.get("Pss", 0) / 1024, 2), "uss": round(uss / 1024, 2),
+            "rss": round(rollup.get("Rss", 0) / 1024, 2)}
+
+
+def _mmm(values: list[float]) -> dict[str, float]:
+    if not values:
+        return {"median": 0.0, "min": 0.0, "max": 0.0, "n": 0}
+    return {"median": round(statistics.median(values), 2), "min": round(min(values), 2),
+            "max": round(max(values), 2), "n": len(values)}

@@ -1,0 +1,44 @@
+"""Which fcgidaemon is measured: the working tree, or a snapshot of a git revision.
+
+``--rev REV`` exports ``src/fcgidaemon`` at REV with ``git archive`` into
+bench/work/src/<sha>/ and puts that directory first on the PYTHONPATH of every
+fcgidaemon process (and of micro.py), ahead of the editable install.  The
+results then name an exact commit, and edits made to src/ while the benchmark
+runs cannot reach it.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import paths
+
+
+def git(*args: str) -> str:
+    return subprocess.run(["git", "-C", str(paths.ROOT), *args], check=True, capture_output=True,
+                          text=True, timeout=60).stdout.strip()
+
+
+def snapshot(rev: str) -> tuple[Path, str]:
+    """Export src/fcgidaemon at `rev`; returns (directory to put on PYTHONPATH, full sha)."""
+    sha = git("rev-parse", "--verify", f"{rev}^{{commit}}")
+    dest = paths.WORK / "src" / sha[:12]
+    if not (dest / "fcgidaemon" / "__init__.py").exists():
+        dest.mkdir(parents=True, exist_ok=True)
+        archive = subprocess.run(["git", "-C", str(paths.ROOT), "archive", sha, "src/fcgidaemon"],
+                                 check=True, capture_output=True, timeout=60).stdout
+        subprocess.run(["tar", "-x", "--strip-components=1", "-C", str(dest)], input=archive,
+                       check=True, timeout=60)
+    return dest, sha
+
+
+def use(rev: str | None) -> str:
+    """Select what is measured; returns a description for the report."""
+    if rev is None:
+        paths.FCGIDAEMON_SRC = None
+        sha = git("rev-parse", "--short=12", "HEAD")
+        dirty = git("status", "--porcelain", "--", "src")
+        return f"{sha} (working tree{', with uncommitted changes in src/' if dirty else ''})"
+    paths.FCGIDAEMON_SRC, sha = snapshot(rev)
+    return f"{sha[:12]} (snapshot of {rev})"
