@@ -38,6 +38,7 @@ BEGIN_BODY = struct.Struct(flup.FCGI_BeginRequestBody)
 UNKNOWN_BODY = struct.Struct(flup.FCGI_UnknownTypeBody)
 MAX_CONTENT = 65535
 FLUSH_AT = 256 * 1024  # bytes of response buffered before a send
+RECV_BODY = 256 * 1024  # read size while the application streams a request body
 TOO_LARGE = (b"Status: 413 Content Too Large\r\nContent-Type: text/plain\r\nContent-Length: 24\r\n\r\n"
              b"Request body too large.\n")
 
@@ -178,6 +179,8 @@ class InputStream(flup.InputStream):
 
     def drain(self) -> None:
         """Read and drop what the application left unread, so the next record lines up."""
+        if self._eof and not self._avail:
+            return  # the common GET: an empty stdin, already complete
         while not self._eof:
             self._bufList.clear()
             self._conn.process_input()
@@ -252,7 +255,7 @@ class Connection:
     def _recv_blocking(self) -> None:
         while True:
             try:
-                data = self.sock.recv(65536)
+                data = self.sock.recv(RECV_BODY)
                 break
             except BlockingIOError:
                 self._wait(select.POLLIN, "no input")

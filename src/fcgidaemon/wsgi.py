@@ -70,23 +70,22 @@ class FileWrapper:
         raise StopIteration
 
 
+CONSTANT_KEYS = {"wsgi.version": (1, 0), "wsgi.multithread": False, "wsgi.multiprocess": True,
+                 "wsgi.run_once": False, "wsgi.file_wrapper": FileWrapper}
+
+
 def build_environ(req: Request) -> dict[str, Any]:
     """A new environ from this request's params, normalised for WSGI."""
     environ: dict[str, Any] = dict(req.params)
     for name, default in REQUIRED:
-        environ.setdefault(name, default)
+        if name not in environ:
+            environ[name] = default
     normalise_paths(environ)
     https = environ.get("HTTPS", "off").lower() in ("on", "1") or environ.get("REQUEST_SCHEME") == "https"
-    environ.update({
-        "wsgi.version": (1, 0),
-        "wsgi.url_scheme": "https" if https else "http",
-        "wsgi.input": req.stdin,
-        "wsgi.errors": ErrorStream(),
-        "wsgi.multithread": False,
-        "wsgi.multiprocess": True,
-        "wsgi.run_once": False,
-        "wsgi.file_wrapper": FileWrapper,
-    })
+    environ.update(CONSTANT_KEYS)
+    environ["wsgi.url_scheme"] = "https" if https else "http"
+    environ["wsgi.input"] = req.stdin
+    environ["wsgi.errors"] = ErrorStream()
     return environ
 
 
@@ -110,7 +109,7 @@ def normalise_paths(environ: dict[str, Any]) -> None:
     raw_path, _, query = uri.partition("?")
     if not environ.get("QUERY_STRING"):
         environ["QUERY_STRING"] = query
-    path = unquote_to_bytes(raw_path.encode("latin-1")).decode("latin-1")
+    path = unquote_to_bytes(raw_path.encode("latin-1")).decode("latin-1") if "%" in raw_path else raw_path
     if path_info and script + path_info == path:
         environ["SCRIPT_NAME"], environ["PATH_INFO"] = script, path_info
     else:
