@@ -84,7 +84,11 @@ class Daemon:
         self.pid = self.proc.pid
         self.workers_wanted = workers
         if wait:
-            self.wait_serving(1)
+            try:
+                self.wait_serving(1)
+            except BaseException:
+                self.stop()  # never leave a daemon behind, even one that did not come up
+                raise
 
     # ------------------------------------------------------------------ observing
 
