@@ -274,6 +274,7 @@ def test_crash_loop_backs_off_and_recovers(start_daemon, tmp_path):
     spawned = d.count(r"exited: exit 7")
     print(f"{spawned} crashed respawns in 4s")
     assert 3 <= spawned <= 8  # 0.1+0.2+0.4+0.8+1.6 s: bounded, not a spin
+    assert d.count(r"respawning in") == 1  # the summary is rate-limited: one line per 10 s
     assert d.proc.poll() is None
     flag.unlink()
     wait_for(lambda: get(d.address, "/hello", timeout=2).status == 200 if d.workers() else None,

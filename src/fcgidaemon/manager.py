@@ -27,6 +27,7 @@ log = logging.getLogger("fcgidaemon")
 BACKOFF_START = 0.1
 BACKOFF_MAX = 10.0
 YOUNG = 2.0  # a worker that dies within this many seconds of its start died young
+CRASH_LOG_EVERY = 10.0  # seconds between crash-loop summaries
 MANAGER_SIGNALS = (signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGCHLD,
                    signal.SIGTTIN, signal.SIGTTOU, signal.SIGUSR2)
 
@@ -72,6 +73,8 @@ class Manager(supervise.Supervision, control.ControlCommands, upgrade.Upgrading)
         self.reload_started = 0.0
         self.respawn_at: dict[int, float] = {}  # slot -> when to start its replacement
         self.backoff: dict[int, float] = {}  # slot -> next delay
+        self.crashes = 0  # young deaths not yet reported
+        self.crash_logged_at = -CRASH_LOG_EVERY
         self.stop_deadline: float | None = None
         self.exit_code = 0
         self.pool = Pool(start_time=time.time(), manager_pid=os.getpid(), backlog=config.backlog)
@@ -410,8 +413,18 @@ class Manager(supervise.Supervision, control.ControlCommands, upgrade.Upgrading)
         if young:
             delay = self.backoff.get(rec.slot, BACKOFF_START)
             self.backoff[rec.slot] = min(BACKOFF_MAX, delay * 2)
-            log.warning("slot %d: respawning in %.1fs (%s)", rec.slot, delay, reason)
+            self._crash_summary(rec.slot, delay, reason)
         self.respawn_at[rec.slot] = time.monotonic() + delay
+
+    def _crash_summary(self, slot: int, delay: float, reason: str) -> None:
+        """Crash loops are logged at most once per CRASH_LOG_EVERY seconds, as a summary."""
+        now = time.monotonic()
+        self.crashes += 1
+        if now - self.crash_logged_at < CRASH_LOG_EVERY:
+            return
+        log.warning("slot %d: respawning in %.1fs (%s); %d worker(s) died young since the last "
+                    "such line", slot, delay, reason, self.crashes)
+        self.crash_logged_at, self.crashes = now, 0
 
     def _on_message_backlog(self, rec: WorkerRecord) -> None:
         """Read what an exited worker sent last (its import failure or hand-offs)."""
