@@ -151,3 +151,19 @@ def test_privileges_dropped_after_bind_before_import(start_daemon, tmp_path):
     assert int(uid) == pwd.getpwnam("nobody").pw_uid
     with open(f"/proc/{d.pid}/status") as fh:
         assert re.search(rf"^Uid:\s+{int(uid)}\s", fh.read(), re.M)  # the manager too
+
+
+def test_reload_check_refuses_code_that_fails_its_first_request(start_daemon, tmp_path):
+    src = app_copy(tmp_path)
+    d = start_daemon("liveapp", "--reload-check", "/id?id=probe", workers=2, pythonpath=[src])
+    text = (src / "liveapp.py").read_text()
+    # imports fine, but every request fails: only the reload check can catch this
+    (src / "liveapp.py").write_text(text.replace('def application(environ, start_response):',
+                                                 'def application(environ, start_response):\n'
+                                                 '    raise KeyError("settings.DATABASE")'))
+    d.signal(signal.SIGHUP)
+    d.wait_log(r"reload to generation 2 failed: --reload-check /id\?id=probe: KeyError")
+    assert get(d.address, "/hello").body.startswith(b"hello v1 ")  # the old code serves
+    (src / "liveapp.py").write_text(text.replace('VERSION = "v1"', 'VERSION = "v2"'))
+    d.reload(3)
+    assert get(d.address, "/hello").body.startswith(b"hello v2 ")

@@ -272,6 +272,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("access_log", "--access-log", "FCGIDAEMON_ACCESS_LOG", "", parse_optional_str,
            "write an access log (combined format, then request time in us and worker pid) to "
            "FILE or `-` for stdout (off by default)", "FILE"),
+    Option("reload_check", "--reload-check", "FCGIDAEMON_RELOAD_CHECK", "", parse_optional_str,
+           "a new worker first serves one GET of this path in-process and must answer 2xx before "
+           "it counts as ready; otherwise the reload is aborted like an import error", "PATH"),
     Option("pidfile", "--pidfile", "FCGIDAEMON_PIDFILE", None, parse_optional_str,
            "write the manager's pid here (removed on exit)", "FILE"),
     Option("user", "--user", "FCGIDAEMON_USER", None, parse_optional_str,
@@ -321,6 +324,7 @@ class Config:
     ping_path: str | None = None
     status_allow: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = field(default_factory=list)
     access_log: str | None = None
+    reload_check: str | None = None
     pidfile: str | None = None
     user: str | None = None
     group: str | None = None
@@ -420,7 +424,7 @@ def check_consistency(config: Config) -> None:
                               f"and --max-workers {config.max_workers}")
     elif config.min_workers:
         raise ConfigError("--min-workers needs --max-workers")
-    for name in ("status_path", "ping_path"):
+    for name in ("status_path", "ping_path", "reload_check"):
         path = getattr(config, name)
         if path is not None and not path.startswith("/"):
             raise ConfigError(f"--{name.replace('_', '-')} must start with /: {path!r}")

@@ -85,3 +85,43 @@ def module_exists(name: str) -> bool:
             return False
         spec = importlib.machinery.PathFinder.find_spec(part, list(spec.submodule_search_locations))
     return spec is not None
+
+
+def self_check(app: WSGIApp, path: str) -> str | None:
+    """Serve one GET of `path` in-process; None if it answered 2xx, else why not.
+
+    The check happens in a new worker before it reports ready, so code that imports
+    but fails on its first request never replaces working code.
+    """
+    import io
+
+    from .wsgi import ErrorStream
+
+    seen: dict[str, str] = {}
+    target, _, query = path.partition("?")
+    environ = {"REQUEST_METHOD": "GET", "SCRIPT_NAME": "", "PATH_INFO": target, "QUERY_STRING": query,
+               "REQUEST_URI": path, "SERVER_NAME": "localhost", "SERVER_PORT": "80",
+               "SERVER_PROTOCOL": "HTTP/1.1", "REMOTE_ADDR": "127.0.0.1", "HTTP_HOST": "localhost",
+               "wsgi.version": (1, 0), "wsgi.url_scheme": "http", "wsgi.input": io.BytesIO(),
+               "wsgi.errors": ErrorStream(), "wsgi.multithread": False, "wsgi.multiprocess": True,
+               "wsgi.run_once": False}
+
+    def start_response(status: str, headers: list, exc_info: Any = None) -> Callable[[bytes], None]:
+        seen["status"] = status
+        return lambda data: None
+
+    try:
+        result = app(environ, start_response)
+        try:
+            for _ in result:
+                pass
+        finally:
+            close = getattr(result, "close", None)
+            if close is not None:
+                close()
+    except BaseException as exc:  # noqa: BLE001 - reported as the reason the reload fails
+        return f"--reload-check {path}: {summarize(exc)}\n{traceback.format_exc()}"
+    status = seen.get("status", "no status")
+    if not status[:1] == "2":
+        return f"--reload-check {path}: answered {status}"
+    return None

@@ -118,6 +118,11 @@ class Worker:
             message = MSG_IMPORT_FAILED + b"\n" + f"{exc.summary}\n{exc.text}".encode()
             self.spec.channel.send(message[:MAX_MESSAGE])
             return EXIT_IMPORT_FAILED
+        if self.config.reload_check:
+            failure = loader.self_check(app, self.config.reload_check)
+            if failure:
+                self.spec.channel.send((MSG_IMPORT_FAILED + b"\n" + failure.encode())[:MAX_MESSAGE])
+                return EXIT_IMPORT_FAILED
         app = self._wrap(app)
         limits = Limits(read_timeout=self.config.read_timeout, max_params=self.config.max_params,
                         max_body=self.config.max_body)
