@@ -210,6 +210,7 @@ class Connection:
 
     def __init__(self, sock: socket.socket, server: Server) -> None:
         self.sock = sock
+        self.fd = sock.fileno()  # kept after close, to find our entries by it
         self.server = server
         self.inbuf = bytearray()
         self._out: list[bytes] = []

@@ -249,27 +249,24 @@ class Worker:
     def _adopt(self, sock: socket.socket, register: bool = True) -> Connection:
         assert self.server is not None
         conn = Connection(sock, self.server)
-        self.conns[conn.fileno()] = conn
+        self.conns[conn.fd] = conn
         if register:
             self._watch(conn)
         return conn
 
     def _watch(self, conn: Connection) -> None:
-        self.epoll.register(conn.fileno(), select.EPOLLIN)
-        self.registered.add(conn.fileno())
+        self.epoll.register(conn.fd, select.EPOLLIN)
+        self.registered.add(conn.fd)
 
     def _drop(self, conn: Connection, reason: str | None = None, level: int = logging.INFO) -> None:
         if reason:
             log.log(level, "connection closed: %s", reason)
-        fd = conn.fileno() if not conn.closed else None
-        for key, value in list(self.conns.items()):
-            if value is conn:
-                del self.conns[key]
-                fd = key
-        if fd is not None and fd in self.registered:
-            self.registered.discard(fd)
+        if self.conns.get(conn.fd) is conn:
+            del self.conns[conn.fd]
+        if conn.fd in self.registered:
+            self.registered.discard(conn.fd)
             if not conn.closed:  # closing the socket already took it out of the epoll set
-                self.epoll.unregister(fd)
+                self.epoll.unregister(conn.fd)
         conn.close()
 
     def _serve(self, conn: Connection, flags: int = 0) -> None:
@@ -413,4 +410,4 @@ def _readable(sock: socket.socket) -> bool:
 
 
 if sys.platform != "linux":  # pragma: no cover
-    raise ImportError("fcgidaemon's worker needs Linux (epoll, EPOLLEXCLUSIVE)")
+    raise ImportError("fcgidaemon's worker needs Linux (epoll, SCM_RIGHTS, TCP_DEFER_ACCEPT)")
