@@ -323,3 +323,20 @@ def test_bind_localhost_binds_every_address(start_daemon):
         d.wait_log(rf"listening on \[?{re.escape(addr)}\]?:{port}")
         assert get((addr, port), "/hello").status == 200
     print(f"localhost resolved to {sorted(resolved)}; all served")
+
+
+def test_worker_death_right_before_sighup_does_not_harm_the_manager(start_daemon):
+    """A young worker's replacement starts 0.1 s after its death; a SIGHUP then can replace
+    its generation while it is still starting, and its late 'ready' must not upset the
+    manager's state table (it once raised 'retiring -> ready not allowed' and took the
+    manager down)."""
+    d = start_daemon(workers=4)
+    generation = 1
+    for delay in (0.08, 0.09, 0.1, 0.105, 0.11, 0.12) * 2:
+        os.kill(d.wait_workers(4)[0], signal.SIGKILL)
+        time.sleep(delay)
+        generation += 1
+        d.reload(generation)
+        assert d.proc.poll() is None
+    assert get(d.address, "/hello").status == 200
+    assert "manager loop error" not in d.log()

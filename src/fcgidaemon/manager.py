@@ -99,17 +99,11 @@ class Manager(supervise.Supervision, control.ControlCommands, upgrade.Upgrading)
         for slot in range(self.target):
             self._spawn(slot, self.generation)
         while not (self.phase in ENDING and not self.workers):
-            timeout = self._timeout()
-            for key, _ in self.selector.select(timeout):
-                if key.data is None:
-                    for signum in self.queue.drain():
-                        self._on_signal(signum)
-                elif key.data == "control":
-                    self._on_control()
-                else:
-                    self._on_message(key.data)
-            self._reap()
-            self._tick()
+            try:
+                self._turn()
+            except Exception:  # noqa: BLE001 - the manager going down takes the site down
+                log.critical("manager loop error (carrying on)", exc_info=True)
+                time.sleep(0.1)  # never a hot loop, even if the error repeats
         if self.phase is Phase.RETIRED and self.upgrade:
             self.upgrade.drop_oldbin()
             log.info("handed over to manager %d", self.upgrade.pid)
@@ -117,6 +111,19 @@ class Manager(supervise.Supervision, control.ControlCommands, upgrade.Upgrading)
             systemd.notify("STATUS=stopped")
         log.info("manager exiting with status %d", self.exit_code)
         return self.exit_code
+
+    def _turn(self) -> None:
+        """One turn of the loop: wait for signals, worker messages and timers, then act."""
+        for key, _ in self.selector.select(self._timeout()):
+            if key.data is None:
+                for signum in self.queue.drain():
+                    self._on_signal(signum)
+            elif key.data == "control":
+                self._on_control()
+            else:
+                self._on_message(key.data)
+        self._reap()
+        self._tick()
 
     def _timeout(self) -> float:
         moments = [t for t in self.respawn_at.values()]
@@ -260,7 +267,10 @@ class Manager(supervise.Supervision, control.ControlCommands, upgrade.Upgrading)
             self.selector.unregister(rec.channel)
             return
         if msg == worker.MSG_READY:
-            self._on_ready(rec)
+            if rec.state is WState.STARTING:
+                self._on_ready(rec)
+            else:  # retired before it finished starting (its generation was replaced): it leaves
+                log.debug("worker %d ready while %s; not used", rec.pid, rec.state.value)
         elif msg.startswith(worker.MSG_IMPORT_FAILED):
             rec.failure = msg[len(worker.MSG_IMPORT_FAILED) + 1:].decode(errors="replace")
         elif msg == worker.MSG_HANDOFF:
@@ -313,7 +323,10 @@ class Manager(supervise.Supervision, control.ControlCommands, upgrade.Upgrading)
             if (other.replace and other.slot == rec.slot and other.generation == rec.generation
                     and other.state is WState.READY):
                 self._retire(other)
-        if self.phase in (Phase.STARTING, Phase.RELOADING) and self._generation_ready(rec.generation):
+        # only the generation being started can take over; a respawned worker of the serving
+        # one must not make the manager "switch" back to its own generation
+        if (self.phase in (Phase.STARTING, Phase.RELOADING) and rec.generation == self.generation
+                and self._generation_ready(rec.generation)):
             self._switch_to(rec.generation)
 
     def _generation_ready(self, generation: int) -> bool:

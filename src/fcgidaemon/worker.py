@@ -195,20 +195,25 @@ class Worker:
                 events = self.epoll.poll(1.0)
             except InterruptedError:
                 continue
-            served = False
-            for fd, _ in events:  # connections we hold first: their requests are already ours
+            ready = None
+            waiting = None
+            for fd, _ in events:
                 if fd in self.conns:
-                    self._serve(self.conns[fd])
-                    served = True
+                    ready = ready or self.conns[fd]
+                elif fd in self.listener_fds:
+                    waiting = self.listener_fds[fd]
                 elif fd == self._wake_r.fileno():
                     _drain(self._wake_r)
                 elif fd == self.spec.channel.fileno():
                     self._channel_message()
-            if not served:  # after serving, look again: another idle worker may have taken it
-                for fd, _ in events:
-                    if fd in self.listener_fds:
-                        self._accept(self.listener_fds[fd])
-                        break  # one connection at a time
+            # One connection per turn, the first the kernel reports (level-triggered epoll
+            # re-queues a still-ready one at the back: round robin), and at most one accept:
+            # a new connection is served at once, so new and kept connections take turns and
+            # neither can starve the other when every worker is busy.
+            if ready is not None and ready.fd in self.conns:
+                self._serve(ready)
+            if waiting is not None:
+                self._accept(waiting)
             self._sweep()
 
     def _accept(self, listener: socket.socket) -> None:
