@@ -152,3 +152,18 @@ def test_access_log(start_daemon, tmp_path):
     line = log.read_text().strip()
     assert re.fullmatch(rf'127\.0\.0\.1 - - \[[^]]+\] "GET /id\?id=1 HTTP/1\.1" 200 \d+ "http://r/" '
                         rf'"probe/1\.0" \d+ {pid}', line), line
+
+
+def test_process_title_shows_the_busy_request_and_its_age(start_daemon):
+    from test_lifecycle import proc_title
+    d = start_daemon("testapp", workers=1)
+    worker = d.wait_workers(1)[0]
+    thread = threading.Thread(target=lambda: get(d.address, "/sleep?s=3&q=secret", timeout=10))
+    thread.start()
+    def aged() -> str | None:
+        title = proc_title(worker)
+        return title if re.search(r"busy [1-9]\.\ds", title) else None
+    title = wait_for(aged, 5, "the title to show the request's age")
+    assert re.fullmatch(r"fcgidaemon: worker 0 gen 1 busy [1-9]\.\ds GET /sleep", title), title
+    thread.join(10)
+    wait_for(lambda: proc_title(worker) == "fcgidaemon: worker 0 gen 1 idle", 5, "the idle title")

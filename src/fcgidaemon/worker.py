@@ -104,6 +104,7 @@ class Worker:
         self._wake_r, self._wake_w = socket.socketpair()
         self.board = spec.board or Scoreboard(1)
         self.index = spec.board_index if spec.board else 0
+        self.title = titles.BusyTitle(f"worker {spec.slot} gen {spec.generation}")
         self.quota = (self.config.max_requests + random.randint(0, self.config.max_requests_jitter)
                       if self.config.max_requests else 0)
 
@@ -300,7 +301,7 @@ class Worker:
         method = req.params.get("REQUEST_METHOD", "?")
         uri = req.params.get("REQUEST_URI", req.params.get("PATH_INFO", "")).partition("?")[0]
         self.board.request_started(self.index, method, uri)
-        self._title(f"busy {method} {uri[:80]}")
+        self.title.busy(f"{method} {uri[:80]}")
         counted = self.requests
         try:
             conn.run_request()
@@ -393,7 +394,7 @@ class Worker:
             self.stop_mode = StopMode.CLOSE
 
     def _title(self, state: str) -> None:
-        titles.set_title(f"worker {self.spec.slot} gen {self.spec.generation} {state}")
+        self.title.set(state)
 
 
 def _exit_now(signum: int, frame: object) -> None:
