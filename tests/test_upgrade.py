@@ -117,3 +117,33 @@ def test_upgrade_keeps_the_unix_socket(start_daemon, tmp_path):
     os.kill(new_pid, signal.SIGTERM)
     wait_for(lambda: not alive(new_pid), 10, "the new manager to stop")
     assert not path.exists()  # the new manager owned the socket file and removed it
+
+
+def test_upgrade_through_apache_enablereuse_loses_nothing(tmp_path):
+    """SIGUSR2 while Apache keeps pooled connections (enablereuse=on): the old workers hand
+    their kept connections to the new manager, so Apache never sees one closed."""
+    import collections
+
+    from frontends import apache_available
+    from load import http_checker
+    from test_frontends_reload import daemon_and_front, exact_id_check, front_end_errors
+
+    if not apache_available():
+        import pytest
+        pytest.skip("apache2 with mod_proxy_fcgi is not installed")
+    with daemon_and_front(tmp_path, "apache", True, "tcp", workers=4) as (d, fe):
+        def upgrader():
+            time.sleep(1.5)
+            d.signal(signal.SIGUSR2)
+
+        thread = threading.Thread(target=upgrader)
+        thread.start()
+        with http_checker(fe.host, fe.port, "/app/id?id={uid}", exact_id_check(collections.Counter()),
+                          timeout=30.0) as checker:
+            result = run_load(checker, clients=32, duration=5)
+        thread.join(10)
+        print(f"{result.summary()}; Apache proxy errors: {len(front_end_errors(fe))}")
+        assert result.failures == 0, result.errors
+        assert front_end_errors(fe) == []
+        wait_for(lambda: d.proc.poll() is not None, 10, "the old manager to hand over and exit")
+        d.wait_log(r"handed over to manager \d+")
