@@ -171,7 +171,7 @@ def test_reload_with_broken_code_fails_and_the_old_code_keeps_serving(sb, app):
 def test_stop_lets_an_in_flight_request_finish(sb, app):
     sb.systemctl("start", SERVICE)
     request = sb.client_in_background("get", TCP, "/sleep?s=3")
-    wait_for(lambda: sb.run("pgrep", "-f", "busy GET /sleep", check=False).returncode == 0,
+    wait_for(lambda: sb.run("pgrep", "-f", r"busy [0-9.]*s GET /sleep", check=False).returncode == 0,
              10, "a worker busy with /sleep")
     _, took = timed(sb.systemctl, "stop", SERVICE)
     reply = finish(request, 30)
