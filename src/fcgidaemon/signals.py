@@ -58,11 +58,6 @@ class SignalQueue:
         self._writer.close()
 
 
-def reset_all(signums: Iterable[int]) -> None:
-    for signum in signums:
-        signal.signal(signum, signal.SIG_DFL)
-
-
 def name(signum: int) -> str:
     try:
         return signal.Signals(signum).name
