@@ -84,7 +84,6 @@ class Manager(supervise.Supervision, control.ControlCommands, upgrade.Upgrading)
         self.selector = selectors.DefaultSelector()
         self.queue = signals.SignalQueue(MANAGER_SIGNALS)
         self.selector.register(self.queue.fileno(), selectors.EVENT_READ, None)
-        self.started_at = time.time()
         self.board = Scoreboard()
         self.next_memory_check = 0.0
         self.reload_waiters: list[tuple[socket.socket, int]] = []  # (client, generation it waits for)
@@ -266,10 +265,15 @@ class Manager(supervise.Supervision, control.ControlCommands, upgrade.Upgrading)
         if not msg:
             self.selector.unregister(rec.channel)
             return
+        self._handle_message(rec, msg, fds)
+
+    def _handle_message(self, rec: WorkerRecord, msg: bytes, fds: list[int]) -> None:
+        """One message from a worker (live, or read after its exit by _on_message_backlog)."""
+        live = self.workers.get(rec.pid) is rec
         if msg == worker.MSG_READY:
-            if rec.state is WState.STARTING:
+            if live and rec.state is WState.STARTING:
                 self._on_ready(rec)
-            else:  # retired before it finished starting (its generation was replaced): it leaves
+            else:  # retired, or gone, before it finished starting: it is not used
                 log.debug("worker %d ready while %s; not used", rec.pid, rec.state.value)
         elif msg.startswith(worker.MSG_IMPORT_FAILED):
             rec.failure = msg[len(worker.MSG_IMPORT_FAILED) + 1:].decode(errors="replace")
@@ -277,7 +281,8 @@ class Manager(supervise.Supervision, control.ControlCommands, upgrade.Upgrading)
             self._pass_on(fds, rec)
             fds = []
         elif msg == worker.MSG_QUOTA:
-            self._mark_for_replacement(rec, "served its --max-requests")
+            if live:
+                self._mark_for_replacement(rec, "served its --max-requests")
         else:
             log.warning("unknown message from worker %d: %r", rec.pid, msg[:40])
         for fd in fds:
@@ -449,13 +454,7 @@ class Manager(supervise.Supervision, control.ControlCommands, upgrade.Upgrading)
                 return
             if not msg:
                 return
-            if msg.startswith(worker.MSG_IMPORT_FAILED):
-                rec.failure = msg[len(worker.MSG_IMPORT_FAILED) + 1:].decode(errors="replace")
-            elif msg == worker.MSG_HANDOFF:
-                self._pass_on(fds, rec)
-                continue
-            for fd in fds:
-                os.close(fd)
+            self._handle_message(rec, msg, fds)
 
     def _tick(self) -> None:
         now = time.monotonic()
