@@ -93,6 +93,22 @@ def render_text(snap: dict[str, Any], full: bool = False) -> str:
     return "\n".join(out) + "\n"
 
 
+# (kind, metric name, help, snapshot key) of the single-valued metrics
+SCALARS = (
+    ("counter", "fcgidaemon_requests", "Requests served", "requests"),
+    ("counter", "fcgidaemon_accepted_connections", "Connections accepted", "accepted"),
+    ("gauge", "fcgidaemon_workers_target", "Target worker count", "workers_target"),
+    ("gauge", "fcgidaemon_listen_queue", "Connections waiting to be accepted", "listen_queue"),
+    ("gauge", "fcgidaemon_listen_queue_max", "Largest listen queue seen", "listen_queue_max"),
+    ("gauge", "fcgidaemon_listen_queue_length", "Listen backlog", "listen_backlog"),
+    ("gauge", "fcgidaemon_generation", "Serving generation", "generation"),
+    ("counter", "fcgidaemon_all_workers_busy", "Times all workers were busy", "all_busy"),
+    ("counter", "fcgidaemon_slow_requests", "Requests past --slow-log", "slow_requests"),
+    ("counter", "fcgidaemon_request_timeouts", "Workers killed by --timeout", "timeouts"),
+    ("gauge", "fcgidaemon_start_time_seconds", "Manager start time", "start_time"),
+)
+
+
 def render_openmetrics(snap: dict[str, Any]) -> bytes:
     from prometheus_client.core import (CollectorRegistry, CounterMetricFamily, GaugeMetricFamily,
                                         HistogramMetricFamily)
@@ -100,35 +116,18 @@ def render_openmetrics(snap: dict[str, Any]) -> bytes:
 
     class Collector:
         def collect(self) -> Iterable[Any]:
-            yield CounterMetricFamily("fcgidaemon_requests", "Requests served", value=snap["requests"])
-            yield CounterMetricFamily("fcgidaemon_accepted_connections", "Connections accepted",
-                                      value=snap["accepted"])
+            for kind, name, text, key in SCALARS:
+                family = CounterMetricFamily if kind == "counter" else GaugeMetricFamily
+                yield family(name, text, value=snap[key])
             workers = GaugeMetricFamily("fcgidaemon_workers", "Worker processes by state",
                                         labels=["state"])
             for state, count in snap["workers"].items():
                 workers.add_metric([state], count)
             yield workers
-            yield GaugeMetricFamily("fcgidaemon_workers_target", "Target worker count",
-                                    value=snap["workers_target"])
-            yield GaugeMetricFamily("fcgidaemon_listen_queue", "Connections waiting to be accepted",
-                                    value=snap["listen_queue"])
-            yield GaugeMetricFamily("fcgidaemon_listen_queue_max", "Largest listen queue seen",
-                                    value=snap["listen_queue_max"])
-            yield GaugeMetricFamily("fcgidaemon_listen_queue_length", "Listen backlog",
-                                    value=snap["listen_backlog"])
-            yield GaugeMetricFamily("fcgidaemon_generation", "Serving generation", value=snap["generation"])
             reloads = CounterMetricFamily("fcgidaemon_reloads", "Reloads by result", labels=["result"])
             reloads.add_metric(["ok"], snap["reloads_ok"])
             reloads.add_metric(["failed"], snap["reloads_failed"])
             yield reloads
-            yield CounterMetricFamily("fcgidaemon_all_workers_busy", "Times all workers were busy",
-                                      value=snap["all_busy"])
-            yield CounterMetricFamily("fcgidaemon_slow_requests", "Requests past --slow-log",
-                                      value=snap["slow_requests"])
-            yield CounterMetricFamily("fcgidaemon_request_timeouts", "Workers killed by --timeout",
-                                      value=snap["timeouts"])
-            yield GaugeMetricFamily("fcgidaemon_start_time_seconds", "Manager start time",
-                                    value=snap["start_time"])
             yield _histogram(HistogramMetricFamily, snap)
             busy = GaugeMetricFamily("fcgidaemon_worker_request_age_seconds",
                                      "Age of the request each busy worker serves", labels=["pid"])
@@ -165,16 +164,17 @@ def middleware(app: WSGIApp, board: Scoreboard, app_name: str, status_path: str 
         return {uri, environ.get("SCRIPT_NAME", "") + environ.get("PATH_INFO", ""),
                 environ.get("PATH_INFO", "")}
 
+    ours = {path for path in (status_path, ping_path) if path}
+
     def handle(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
-        seen = paths(environ)
-        if ping_path and ping_path in seen:
-            return _answer(start_response, "200 OK", "text/plain", b"pong\n") if _allowed(environ, allow) \
-                else _answer(start_response, "403 Forbidden", "text/plain", b"forbidden\n")
-        if status_path and status_path in seen:
-            if not _allowed(environ, allow):
-                return _answer(start_response, "403 Forbidden", "text/plain", b"forbidden\n")
-            return _status(environ, start_response, board, app_name)
-        return app(environ, start_response)
+        seen = paths(environ) & ours
+        if not seen:
+            return app(environ, start_response)
+        if not _allowed(environ, allow):
+            return _answer(start_response, "403 Forbidden", "text/plain", b"forbidden\n")
+        if ping_path in seen:
+            return _answer(start_response, "200 OK", "text/plain", b"pong\n")
+        return _status(environ, start_response, board, app_name)
 
     return handle
 
