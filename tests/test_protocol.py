@@ -11,15 +11,17 @@ import hashlib
 import os
 import signal
 import socket
+import struct
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import pytest
 
 from daemon import APPS, Daemon, free_port, wait_for
-from fcgiclient import (FCGI_BEGIN_REQUEST, FCGI_CANT_MPX_CONN, FCGI_END_REQUEST, FCGI_KEEP_CONN, FCGI_PARAMS, FCGI_STDIN, FCGI_UNKNOWN_ROLE,
+from fcgiclient import (FCGI_BEGIN_REQUEST, FCGI_CANT_MPX_CONN, FCGI_END_REQUEST, FCGI_KEEP_CONN, FCGI_PARAMS, FCGI_STDIN, FCGI_STDOUT, FCGI_UNKNOWN_ROLE,
                         FCGI_UNKNOWN_TYPE, ConnectionClosed, FCGIClient, build_request, encode_params, encode_record, make_params)
 
 
@@ -282,6 +284,66 @@ def test_kept_connections_do_not_pin_workers(server):
     finally:
         for client in clients:
             client.close()
+
+
+def test_a_busy_kept_connection_does_not_starve_the_others(start_daemon):
+    """One worker, two kept connections: A streams pipelined requests without a pause, B (kept
+    already, so not served at accept) sends one. Every connection the kernel reports ready gets a turn, so B is answered within a round
+    (A's next 64 KiB of requests at most), not after A's stream runs dry. Before, the worker
+    served only the first ready connection per epoll turn, and level-triggered epoll kept A at
+    the head of the list for as long as A had bytes waiting."""
+    d = start_daemon(workers=1)
+    total = 6000
+    stream = b"".join(build_request(make_params("GET", f"/id?id=a{i}"), keep_conn=True)
+                      for i in range(1, total))
+    answered = []  # ids of A's responses, in order
+    a = socket.create_connection(d.address, timeout=20)
+    b = FCGIClient(d.address, timeout=20)
+    try:
+        # both kept and waiting in the worker's epoll set before the stream starts
+        assert b.request(make_params("GET", "/id?id=b0"), keep_conn=True).status == 200
+        reader = threading.Thread(target=_read_ids, args=(a, total, answered))
+        reader.start()
+        a.sendall(build_request(make_params("GET", "/id?id=a0"), keep_conn=True))
+        wait_for(lambda: answered, 10, "A's first response")
+        writer = threading.Thread(target=a.sendall, args=(stream,))
+        writer.start()
+        wait_for(lambda: len(answered) > 1, 10, "A's stream to be served")
+        resp = b.request(make_params("GET", "/id?id=b"), keep_conn=True)
+        a_done_before_b = len(answered)
+        writer.join(30)
+        reader.join(30)
+    finally:
+        a.close()
+        b.close()
+    print(f"B answered after {a_done_before_b} of A's {total} requests")
+    assert resp.status == 200 and resp.body.startswith(b"id=b ")
+    assert answered == [f"a{i}" for i in range(total)]  # all of A's, each its own, in order
+    assert a_done_before_b < total // 2
+
+
+def _read_ids(sock: socket.socket, total: int, out: list[str]) -> None:
+    """Read `total` responses of /id from a raw socket; append each one's id as it ends."""
+    buf, stdout = bytearray(), bytearray()
+    while len(out) < total:
+        chunk = sock.recv(262144)
+        if not chunk:
+            return
+        buf += chunk
+        pos = 0
+        while len(buf) - pos >= 8:
+            _, rtype, _, clen, plen = struct.unpack_from("!BBHHB", buf, pos)
+            end = pos + 8 + clen + plen
+            if end > len(buf):
+                break
+            if rtype == FCGI_STDOUT:
+                stdout += buf[pos + 8:pos + 8 + clen]
+            elif rtype == FCGI_END_REQUEST:
+                body = bytes(stdout).split(b"\r\n\r\n", 1)[1]
+                out.append(body.split(b" ")[0].decode()[3:])
+                stdout.clear()
+            pos = end
+        del buf[:pos]
 
 
 def test_request_then_half_close_is_still_answered(daemon):
