@@ -252,6 +252,51 @@ def test_ttin_ttou_change_the_worker_count(start_daemon):
     assert get(d.address, "/hello").status == 200
 
 
+def test_kept_connections_are_spread_over_new_workers(start_daemon):
+    """12 kept connections, all held by the one worker; grow to 4 workers: the manager has the
+    crowded worker hand its surplus over (SCM_RIGHTS) until each holds 3, and every connection
+    keeps working: same client socket, each answer with its own id. The status page shows it."""
+    d = start_daemon("testapp", "--status-path", "/fcgi-status", workers=1)
+    clients = [FCGIClient(d.address, timeout=10) for _ in range(12)]
+    ends = [c._socket().getsockname() for c in clients]
+    counts = {"requests": 0, "failures": 0}
+
+    def holders() -> dict[int, int]:
+        """Ask on every connection; which worker answered, and how many each holds."""
+        held: dict[int, int] = {}
+        for i, client in enumerate(clients):
+            counts["requests"] += 1
+            uid = f"k{i}-{counts['requests']}"
+            resp = client.request(make_params("GET", f"/id?id={uid}"), keep_conn=True)
+            if resp.status != 200 or not resp.body.startswith(f"id={uid} ".encode()):
+                counts["failures"] += 1
+            pid = int(resp.body.rpartition(b"pid=")[2])
+            held[pid] = held.get(pid, 0) + 1
+        return held
+
+    try:
+        assert list(holders().values()) == [12]
+        for n in (2, 3, 4):
+            d.signal(signal.SIGTTIN)
+            d.wait_workers(n)
+
+        def even() -> dict[int, int] | None:
+            held = holders()
+            return held if sorted(held.values()) == [3, 3, 3, 3] else None
+
+        spread = wait_for(even, 10, "the 12 connections to be spread 3 per worker", interval=0.1)
+        assert set(spread) == set(d.workers())
+        assert [c._socket().getsockname() for c in clients] == ends  # none was reopened
+        snap = json.loads(get(d.address, "/fcgi-status?json&full").body)
+        assert snap["kept_connections"] == 12
+        assert {p["pid"]: p["kept_connections"] for p in snap["processes"]} == spread
+    finally:
+        for client in clients:
+            client.close()
+    print(f"requests={counts['requests']} failures={counts['failures']}")
+    assert counts["failures"] == 0
+
+
 def test_workers_exit_when_the_manager_dies(start_daemon):
     d = start_daemon(workers=3)
     workers = d.wait_workers(3)

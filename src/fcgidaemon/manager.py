@@ -302,16 +302,18 @@ class Manager(supervise.Supervision, control.ControlCommands, upgrade.Upgrading)
                 return
             target = min(targets, key=self._load)
             socket.send_fds(target.channel, [worker.MSG_ADOPT], fds)
+            target.adopting += len(fds)
         except OSError as exc:
             log.warning("cannot pass connections on: %s", exc)
         finally:
             for fd in fds:
                 os.close(fd)
 
-    def _load(self, rec: WorkerRecord) -> tuple[int, float]:
-        """Idle workers first, then the one busy for the longest (likely to finish first)."""
+    def _load(self, rec: WorkerRecord) -> tuple[int, int, float]:
+        """Fewest kept connections first (counting those just passed to it), then idle before
+        busy, then the one busy for the longest (likely to finish first)."""
         slot = self.board.read(rec.board_index)
-        return (0 if slot.state is SlotState.IDLE else 1, slot.busy_since)
+        return (slot.conns + rec.adopting, 0 if slot.state is SlotState.IDLE else 1, slot.busy_since)
 
     def _mark_for_replacement(self, rec: WorkerRecord, why: str) -> None:
         if rec.state is WState.READY and not rec.replace:
@@ -485,6 +487,8 @@ class Manager(supervise.Supervision, control.ControlCommands, upgrade.Upgrading)
             self.next_memory_check = now + 1.0
             self._check_memory()
         self._publish()
+        if self.phase is Phase.RUNNING:
+            self._balance(now)
         if self.config.dynamic and self.phase is Phase.RUNNING:
             self._scale(now)
         if self.phase in (Phase.RUNNING, Phase.STARTING, Phase.RELOADING):

@@ -23,9 +23,9 @@ from enum import IntEnum
 BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)  # + Inf
 NB = len(BUCKETS) + 1
 
-# pid, generation, state, requests, accepted, busy_since, method, uri, last_duration, duration_sum,
-# histogram counts
-RECORD = struct.Struct(f"=iiB3xQQd8s96sdd{NB}Q")
+# pid, generation, state, kept connections, requests, accepted, busy_since, method, uri,
+# last_duration, duration_sum, histogram counts
+RECORD = struct.Struct(f"=iiBxHQQd8s96sdd{NB}Q")
 CAPACITY = 1024
 
 # start_time(unix), manager_pid, generation, target, phase, reloads_ok, reloads_failed, requests of
@@ -48,6 +48,7 @@ class Slot:
     pid: int
     generation: int
     state: SlotState
+    conns: int  # connections held open between requests (kept by the web server)
     requests: int
     accepted: int
     busy_since: float
@@ -89,6 +90,7 @@ PHASES = ("starting", "running", "reloading", "stopping", "quitting", "retired")
 
 # offsets inside a worker record, for the small writes on the request path
 _OFF_STATE = 8
+_OFF_CONNS = 10
 _OFF_REQUESTS = 12
 _OFF_ACCEPTED = 20
 _OFF_BUSY = 28  # busy_since, method and uri are contiguous: one pack per request start
@@ -96,6 +98,7 @@ _OFF_LAST = 140  # last_duration, duration_sum
 _OFF_HIST = 156
 _BUSY = struct.Struct("=d8s96s")
 _U64 = struct.Struct("=Q")
+_U16 = struct.Struct("=H")
 _DONE = struct.Struct("=dd")
 
 
@@ -114,7 +117,7 @@ class Scoreboard:
     def allocate(self, pid: int, generation: int) -> int:
         index = self._free.pop()
         RECORD.pack_into(self.mem, self._base(index), pid, generation, SlotState.STARTING,
-                         0, 0, 0.0, b"", b"", 0.0, 0.0, *([0] * NB))
+                         0, 0, 0, 0.0, b"", b"", 0.0, 0.0, *([0] * NB))
         return index
 
     def set_pid(self, index: int, pid: int) -> None:
@@ -127,7 +130,7 @@ class Scoreboard:
         pool.accepted_exited += slot.accepted
         pool.duration_sum_exited += slot.duration_sum
         pool.histogram_exited = [a + b for a, b in zip(pool.histogram_exited, slot.histogram)]
-        RECORD.pack_into(self.mem, self._base(index), 0, 0, SlotState.FREE, 0, 0, 0.0, b"", b"",
+        RECORD.pack_into(self.mem, self._base(index), 0, 0, SlotState.FREE, 0, 0, 0, 0.0, b"", b"",
                          0.0, 0.0, *([0] * NB))
         self._free.append(index)
 
@@ -143,10 +146,14 @@ class Scoreboard:
 
     def read(self, index: int) -> Slot:
         values = RECORD.unpack_from(self.mem, self._base(index))
-        pid, gen, state, reqs, acc, since, method, uri, last, total = values[:10]
-        return Slot(index, pid, gen, SlotState(state), reqs, acc, since,
+        pid, gen, state, conns, reqs, acc, since, method, uri, last, total = values[:11]
+        return Slot(index, pid, gen, SlotState(state), conns, reqs, acc, since,
                     method.rstrip(b"\0").decode("latin-1"), uri.rstrip(b"\0").decode("latin-1"),
-                    last, total, tuple(values[10:]))
+                    last, total, tuple(values[11:]))
+
+    def conns(self, index: int) -> int:
+        """The kept connections a worker holds (cheaper than read() for the balancer)."""
+        return _U16.unpack_from(self.mem, self._base(index) + _OFF_CONNS)[0]
 
     def read_pool(self) -> Pool:
         values = POOL.unpack_from(self.mem, 0)
@@ -167,6 +174,9 @@ class Scoreboard:
 
     def set_state(self, index: int, state: SlotState) -> None:
         self.mem[self._base(index) + _OFF_STATE] = state
+
+    def set_conns(self, index: int, conns: int) -> None:
+        _U16.pack_into(self.mem, self._base(index) + _OFF_CONNS, min(conns, 0xFFFF))
 
     def request_started(self, index: int, method: str, uri: str) -> None:
         base = self._base(index)

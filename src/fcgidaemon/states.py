@@ -50,6 +50,8 @@ class WorkerRecord:
     replace: bool = False  # hit --max-requests/--max-memory: retire once a replacement is ready
     slow_logged: float = 0.0  # busy_since of the request whose stack was already logged
     kill_at: float | None = None  # --timeout: SIGKILL after the stack dump
+    balance_asked: float = 0.0  # when we last asked it to give kept connections back
+    adopting: int = 0  # connections passed to it since the last balancing turn
 
     def move(self, new: WState) -> None:
         if new not in TRANSITIONS[self.state]:

@@ -47,6 +47,7 @@ def snapshot(board: Scoreboard, app: str = "") -> dict[str, Any]:
         "last_reload_failure": pool.last_failure,
         "accepted": pool.accepted_exited + sum(s.accepted for s in slots),
         "requests": pool.requests_exited + sum(s.requests for s in slots),
+        "kept_connections": sum(s.conns for s in slots),
         "listen_queue": pool.listen_queue, "listen_queue_max": pool.listen_queue_max,
         "listen_backlog": pool.backlog, "all_busy": pool.all_busy,
         "slow_requests": pool.slow, "timeouts": pool.timeouts,
@@ -60,7 +61,7 @@ def snapshot(board: Scoreboard, app: str = "") -> dict[str, Any]:
 def _worker(slot: Slot, now: float) -> dict[str, Any]:
     busy = slot.state is SlotState.BUSY
     return {"pid": slot.pid, "generation": slot.generation, "state": slot.state.name.lower(),
-            "requests": slot.requests, "accepted": slot.accepted,
+            "requests": slot.requests, "accepted": slot.accepted, "kept_connections": slot.conns,
             "request_method": slot.method if busy else "", "request_uri": slot.uri if busy else "",
             "request_age": round(slot.busy_for(now), 3),
             "last_request_duration": round(slot.last_duration, 6), "rss": rss_bytes(slot.pid)}
@@ -76,6 +77,7 @@ def render_text(snap: dict[str, Any], full: bool = False) -> str:
         ("reloads", f"{snap['reloads_ok']} ok, {snap['reloads_failed']} failed"),
         ("last reload failure", snap["last_reload_failure"] or "-"),
         ("accepted conn", snap["accepted"]), ("requests", snap["requests"]),
+        ("kept connections", snap["kept_connections"]),
         ("listen queue", snap["listen_queue"]), ("max listen queue", snap["listen_queue_max"]),
         ("listen queue len", snap["listen_backlog"]),
         ("idle workers", w["idle"]), ("busy workers", w["busy"]),
@@ -97,6 +99,8 @@ def render_text(snap: dict[str, Any], full: bool = False) -> str:
 SCALARS = (
     ("counter", "fcgidaemon_requests", "Requests served", "requests"),
     ("counter", "fcgidaemon_accepted_connections", "Connections accepted", "accepted"),
+    ("gauge", "fcgidaemon_kept_connections", "Connections held open between requests",
+     "kept_connections"),
     ("gauge", "fcgidaemon_workers_target", "Target worker count", "workers_target"),
     ("gauge", "fcgidaemon_listen_queue", "Connections waiting to be accepted", "listen_queue"),
     ("gauge", "fcgidaemon_listen_queue_max", "Largest listen queue seen", "listen_queue_max"),

@@ -9,12 +9,15 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import socket
 
-from . import listenq
+from . import listenq, worker
 from .scoreboard import SlotState
 from .states import WState
 
 log = logging.getLogger("fcgidaemon")
+
+BALANCE_PAUSE = 0.5  # seconds between two requests to the same worker to give connections back
 
 
 class Supervision:
@@ -62,6 +65,31 @@ class Supervision:
             pool.all_busy += 1
         self.all_busy_now = busy
         self.board.write_pool(pool)
+
+    def _balance(self, now: float) -> None:
+        """Even out kept connections: the worker holding the most hands half its lead over the
+        one holding the fewest back; `_pass_on` gives each to the worker holding the fewest
+        at that moment. A web server opens its kept connections in a burst and they stay where
+        they were accepted, so without this one worker can serve twice its share while
+        another idles, and the requests on its connections wait behind each other."""
+        serving = [w for w in self.workers.values()
+                   if w.state is WState.READY and w.generation == self.serving and not w.replace]
+        held = {w.pid: self.board.conns(w.board_index) for w in serving}
+        for rec in serving:
+            rec.adopting = 0  # what we passed it since the last turn shows in its count by now
+        if len(serving) < 2:
+            return
+        most = max(serving, key=lambda w: held[w.pid])
+        lead = held[most.pid] - min(held.values())
+        if lead < 2 or now - most.balance_asked < BALANCE_PAUSE:
+            return
+        most.balance_asked = now
+        log.debug("worker %d holds %d kept connections, %d more than the fewest; asking for %d "
+                  "back", most.pid, held[most.pid], lead, lead // 2)
+        try:
+            most.channel.send(worker.MSG_BALANCE + b" %d" % (lead // 2), socket.MSG_DONTWAIT)
+        except OSError as exc:  # its channel is full or gone: a later turn asks again
+            log.debug("cannot ask worker %d to give connections back: %s", most.pid, exc)
 
     def _scale(self, now: float) -> None:
         """Dynamic mode: one worker more while requests wait or all are busy; retire the
