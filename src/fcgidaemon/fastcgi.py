@@ -6,9 +6,10 @@ flup's protocol pieces (its `Record`, name-value pair codec, `Request` and its
 input/output streams) and drive them from a buffer that the worker's event loop
 fills.  Workarounds for flup6's defects live here, each with a test:
 
-* records are parsed from a buffer and written into one output buffer that is
-  sent with one ``sendall`` per response (flup sends each record in up to three
-  ``send`` calls, which costs a delayed ACK per response on kept connections);
+* records are parsed from a buffer, in place, and the response's records are
+  encoded straight into one output buffer that is sent with one ``sendall`` per
+  response (flup sends each record in up to three ``send`` calls, which costs a
+  delayed ACK per response on kept connections, and builds an object per record);
 * FCGI_GET_VALUES is answered with real values (flup answers empty);
 * unknown management records get FCGI_UNKNOWN_TYPE (flup raises NameError);
 * name-value pairs whose lengths exceed their record are a protocol error
@@ -83,25 +84,26 @@ class Server:
         }
 
 
-class Record(flup.Record):
-    """flup's Record, parsed from a buffer and encoded into bytes instead of a socket."""
+def next_record(buf: bytearray, pos: int = 0) -> tuple[int, int, bytes, int] | None:
+    """The complete record at `pos` in `buf` as (type, request id, content, end), or None.
 
-    @classmethod
-    def parse(cls, buf: bytearray) -> tuple["Record | None", int]:
-        """The first complete record in `buf` and its size, or (None, 0)."""
-        if len(buf) < flup.FCGI_HEADER_LEN:
-            return None, 0
-        version, rtype, request_id, length, padding = HEADER.unpack_from(buf)
-        if version != flup.FCGI_VERSION_1:
-            raise ProtocolError(f"unsupported FastCGI version {version}")
-        end = flup.FCGI_HEADER_LEN + length + padding
-        if len(buf) < end:
-            return None, 0
-        rec = cls(rtype, request_id)
-        rec.contentLength = length
-        rec.paddingLength = padding
-        rec.contentData = bytes(buf[flup.FCGI_HEADER_LEN:flup.FCGI_HEADER_LEN + length])
-        return rec, end
+    Plain values, not a flup Record: a request is four records or more, and an
+    object per record was a measurable share of the per-request time.
+    """
+    if len(buf) - pos < flup.FCGI_HEADER_LEN:
+        return None
+    version, rtype, request_id, length, padding = HEADER.unpack_from(buf, pos)
+    if version != flup.FCGI_VERSION_1:
+        raise ProtocolError(f"unsupported FastCGI version {version}")
+    start = pos + flup.FCGI_HEADER_LEN
+    end = start + length + padding
+    if len(buf) < end:
+        return None
+    return rtype, request_id, bytes(buf[start:start + length]), end
+
+
+class Record(flup.Record):
+    """flup's Record, encoded into bytes instead of written to a socket (management replies)."""
 
     def to_bytes(self) -> bytes:
         return encode(self)
@@ -114,6 +116,16 @@ def encode(rec: flup.Record) -> bytes:
     if padding:
         return b"".join((header, rec.contentData, b"\0" * padding))
     return header + rec.contentData
+
+
+END_RECORD = struct.Struct("!" + flup.FCGI_Header[1:] + flup.FCGI_EndRequestBody[1:])
+CHUNK = MAX_CONTENT - 7  # 65528: a multiple of 8, so only a stream's last record has padding
+PADDING = [b"\0" * n for n in range(8)]
+
+
+def end_record(request_id: int, app_status: int, protocol_status: int) -> bytes:
+    return END_RECORD.pack(flup.FCGI_VERSION_1, flup.FCGI_END_REQUEST, request_id, END_BODY.size, 0,
+                           app_status, protocol_status)
 
 
 def make_record(rtype: int, request_id: int, content: bytes = b"") -> Record:
@@ -189,16 +201,44 @@ class InputStream(flup.InputStream):
         self._pos = self._avail = 0
 
 
+class OutputStream(flup.OutputStream):
+    """flup's stdout/stderr stream, encoding straight into the connection's output buffer
+    (flup builds a Record object per chunk and hands it to `writeRecord`)."""
+
+    def _write(self, data: bytes) -> None:
+        self._conn.write_stream(self._type, self._req.requestId, data)
+
+    def close(self) -> None:
+        if not self.closed and self.dataWritten:
+            self.flush()
+            self._conn.write_stream(self._type, self._req.requestId, b"")  # end of stream
+            self.closed = True
+
+
 class Request(flup.Request):
     """One FastCGI request: flup's Request and streams, plus the raw PARAMS stream."""
 
     def __init__(self, conn: "Connection", request_id: int, role: int, flags: int) -> None:
-        super().__init__(conn, InputStream)
+        # not flup's __init__: it builds a fourth stream, for FCGI_DATA, which only the
+        # filter role uses (refused with FCGI_UNKNOWN_ROLE); see `data`
+        self._conn = conn
+        self.server = conn.server
+        self.params: dict[str, str] = {}
+        self.stdin = InputStream(conn)
+        self.stdout = OutputStream(conn, self, flup.FCGI_STDOUT)
+        self.stderr = OutputStream(conn, self, flup.FCGI_STDERR, buffered=True)
+        self._data: InputStream | None = None
         self.requestId, self.role, self.flags = request_id, role, flags
         self.aborted = False
         self.params_raw = bytearray()
         self.runnable = False  # PARAMS complete: the application may start
         self.started = time.monotonic()
+
+    @property
+    def data(self) -> InputStream:
+        if self._data is None:
+            self._data = InputStream(self._conn)
+        return self._data
 
     @property
     def keep_conn(self) -> bool:
@@ -213,7 +253,7 @@ class Connection:
         self.fd = sock.fileno()  # kept after close, to find our entries by it
         self.server = server
         self.inbuf = bytearray()
-        self._out: list[bytes] = []
+        self._out: list[bytes | memoryview] = []
         self._out_size = 0
         self.request: Request | None = None
         self.served = 0
@@ -266,33 +306,44 @@ class Connection:
             raise ConnectionLost("web server closed the connection in the middle of a request")
         self.inbuf += data
 
-    def _next_record(self) -> Record | None:
-        rec, size = Record.parse(self.inbuf)
-        if rec is not None:
-            del self.inbuf[:size]
-        return rec
-
     def parse_available(self) -> None:
-        """Handle the buffered records until a request is ready to run or the buffer runs dry."""
-        while not (self.request is not None and self.request.runnable) and not self.closed:
-            rec = self._next_record()
-            if rec is None:
-                return
-            self._dispatch(rec)
+        """Handle the buffered records until a request is ready to run or the buffer runs dry.
+        Records are read at an offset and the consumed bytes dropped once, at the end."""
+        buf, pos, size = self.inbuf, 0, len(self.inbuf)
+        unpack = HEADER.unpack_from
+        try:
+            # next_record(), inlined: this loop runs four or more times per request
+            while size - pos >= flup.FCGI_HEADER_LEN and not self.closed:
+                if self.request is not None and self.request.runnable:
+                    return
+                version, rtype, request_id, length, padding = unpack(buf, pos)
+                if version != flup.FCGI_VERSION_1:
+                    raise ProtocolError(f"unsupported FastCGI version {version}")
+                start = pos + flup.FCGI_HEADER_LEN
+                end = start + length + padding
+                if end > size:
+                    return
+                pos = end
+                self._dispatch(rtype, request_id, bytes(buf[start:start + length]))
+        finally:
+            if pos:
+                del buf[:pos]
 
     def process_input(self) -> None:
         """Called by flup's InputStream: wait (bounded) for more of the current request's input."""
         req = self.request
         assert req is not None
         while True:
-            rec = self._next_record()
+            rec = next_record(self.inbuf)
             if rec is None:
                 self._recv_blocking()
                 continue
-            self._dispatch(rec)
+            rtype, request_id, content, end = rec
+            del self.inbuf[:end]
+            self._dispatch(rtype, request_id, content)
             if req.aborted:
                 raise RequestAborted(f"request {req.requestId} aborted by the web server")
-            if rec.requestId == req.requestId and rec.type in (flup.FCGI_STDIN, flup.FCGI_DATA):
+            if request_id == req.requestId and rtype in (flup.FCGI_STDIN, flup.FCGI_DATA):
                 return
 
     @property
@@ -300,51 +351,50 @@ class Connection:
         """Bytes of an unfinished record or request are buffered here (not in the kernel)."""
         return bool(self.inbuf) or self.request is not None
 
-    def _dispatch(self, rec: Record) -> None:
-        if rec.requestId == flup.FCGI_NULL_REQUEST_ID:
-            self._management(rec)
+    def _dispatch(self, rtype: int, request_id: int, content: bytes) -> None:
+        if request_id == flup.FCGI_NULL_REQUEST_ID:
+            self._management(rtype, content)
             return
-        if rec.type == flup.FCGI_BEGIN_REQUEST:
-            self._begin(rec)
+        if rtype == flup.FCGI_BEGIN_REQUEST:
+            self._begin(request_id, content)
             return
         req = self.request
-        if req is None or rec.requestId != req.requestId:
+        if req is None or request_id != req.requestId:
             return  # records for a request that is not active are ignored (spec 3.3)
-        if rec.type == flup.FCGI_PARAMS:
-            self._params(req, rec)
-        elif rec.type == flup.FCGI_STDIN:
-            req.stdin.add_data(rec.contentData)
-        elif rec.type == flup.FCGI_DATA:
-            req.data.add_data(rec.contentData)
-        elif rec.type == flup.FCGI_ABORT_REQUEST:
+        if rtype == flup.FCGI_PARAMS:
+            self._params(req, content)
+        elif rtype == flup.FCGI_STDIN:
+            req.stdin.add_data(content)
+        elif rtype == flup.FCGI_DATA:
+            req.data.add_data(content)
+        elif rtype == flup.FCGI_ABORT_REQUEST:
             req.aborted = True
             if not req.runnable:
                 self.end_request(req, 0)
         else:
-            log.warning("ignoring FastCGI record of type %d for request %d", rec.type, rec.requestId)
+            log.warning("ignoring FastCGI record of type %d for request %d", rtype, request_id)
 
-    def _management(self, rec: Record) -> None:
-        if rec.type == flup.FCGI_GET_VALUES:
+    def _management(self, rtype: int, content: bytes) -> None:
+        if rtype == flup.FCGI_GET_VALUES:
             caps = self.server.capabilities()
-            wanted = decode_params(rec.contentData)
+            wanted = decode_params(content)
             answer = b"".join(flup.encode_pair(name.encode("latin-1"), caps[name.encode("latin-1")])
                               for name in wanted if name.encode("latin-1") in caps)
             self.write_record(make_record(flup.FCGI_GET_VALUES_RESULT, 0, answer))
         else:
-            body = UNKNOWN_BODY.pack(rec.type)
+            body = UNKNOWN_BODY.pack(rtype)
             self.write_record(make_record(flup.FCGI_UNKNOWN_TYPE, 0, body))
         self.flush()
 
-    def _begin(self, rec: Record) -> None:
-        if rec.contentLength != BEGIN_BODY.size:
-            raise ProtocolError(f"BEGIN_REQUEST body of {rec.contentLength} bytes")
-        role, flags = BEGIN_BODY.unpack(rec.contentData)
+    def _begin(self, request_id: int, content: bytes) -> None:
+        if len(content) != BEGIN_BODY.size:
+            raise ProtocolError(f"BEGIN_REQUEST body of {len(content)} bytes")
+        role, flags = BEGIN_BODY.unpack(content)
         if self.request is not None:
-            self.write_record(make_record(flup.FCGI_END_REQUEST, rec.requestId,
-                                          END_BODY.pack(0, flup.FCGI_CANT_MPX_CONN)))
+            self._append(end_record(request_id, 0, flup.FCGI_CANT_MPX_CONN))
             self.flush()
             return
-        req = Request(self, rec.requestId, role, flags)
+        req = Request(self, request_id, role, flags)
         self.keep = req.keep_conn
         if self.keep and not self.nodelay:
             # kept connection: without TCP_NODELAY each response waits for a delayed ACK
@@ -356,11 +406,11 @@ class Connection:
             return
         self.request = req
 
-    def _params(self, req: Request, rec: Record) -> None:
+    def _params(self, req: Request, content: bytes) -> None:
         if req.runnable:
             raise ProtocolError("FCGI_PARAMS after the end of the params stream")
-        if rec.contentLength:
-            req.params_raw += rec.contentData
+        if content:
+            req.params_raw += content
             if len(req.params_raw) > self.server.limits.max_params:
                 raise ProtocolError(f"params larger than {self.server.limits.max_params} bytes")
             return
@@ -404,8 +454,7 @@ class Connection:
         if protocol_status == flup.FCGI_REQUEST_COMPLETE:
             req.stdout.close()
             req.stderr.close()
-        self.write_record(make_record(flup.FCGI_END_REQUEST, req.requestId,
-                                      END_BODY.pack(app_status, protocol_status)))
+        self._append(end_record(req.requestId, app_status, protocol_status))
         if self.server.on_done is not None:
             self.server.on_done(req)  # counted before the web server can see the response
         self.flush()
@@ -418,13 +467,35 @@ class Connection:
     # ------------------------------------------------------------------ output
 
     def write_record(self, rec: flup.Record) -> None:
-        data = encode(rec)
+        self._append(encode(rec))
+
+    writeRecord = write_record  # the name flup's streams call
+
+    def write_stream(self, rtype: int, request_id: int, data: bytes) -> None:
+        """`data` as records of a stream; empty `data` is the end-of-stream record."""
+        size = len(data)
+        if size <= CHUNK:  # one record: the usual case
+            padding = -size & 7
+            self._out += (HEADER.pack(flup.FCGI_VERSION_1, rtype, request_id, size, padding), data,
+                          PADDING[padding])
+            self._out_size += size + padding + flup.FCGI_HEADER_LEN
+        else:
+            view = memoryview(data)
+            for pos in range(0, size, CHUNK):
+                chunk = view[pos:pos + CHUNK]
+                padding = -len(chunk) & 7
+                self._out += (HEADER.pack(flup.FCGI_VERSION_1, rtype, request_id, len(chunk), padding),
+                              chunk, PADDING[padding])
+            # only the last record is padded, and by as much as the whole (CHUNK is a multiple of 8)
+            self._out_size += size + len(range(0, size, CHUNK)) * flup.FCGI_HEADER_LEN + (-size & 7)
+        if self._out_size >= FLUSH_AT:
+            self.flush()
+
+    def _append(self, data: bytes) -> None:
         self._out.append(data)
         self._out_size += len(data)
         if self._out_size >= FLUSH_AT:
             self.flush()
-
-    writeRecord = write_record  # the name flup's OutputStream calls
 
     def discard_output(self) -> None:
         self._out.clear()

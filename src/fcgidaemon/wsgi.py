@@ -22,6 +22,14 @@ app_log = logging.getLogger("fcgidaemon.app")
 
 STATUS_RE = re.compile(r"^[1-9]\d\d(?: [^\r\n]*)?$")
 HEADER_NAME_RE = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
+# statuses and header names that passed the checks: the same few come with every request
+_CHECKED: set[str] = set()
+_CHECKED_MAX = 1024  # an application inventing names cannot grow it without bound
+
+
+def _remember(text: str) -> None:
+    if len(_CHECKED) < _CHECKED_MAX:
+        _CHECKED.add(text)
 ERROR_500 = (b"Status: 500 Internal Server Error\r\nContent-Type: text/plain; charset=utf-8\r\n"
              b"Content-Length: 21\r\n\r\nInternal Server Error")
 REQUIRED = (("REQUEST_METHOD", "GET"), ("SERVER_NAME", "localhost"), ("SERVER_PORT", "80"),
@@ -135,12 +143,16 @@ class Response:
                 exc_info = None
         elif self.status is not None:
             raise AssertionError("start_response called twice without exc_info")
-        if not isinstance(status, str) or not STATUS_RE.match(status):
-            raise ValueError(f"bad WSGI status {status!r}")
-        status.encode("latin-1")
+        if status not in _CHECKED:
+            if not isinstance(status, str) or not STATUS_RE.match(status):
+                raise ValueError(f"bad WSGI status {status!r}")
+            status.encode("latin-1")
+            _remember(status)
         for name, value in headers:
-            if not isinstance(name, str) or not HEADER_NAME_RE.match(name):
-                raise ValueError(f"bad response header name {name!r}")
+            if name not in _CHECKED:
+                if not isinstance(name, str) or not HEADER_NAME_RE.match(name):
+                    raise ValueError(f"bad response header name {name!r}")
+                _remember(name)
             if not isinstance(value, str) or "\r" in value or "\n" in value:
                 raise ValueError(f"bad value for response header {name}")
             value.encode("latin-1")  # UnicodeEncodeError: not representable
