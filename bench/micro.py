@@ -5,8 +5,8 @@ as nginx with ``fastcgi_keep_conn on`` does) over a socketpair; this process
 serves them with fcgidaemon's ``Connection``, ``Server`` and ``make_handler``,
 driven the way ``src/fcgidaemon/worker.py`` drives them: wait with epoll,
 ``receive``, ``parse_available``, then ``run_request`` for every runnable
-request with the process title set around it, and the sweep (at most 4 times a
-second).  Not mirrored: the worker's scoreboard updates (shared memory, two per
+request with the process title's busy/done around it, and the sweep (at most 4
+times a second).  Not mirrored: the worker's scoreboard updates (shared memory, two per
 request), whose interface is still moving.
 
 Server and client are pinned to the same CPU, so each run is a strict
@@ -66,6 +66,7 @@ def serve(sock: socket.socket, count: int) -> int:
     served = 0
     manager = os.getppid()
     next_sweep = 0.0
+    title = titles.BusyTitle("worker 0 gen 1")
     while served < count:
         epoll.poll(1.0)
         if not conn.receive():
@@ -73,13 +74,13 @@ def serve(sock: socket.socket, count: int) -> int:
         conn.parse_available()
         while conn.request is not None and conn.request.runnable and not conn.closed:
             req = conn.request
-            titles.set_title(f"worker 0 gen 1 busy {req.params.get('REQUEST_METHOD', '?')} "
-                             f"{req.params.get('REQUEST_URI', req.params.get('PATH_INFO', ''))[:80]}")
+            title.busy(f"{req.params.get('REQUEST_METHOD', '?')} "
+                       f"{req.params.get('REQUEST_URI', req.params.get('PATH_INFO', ''))[:80]}")
             try:
                 conn.run_request()
             finally:
                 served += 1
-                titles.set_title("worker 0 gen 1 idle")
+                title.done()
             conn.parse_available()
         if time.monotonic() >= next_sweep:  # the sweep, at most 4 times a second
             next_sweep = time.monotonic() + 0.25

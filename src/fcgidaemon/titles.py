@@ -1,9 +1,11 @@
 """Process titles, so that `ps` shows what every process is doing.
 
-A busy worker's title carries the age of its request (``worker 3 gen 5 busy 1.2s
-GET /search``).  The main thread is inside the application then, so a small
-ticker thread rewrites the title once a second while a request runs; it sleeps
-on an event otherwise and costs nothing between requests.
+A busy worker's title carries its request and the request's age (``worker 3 gen 5
+busy 1.2s GET /search``).  Writing the title costs two system calls, too much
+for every request, so the request path only records what it is doing (two
+attribute writes) and a small ticker thread writes the title: it shows a request
+once it has run for `TICK` seconds, updates its age, and puts "idle" back within
+a tick after it ends.  Between requests the ticker sleeps on an event.
 """
 
 from __future__ import annotations
@@ -24,37 +26,56 @@ def set_title(text: str) -> None:
     _set(PREFIX + text)
 
 
+TICK = 0.25  # seconds: a request younger than this does not show; the age is this accurate
+
+
 class BusyTitle:
-    """The worker's title: idle/retiring text, or busy with a request's age, kept current."""
+    """The worker's title: its state (idle, retiring), or its request and the request's age."""
 
     def __init__(self, prefix: str) -> None:
         self.prefix = prefix
-        self._lock = threading.Lock()
+        self.state = ""
         self._request: tuple[float, str] | None = None  # (started, "GET /path") while busy
+        self._shown: str | None = None  # the title written last
+        self._lock = threading.Lock()  # the ticker and set() both write the title
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
 
     def set(self, state: str) -> None:
-        with self._lock:
-            self._request = None
-            set_title(f"{self.prefix} {state}")
+        """A state change (rare): written at once."""
+        self._request = None
+        self.state = state
+        self._show(f"{self.prefix} {state}")
 
     def busy(self, what: str) -> None:
+        """A request starts: recorded only, the ticker shows it if it lasts."""
+        self._request = (time.monotonic(), what)
+        if not self._wake.is_set():
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._tick, name="title", daemon=True)
+                self._thread.start()
+            self._wake.set()
+
+    def done(self) -> None:
+        """The request ended: the ticker puts the state back."""
+        self._request = None
+
+    def _show(self, title: str) -> None:
         with self._lock:
-            self._request = (time.monotonic(), what)
-            set_title(f"{self.prefix} busy 0.0s {what}")
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._tick, name="title", daemon=True)
-            self._thread.start()
-        self._wake.set()
+            if title != self._shown:
+                set_title(title)
+                self._shown = title
 
     def _tick(self) -> None:
         while True:
             self._wake.wait()
-            time.sleep(1.0)
-            with self._lock:
-                if self._request is None:
-                    self._wake.clear()
-                    continue
-                started, what = self._request
-                set_title(f"{self.prefix} busy {time.monotonic() - started:.1f}s {what}")
+            time.sleep(TICK)
+            request = self._request
+            if request is None:
+                self._wake.clear()
+                if self._request is not None:  # a request started between the two lines
+                    self._wake.set()
+                self._show(f"{self.prefix} {self.state}")
+                continue
+            started, what = request
+            self._show(f"{self.prefix} busy {time.monotonic() - started:.1f}s {what}")

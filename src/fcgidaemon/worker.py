@@ -320,7 +320,7 @@ class Worker:
         finally:
             if self.requests == counted:  # ended without a response (connection lost)
                 self._request_done(req)
-            self._title("idle" if self.stop_mode is StopMode.NONE else "retiring")
+            self.title.done()
             if self.quota and self.requests == self.quota:
                 log.info("served %d requests (--max-requests); asking for a replacement", self.requests)
                 self.spec.channel.send(MSG_QUOTA)
