@@ -17,6 +17,7 @@ APT = {  # command or file that must exist -> Debian package
     "/usr/include/fcgiapp.h": "libfcgi-dev",
     "/usr/bin/gcc": "gcc",
     "/usr/bin/git": "git",
+    paths.PHP_FPM: "php-fpm",
 }
 
 
@@ -42,7 +43,8 @@ def ensure_apt(progress: Callable[[str], None]) -> None:
     subprocess.run(["apt-get", "update", "-qq"], check=True, env=env, timeout=600)
     subprocess.run(["apt-get", "install", "-y", "-qq", *missing], check=True, env=env, timeout=1200,
                    stdout=subprocess.DEVNULL)
-    for unit in ("nginx", "apache2"):  # the packages start system services we do not use
+    # the packages start system services we do not use
+    for unit in ("nginx", "apache2", "php8.2-fpm"):
         subprocess.run(["sh", "-c", f"command -v systemctl >/dev/null && systemctl stop {unit} "
                         f"|| service {unit} stop"], capture_output=True, timeout=60)
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 import socket
 import struct
 
+import paths
+
 HEADER = struct.Struct("!BBHHBx")
 BEGIN_REQUEST, END_REQUEST, PARAMS, STDIN, STDOUT = 1, 3, 4, 5, 6
 RESPONDER = 1
@@ -40,7 +42,8 @@ def nginx_params(method: str, uri: str, body_bytes: int) -> dict[str, str]:
             "SERVER_PROTOCOL": "HTTP/1.1", "REQUEST_SCHEME": "http", "GATEWAY_INTERFACE": "CGI/1.1",
             "SERVER_SOFTWARE": "nginx/1.22.1", "REMOTE_ADDR": "127.0.0.1", "REMOTE_PORT": "41234",
             "SERVER_ADDR": "127.0.0.1", "SERVER_PORT": "8080", "SERVER_NAME": "",
-            "REDIRECT_STATUS": "200", "HTTP_HOST": "127.0.0.1:8080"}
+            "REDIRECT_STATUS": "200", "HTTP_HOST": "127.0.0.1:8080",
+            "SCRIPT_FILENAME": str(paths.PHP_APP)}  # for PHP-FPM; the others ignore it
 
 
 def encode_request(method: str, uri: str, body: bytes = b"", keep_conn: bool = False) -> bytes:

@@ -33,7 +33,8 @@ BACKEND_TIMEOUT = 2
 HELLO = "Hello, world\\n"
 
 
-def nginx_conf(prefix: Path, port: int, backend: int | None, keep_conn: bool) -> str:
+def nginx_conf(prefix: Path, port: int, backend: int | None, keep_conn: bool,
+               script: Path | None = None) -> str:
     temp = "\n".join(f"    {kind}_temp_path {prefix}/{kind};"
                      for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
     if backend is None:
@@ -43,6 +44,7 @@ def nginx_conf(prefix: Path, port: int, backend: int | None, keep_conn: bool) ->
         upstream = ""
     else:
         keep = "fastcgi_keep_conn on;" if keep_conn else ""
+        keep += f"\n            fastcgi_param SCRIPT_FILENAME {script};" if script else ""
         pool = "keepalive 32; keepalive_requests 1000000;" if keep_conn else ""
         upstream = f"upstream backend {{ server {LOOPBACK}:{backend}; {pool} }}"
         locations = f"""
@@ -78,10 +80,11 @@ http {{
 """
 
 
-def apache_conf(prefix: Path, port: int, backend: int, reuse: bool) -> str:
+def apache_conf(prefix: Path, port: int, backend: int, reuse: bool, script: Path | None = None) -> str:
     modules = "\n".join(f"LoadModule {name}_module {APACHE_MODULES}/mod_{name}.so"
                         for name in ("mpm_event", "authz_core", "proxy", "proxy_fcgi"))
     reuse_opt = " enablereuse=on" if reuse else ""
+    script_env = f'ProxyFCGISetEnvIf "true" SCRIPT_FILENAME "{script}"' if script else ""
     return f"""ServerRoot {prefix}
 {modules}
 ServerName localhost
@@ -106,20 +109,24 @@ KeepAliveTimeout 15
 Timeout 30
 ProxyTimeout {BACKEND_TIMEOUT}
 ProxyPass "/" "fcgi://{LOOPBACK}:{backend}/"{reuse_opt} timeout={BACKEND_TIMEOUT}
+{script_env}
 """
 
 
-def start(kind: str, port: int, backend: int | None, workdir: Path) -> Proc:
-    """Start a front end on `port` forwarding to `backend` (None: nginx answers itself)."""
+def start(kind: str, port: int, backend: int | None, workdir: Path, script: Path | None = None) -> Proc:
+    """Start a front end on `port` forwarding to `backend` (None: nginx answers itself);
+    `script`: the SCRIPT_FILENAME to send (PHP-FPM needs one)."""
     prefix = workdir / f"{kind}-{port}"
     prefix.mkdir(parents=True, exist_ok=True)
     prefix.chmod(0o755)
     conf = prefix / "server.conf"
     if kind.startswith("nginx"):
-        conf.write_text(nginx_conf(prefix, port, backend, keep_conn=kind == "nginx-keepconn"))
+        conf.write_text(nginx_conf(prefix, port, backend, keep_conn=kind == "nginx-keepconn",
+                                   script=script))
         argv = [NGINX_BIN, "-p", str(prefix), "-c", str(conf)]
     elif kind.startswith("apache") and backend is not None:
-        conf.write_text(apache_conf(prefix, port, backend, reuse=kind == "apache-reuse"))
+        conf.write_text(apache_conf(prefix, port, backend, reuse=kind == "apache-reuse",
+                                    script=script))
         argv = [APACHE_BIN, "-f", str(conf), "-DFOREGROUND"]
     else:
         raise ValueError(f"unknown front end {kind!r} (or no backend for Apache)")

@@ -55,6 +55,7 @@ def environment(fcgidaemon: str) -> dict[str, Any]:
             "nginx": _cmd(["nginx", "-v"], r"nginx/(\S+)"),
             "apache": _cmd(["apache2", "-v"], r"Apache/(\S+)"),
             "libfcgi": _cmd(["dpkg-query", "-W", "-f", "${Version}", "libfcgi-dev"]),
+            "php-fpm": _cmd([paths.PHP_FPM, "--version"], r"PHP (\S+)"),
             "wrk": _cmd(["wrk", "-v"], r"wrk (\S+)"),
             "gcc": _cmd(["gcc", "-dumpfullversion"]),
         },

@@ -3,7 +3,7 @@
 
 Sections (all by default; pick with --only):
 
-* throughput  fcgidaemon, flup6, uWSGI, a C libfcgi server and nginx itself behind
+* throughput  fcgidaemon, flup6, uWSGI, PHP-FPM, a C libfcgi server and nginx itself behind
               nginx and Apache, with and without kept backend connections, three cases
 * reload      SIGHUP to "reload complete" for a heavy app, with and without --preload
 * memory      PSS/USS of 8 workers holding ~50 MB, preloaded (gc.freeze) or not

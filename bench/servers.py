@@ -4,6 +4,8 @@
 * ``flup6``       flup6's preforking server (`flup.server.fcgi_fork.WSGIServer`)
 * ``uwsgi``       uWSGI's FastCGI socket, ``--master --processes N``
 * ``libfcgi-c``   bench/c/hello.c over libfcgi: the protocol ceiling
+* ``php-fpm``     Debian's PHP-FPM, ``pm = static`` with N children, running bench/apps/hello.php
+                  (the front ends send it SCRIPT_FILENAME only when it is the backend)
 
 ``nginx-return`` (nginx answering by itself) is a front-end ceiling with no
 backend; it is handled by frontends.py.
@@ -21,7 +23,7 @@ import fcgiclient
 import paths
 from procs import LOOPBACK, Proc, StartError, spawn, wait_port
 
-BACKENDS = ("fcgidaemon", "flup6", "uwsgi", "libfcgi-c")
+BACKENDS = ("fcgidaemon", "flup6", "uwsgi", "libfcgi-c", "php-fpm")
 CEILING = "nginx-return"
 SERVERS = (*BACKENDS, CEILING)
 DEFAULT_APP = "hello:application"
@@ -59,7 +61,32 @@ def command(spec: BackendSpec) -> tuple[list[str], int, dict[str, str]]:
         return argv, signal.SIGTERM, paths.clean_env(**spec.env)
     if spec.name == "libfcgi-c":
         return [str(paths.C_BINARY), LOOPBACK, port, n], signal.SIGTERM, paths.clean_env(**spec.env)
+    if spec.name == "php-fpm":
+        argv = [paths.PHP_FPM, "--nodaemonize", "--allow-to-run-as-root", "--fpm-config",
+                str(php_fpm_conf(spec))]
+        return argv, signal.SIGTERM, paths.clean_env(**spec.env)
     raise ValueError(f"unknown server {spec.name!r}")
+
+
+def php_fpm_conf(spec: BackendSpec) -> Path:
+    """A pool of exactly N children (like the others' N workers), no access log, php.ini as
+    Debian ships it for FPM (opcache on)."""
+    conf = paths.WORK / "php-fpm" / f"{spec.port}.conf"
+    conf.parent.mkdir(parents=True, exist_ok=True)
+    conf.write_text(f"""[global]
+pid = {conf.with_suffix(".pid")}
+error_log = {conf.with_suffix(".log")}
+daemonize = no
+
+[bench]
+listen = {LOOPBACK}:{spec.port}
+listen.backlog = 511
+pm = static
+pm.max_children = {spec.workers}
+pm.max_requests = 0
+clear_env = no
+""")
+    return conf
 
 
 def start(spec: BackendSpec, logdir: Path, ready_timeout: float = 60.0) -> Proc:

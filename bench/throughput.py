@@ -17,6 +17,7 @@ from typing import Any, Callable
 
 import frontends
 import load
+import paths
 import servers
 from procs import LoadMeter, Proc, StartError, cpu_seconds, free_port, wait_quiet
 
@@ -89,7 +90,8 @@ def one_run(plan: Plan, case: str, fe: str, rnd: int, server: str, backend_port:
     row: dict[str, Any] = {"case": case, "frontend": fe, "server": server, "round": rnd + 1}
     fe_port = free_port()
     try:
-        front = frontends.start(fe, fe_port, backend_port, workdir / "fe")
+        script = paths.PHP_APP if server == "php-fpm" else None
+        front = frontends.start(fe, fe_port, backend_port, workdir / "fe", script)
     except StartError as exc:
         row["error"] = f"front end did not start: {str(exc).splitlines()[0]}"
         return row
