@@ -8,20 +8,31 @@ per event, tracebacks included, structured fields) when stderr is the journal.
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import socket
 import time
-from typing import Mapping, MutableMapping
+from typing import Any, Mapping, MutableMapping
 
 log = logging.getLogger("fcgidaemon")
 
-try:  # python-systemd is a hard dependency, but a build without it still runs
-    from systemd import daemon as _daemon
-    from systemd import journal as _journal
-except ImportError:  # pragma: no cover - only on machines without libsystemd
-    _daemon = None
-    _journal = None
+_modules: dict[str, Any] = {}
+
+
+def _systemd(name: str) -> Any:
+    """python-systemd's `daemon` or `journal`, imported on first use (None if missing).
+
+    Outside systemd neither is ever needed, and not importing them keeps the manager,
+    whose memory every worker shares, smaller. python-systemd is a hard dependency,
+    but a build without it still runs.
+    """
+    if name not in _modules:
+        try:
+            _modules[name] = importlib.import_module(f"systemd.{name}")
+        except ImportError:  # pragma: no cover - only on machines without libsystemd
+            _modules[name] = None
+    return _modules[name]
 
 
 def under_systemd() -> bool:
@@ -30,10 +41,10 @@ def under_systemd() -> bool:
 
 def notify(*fields: str) -> bool:
     """Send 'KEY=VALUE' fields in one datagram; False (and nothing sent) outside systemd."""
-    if not fields or _daemon is None or not under_systemd():
+    if not fields or not under_systemd() or _systemd("daemon") is None:
         return False
     try:
-        return bool(_daemon.notify("\n".join(fields)))
+        return bool(_systemd("daemon").notify("\n".join(fields)))
     except OSError as exc:
         log.warning("sd_notify failed: %s", exc)
         return False
@@ -80,9 +91,9 @@ def watchdog_interval() -> float | None:
 
 def listen_sockets() -> list[socket.socket]:
     """Sockets passed by socket activation (LISTEN_FDS for this pid), else []."""
-    if _daemon is None or not os.environ.get("LISTEN_FDS"):
+    if not os.environ.get("LISTEN_FDS") or _systemd("daemon") is None:
         return []
-    fds = _daemon.listen_fds(unset_environment=True)
+    fds = _systemd("daemon").listen_fds(unset_environment=True)
     return [socket.socket(fileno=fd) for fd in fds]
 
 
@@ -92,10 +103,8 @@ def stderr_is_journal() -> bool:
     The variable is inherited by processes whose stderr was redirected elsewhere,
     so it only counts when it names the file that fd 2 really is.
     """
-    if _journal is None:
-        return False
     dev, sep, ino = os.environ.get("JOURNAL_STREAM", "").partition(":")
-    if not sep:
+    if not sep or _systemd("journal") is None:
         return False
     try:
         st = os.fstat(2)
@@ -106,6 +115,7 @@ def stderr_is_journal() -> bool:
 
 def journal_send(message: str, fields: Mapping[str, str | int]) -> None:
     """One journal entry over the native protocol: a multi-line MESSAGE stays one entry."""
-    if _journal is None:  # pragma: no cover - stderr_is_journal() is False then
+    journal = _systemd("journal")
+    if journal is None:  # pragma: no cover - stderr_is_journal() is False then
         return
-    _journal.send(message, **fields)  # CODE_LINE must stay an int; the rest is str()-ed
+    journal.send(message, **fields)  # CODE_LINE must stay an int; the rest is str()-ed
