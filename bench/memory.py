@@ -11,6 +11,10 @@ among every process that maps them, so a second daemon would skew the first):
 Each daemon serves 10,000 requests (new connection each, 16 at a time, straight
 over FastCGI); then PSS, USS (Private_Clean + Private_Dirty) and RSS are read
 from /proc/PID/smaps_rollup for the manager and every worker.
+
+`footprint()`: the same figures for every server of the throughput section
+serving the hello app with the same worker count, one server at a time: what a
+worker of each costs when the application itself holds next to nothing.
 """
 
 from __future__ import annotations
@@ -55,8 +59,34 @@ def run(workers: int, requests: int, workdir: Path, progress: Callable[[str], No
     return out
 
 
-def drive(port: int, requests: int, concurrency: int = 16) -> dict[str, int]:
-    """Send `requests` GETs, `concurrency` at a time; count answers per worker pid."""
+def footprint(names: tuple[str, ...], workers: int, requests: int, workdir: Path,
+              progress: Callable[[str], None]) -> dict[str, Any]:
+    """Each server with the hello app: memory after `requests` requests."""
+    out: dict[str, Any] = {"workers": workers, "requests": requests, "servers": {}}
+    for name in names:
+        spec = servers.BackendSpec(name, free_port(), workers)
+        proc = servers.start(spec, workdir / "logs", ready_timeout=120)
+        try:
+            meter = LoadMeter([proc.pid])
+            answers = drive(spec.port, requests, uri="/hello", key=lambda status, body: str(status))
+            other = meter.other_cores()
+            after = snapshot(proc)
+        finally:
+            proc.stop()
+        out["servers"][name] = {"after": after, "answers": answers, "other_cores": other}
+        progress(f"footprint {name:12} worker PSS median {after['worker_pss_mb']['median']:.1f} MB, "
+                 f"USS {after['worker_uss_mb']['median']:.1f} MB, answers {answers}")
+    return out
+
+
+def _pid_of(status: int, body: bytes) -> str:
+    return body.split()[0].decode() if status == 200 else f"status {status}"
+
+
+def drive(port: int, requests: int, concurrency: int = 16, uri: str = "/mem",
+          key: Callable[[int, bytes], str] = _pid_of) -> dict[str, int]:
+    """Send `requests` GETs, `concurrency` at a time; count answers by `key` (the memory
+    app answers with its worker's pid)."""
     counts: collections.Counter[str] = collections.Counter()
     lock = threading.Lock()
     errors: list[str] = []
@@ -65,8 +95,8 @@ def drive(port: int, requests: int, concurrency: int = 16) -> dict[str, int]:
         local: collections.Counter[str] = collections.Counter()
         try:
             for _ in range(n):
-                status, body = fcgiclient.request(port, uri="/mem")
-                local[body.split()[0].decode() if status == 200 else f"status {status}"] += 1
+                status, body = fcgiclient.request(port, uri=uri)
+                local[key(status, body)] += 1
         except OSError as exc:
             errors.append(str(exc))
         with lock:

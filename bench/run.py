@@ -6,7 +6,8 @@ Sections (all by default; pick with --only):
 * throughput  fcgidaemon, flup6, uWSGI, PHP-FPM, a C libfcgi server and nginx itself behind
               nginx and Apache, with and without kept backend connections, three cases
 * reload      SIGHUP to "reload complete" for a heavy app, with and without --preload
-* memory      PSS/USS of 8 workers holding ~50 MB, preloaded (gc.freeze) or not
+* memory      PSS/USS of 8 workers holding ~50 MB, preloaded (gc.freeze) or not; and
+              every server's per-worker PSS/USS serving the hello app
 * micro       fcgidaemon's per-request path over a socketpair, and its cProfile
 
 Results go to bench/results/<stem>.json and .md ("latest" for a full run).
@@ -118,6 +119,8 @@ def run_sections(sections: tuple[str, ...], plan: throughput.Plan, quick: bool,
             elif section == "memory":
                 results["memory"] = memory.run(workers=8, requests=2000 if quick else 10_000,
                                                workdir=work, progress=progress)
+                results["memory"]["footprint"] = memory.footprint(
+                    servers.BACKENDS, plan.workers, 2000 if quick else 10_000, work, progress)
             elif section == "micro":
                 results["micro"] = run_micro(0.1 if quick else 1.0, 1 if quick else 3)
         except Exception as exc:  # noqa: BLE001 - one failed section must not lose the others

@@ -123,7 +123,27 @@ def memory(section: dict[str, Any]) -> str:
                      f"| {_mmm(a['worker_uss_mb'])} | {_med(a['worker_rss_mb'], 1)} "
                      f"| {_num(a['manager']['pss'])} | {_med(b['worker_pss_mb'], 1)} | {spread} "
                      f"| {_num(data.get('other_cores'), 2)} |")
+    if "footprint" in section:
+        lines += ["", footprint(section["footprint"])]
     return "\n".join(lines) + "\n"
+
+
+def footprint(section: dict[str, Any]) -> str:
+    lines = [f"### Per-worker memory of each server: hello app, {section['workers']} workers, after "
+             f"{section['requests']:,} requests\n",
+             "| server | worker PSS MB | worker USS MB | worker RSS MB | parent PSS MB | total PSS MB "
+             "| answers | other load |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | --- | ---: |"]
+    for name in SERVER_ORDER:
+        data = section["servers"].get(name)
+        if data is None:
+            continue
+        a = data["after"]
+        answers = ", ".join(f"{n:,} × {k}" for k, n in data["answers"].items())
+        lines.append(f"| {name} | {_mmm(a['worker_pss_mb'])} | {_mmm(a['worker_uss_mb'])} "
+                     f"| {_med(a['worker_rss_mb'], 1)} | {_num(a['manager']['pss'])} "
+                     f"| {_num(a['total_pss_mb'])} | {answers} | {_num(data.get('other_cores'), 2)} |")
+    return "\n".join(lines)
 
 
 def micro(section: dict[str, Any]) -> str:
