@@ -7,6 +7,7 @@ import os
 import re
 import signal
 import socket
+import sys
 
 import pytest
 
@@ -199,3 +200,12 @@ def test_readme_signal_table_is_generated_from_the_code():
     from fcgidaemon.manager import MANAGER_SIGNALS, SIGNAL_DOCS, signals_markdown
     assert signals_markdown() in (ROOT / "README.md").read_text()
     assert set(SIGNAL_DOCS) == set(MANAGER_SIGNALS) - {signal.SIGCHLD}
+
+
+def test_readme_bench_table_is_the_latest_run():
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        from update_readme import bench_markdown
+    finally:
+        sys.path.remove(str(ROOT / "scripts"))
+    assert bench_markdown() in (ROOT / "README.md").read_text(), "run `make readme` after `make bench`"
