@@ -64,6 +64,14 @@ def header(results: dict[str, Any]) -> str:
             f"{'; QUICK run (smoke test)' if s.get('quick') else ''}\n")
 
 
+def _table(title: str, columns: list[str]) -> list[str]:
+    """A heading and a table's head; a column named with a trailing '>' holds numbers
+    (right-aligned)."""
+    names = " | ".join(c.removesuffix(">") for c in columns)
+    aligns = " | ".join("---:" if c.endswith(">") else "---" for c in columns)
+    return [title, f"| {names} |", f"| {aligns} |"]
+
+
 def throughput(section: dict[str, Any]) -> str:
     summary = section["summary"]
     lines = ["## Throughput\n",
@@ -78,10 +86,9 @@ def throughput(section: dict[str, Any]) -> str:
         entries = [e for e in summary if e["case"] == case]
         if not entries:
             continue
-        lines.append(f"### {CASE_TITLES.get(case, case)}\n")
-        lines.append("| front end | server | req/s | × req/s | p50 ms | p99 ms | errors "
-                     "| CPU s/10k req | × CPU | front-end CPU s/10k | other load |")
-        lines.append("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+        lines += _table(f"### {CASE_TITLES.get(case, case)}\n",
+                        ["front end", "server", "req/s>", "× req/s>", "p50 ms>", "p99 ms>", "errors>",
+                         "CPU s/10k req>", "× CPU>", "front-end CPU s/10k>", "other load>"])
         entries.sort(key=lambda e: (FRONTEND_ORDER.index(e["frontend"]),
                                     SERVER_ORDER.index(e["server"])))
         for e in entries:
@@ -95,11 +102,10 @@ def throughput(section: dict[str, Any]) -> str:
 
 
 def reload(section: dict[str, Any]) -> str:
-    lines = [f"## Reload (fcgidaemon, {section['workers']} workers, app importing "
-             f"{section['modules']} synthetic modules, {section['rounds']} reloads each)\n",
-             "| variant | SIGHUP → \"reload complete\" s | daemon's own figure s "
-             "| worker spawn s median (min–max) | other load | first start s (other load) |",
-             "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    lines = _table(f"## Reload (fcgidaemon, {section['workers']} workers, app importing "
+                   f"{section['modules']} synthetic modules, {section['rounds']} reloads each)\n",
+                   ["variant", "SIGHUP → \"reload complete\" s>", "daemon's own figure s>",
+                    "worker spawn s median (min–max)>", "other load>", "first start s (other load)>"])
     for name, data in section["variants"].items():
         s = data.get("summary") or {}
         lines.append(f"| {name} | {_mmm(s.get('reload_s'), 3)} | {_mmm(s.get('logged_s'), 3)} "
@@ -110,11 +116,11 @@ def reload(section: dict[str, Any]) -> str:
 
 
 def memory(section: dict[str, Any]) -> str:
-    lines = [f"## Memory (fcgidaemon, {section['workers']} workers, app holding ~50 MB of Python "
-             f"objects, after {section['requests']:,} requests)\n",
-             "| variant | total PSS MB | worker PSS MB | worker USS MB | worker RSS MB "
-             "| manager PSS MB | worker PSS at start MB | requests per worker | other load |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: |"]
+    lines = _table(f"## Memory (fcgidaemon, {section['workers']} workers, app holding ~50 MB of "
+                   f"Python objects, after {section['requests']:,} requests)\n",
+                   ["variant", "total PSS MB>", "worker PSS MB>", "worker USS MB>", "worker RSS MB>",
+                    "manager PSS MB>", "worker PSS at start MB>", "requests per worker",
+                    "other load>"])
     for name, data in section["variants"].items():
         a, b = data["after"], data["before"]
         counts = [n for k, n in data["requests_per_worker"].items() if k.isdigit()]
@@ -129,11 +135,10 @@ def memory(section: dict[str, Any]) -> str:
 
 
 def footprint(section: dict[str, Any]) -> str:
-    lines = [f"### Per-worker memory of each server: hello app, {section['workers']} workers, after "
-             f"{section['requests']:,} requests\n",
-             "| server | worker PSS MB | worker USS MB | worker RSS MB | parent PSS MB | total PSS MB "
-             "| answers | other load |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | --- | ---: |"]
+    lines = _table(f"### Per-worker memory of each server: hello app, {section['workers']} workers, "
+                   f"after {section['requests']:,} requests\n",
+                   ["server", "worker PSS MB>", "worker USS MB>", "worker RSS MB>", "parent PSS MB>",
+                    "total PSS MB>", "answers", "other load>"])
     for name in SERVER_ORDER:
         data = section["servers"].get(name)
         if data is None:
@@ -147,9 +152,8 @@ def footprint(section: dict[str, Any]) -> str:
 
 
 def micro(section: dict[str, Any]) -> str:
-    lines = ["## Micro-benchmark: fcgidaemon's per-request path over a socketpair "
-             "(no front end; `bench/micro.py`)\n",
-             "| case | req/s | server CPU µs/request |", "| --- | ---: | ---: |"]
+    lines = _table("## Micro-benchmark: fcgidaemon's per-request path over a socketpair "
+                   "(no front end; `bench/micro.py`)\n", ["case", "req/s>", "server CPU µs/request>"])
     for case, data in section["cases"].items():
         lines.append(f"| {case} | {_mmm(data['rps'])} | {_mmm(data['cpu_us_per_request'])} |")
     if section.get("other_cores") is not None:
@@ -160,8 +164,8 @@ def micro(section: dict[str, Any]) -> str:
         lines += ["", f"cProfile of the hello case ({prof['requests']:,} requests, CPU time; "
                       "shares are of total profiled CPU time, which cProfile inflates for "
                       "Python-level calls relative to C calls):\n",
-                  "| # | function (own time) | calls | own s | own share | cum share |",
-                  "| ---: | --- | ---: | ---: | ---: | ---: |"]
+                  *_table("", ["#>", "function (own time)", "calls>", "own s>", "own share>",
+                               "cum share>"])[1:]]
         for i, row in enumerate(prof["by_own_time"], 1):
             lines.append(f"| {i} | `{row['function']}` | {row['ncalls']:,} | {row['tottime_s']:.3f} "
                          f"| {row['own_share']:.1%} | {row['cum_share']:.1%} |")
