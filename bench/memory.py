@@ -5,6 +5,9 @@ among every process that maps them, so a second daemon would skew the first):
 
 * ``--preload memdata``: the objects are built once in the manager, which calls
   ``gc.freeze()`` before forking, so the workers share them copy-on-write;
+* ``--preload memdata, no gc.freeze``: the same, but the app calls gc.unfreeze()
+  and one full gc.collect() when each worker imports it: the collector walks the
+  shared objects as it would in a long-running worker without the freeze;
 * ``import in each worker``: the same app without ``--preload``, each worker
   builds its own copy (what happens without preloading and freezing).
 
@@ -29,9 +32,11 @@ import fcgiclient
 import servers
 from procs import LoadMeter, Proc, children, free_port, smaps_rollup
 
-VARIANTS: dict[str, list[str]] = {
-    "--preload memdata (gc.freeze)": ["--preload", "memdata"],
-    "import in each worker": [],
+# name -> (fcgidaemon options, environment)
+VARIANTS: dict[str, tuple[list[str], dict[str, str]]] = {
+    "--preload memdata (gc.freeze)": (["--preload", "memdata"], {}),
+    "--preload memdata, no gc.freeze": (["--preload", "memdata"], {"BENCH_GC_UNFREEZE": "1"}),
+    "import in each worker": ([], {}),
 }
 
 
@@ -39,9 +44,9 @@ def run(workers: int, requests: int, workdir: Path, progress: Callable[[str], No
         entries: int | None = None) -> dict[str, Any]:
     out: dict[str, Any] = {"workers": workers, "requests": requests, "variants": {}}
     env_entries = {} if entries is None else {"BENCH_MEM_ENTRIES": str(entries)}
-    for name, extra in VARIANTS.items():
+    for name, (extra, env) in VARIANTS.items():
         spec = servers.BackendSpec("fcgidaemon", free_port(), workers, app="memapp:application",
-                                   extra=tuple(extra), env=env_entries)
+                                   extra=tuple(extra), env={**env_entries, **env})
         proc = servers.start(spec, workdir / "logs", ready_timeout=120)
         try:
             before = snapshot(proc)
