@@ -125,21 +125,20 @@ def _stat_fields(pid: int) -> list[str] | None:
 
 def session_pids(sid: int) -> list[int]:
     """Every live process whose session is `sid` (the tree of a process we spawned)."""
-    pids = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            fields = _stat_fields(int(entry))
-            if fields is not None and int(fields[3]) == sid:
-                pids.append(int(entry))
-    return sorted(pids)
+    return _pids_where(3, sid)
 
 
 def children(pid: int) -> list[int]:
+    return _pids_where(1, pid)
+
+
+def _pids_where(field: int, value: int) -> list[int]:
+    """Live processes whose /proc/PID/stat field (counted from 3, the state) is `value`."""
     out = []
     for entry in os.listdir("/proc"):
         if entry.isdigit():
             fields = _stat_fields(int(entry))
-            if fields is not None and int(fields[1]) == pid:
+            if fields is not None and int(fields[field]) == value:
                 out.append(int(entry))
     return sorted(out)
 
