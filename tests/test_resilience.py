@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
+import tempfile
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
-from daemon import alive, wait_for
+from daemon import APPS, alive, wait_for
 from fcgiclient import ConnectionClosed, FCGIClient, make_params
 from load import FCGIChecker, run_load
 from test_lifecycle import app_copy, get
@@ -144,9 +147,17 @@ def test_allow_from(start_daemon):
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="dropping privileges needs root")
 def test_privileges_dropped_after_bind_before_import(start_daemon, tmp_path):
-    tmp_path.chmod(0o755)
-    d = start_daemon("testapp", "--user", "nobody", workers=1)
-    uid, gid = get(d.address, "/uid").body.split()
+    # the worker imports the app as nobody, who cannot read a checkout under a private
+    # directory (`mktemp -d` makes it 0700): the app gets a world-readable directory of its own
+    appdir = Path(tempfile.mkdtemp(prefix="fcgidaemon-nobody-"))
+    try:
+        appdir.chmod(0o755)
+        shutil.copy(APPS / "testapp.py", appdir / "testapp.py")
+        tmp_path.chmod(0o755)
+        d = start_daemon("testapp", "--user", "nobody", workers=1, pythonpath=[appdir])
+        uid, gid = get(d.address, "/uid").body.split()
+    finally:
+        shutil.rmtree(appdir)
     import pwd
     assert int(uid) == pwd.getpwnam("nobody").pw_uid
     with open(f"/proc/{d.pid}/status") as fh:
