@@ -24,7 +24,7 @@ def _systemd(name: str) -> Any:
     """python-systemd's `daemon` or `journal`, imported on first use (None if missing).
 
     Outside systemd neither is ever needed, and not importing them keeps the manager,
-    whose memory every worker shares, smaller. python-systemd is a hard dependency,
+    whose memory every worker shares, smaller (under systemd: imported at start, below). python-systemd is a hard dependency,
     but a build without it still runs.
     """
     if name not in _modules:
@@ -37,6 +37,14 @@ def _systemd(name: str) -> Any:
 
 def under_systemd() -> bool:
     return bool(os.environ.get("NOTIFY_SOCKET"))
+
+
+# Under systemd they are imported now, at start, as the user that started us: the first
+# sd_notify comes after --user has dropped privileges, and that user may not be able to
+# read the installation.
+if any(os.environ.get(name) for name in ("NOTIFY_SOCKET", "LISTEN_FDS", "JOURNAL_STREAM")):
+    _systemd("daemon")
+    _systemd("journal")
 
 
 def notify(*fields: str) -> bool:
