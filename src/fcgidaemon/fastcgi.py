@@ -203,19 +203,26 @@ class Request(flup.Request):
         self.params: dict[str, str] = {}
         self.stdin = InputStream(conn)
         self.stdout = OutputStream(conn, self, flup.FCGI_STDOUT)
-        self.stderr = OutputStream(conn, self, flup.FCGI_STDERR, buffered=True)
+        self._stderr: OutputStream | None = None  # see `stderr`
         self._data: InputStream | None = None
         self.requestId, self.role, self.flags = request_id, role, flags
         self.aborted = False
         self.params_raw = bytearray()
         self.runnable = False  # PARAMS complete: the application may start
-        self.started = time.monotonic()
 
     @property
     def data(self) -> InputStream:
         if self._data is None:
             self._data = InputStream(self._conn)
         return self._data
+
+    @property
+    def stderr(self) -> OutputStream:
+        """flup's FCGI_STDERR stream, made on first use: wsgi.errors goes to our log, so most
+        requests never write to it."""
+        if self._stderr is None:
+            self._stderr = OutputStream(self._conn, self, flup.FCGI_STDERR, buffered=True)
+        return self._stderr
 
     @property
     def keep_conn(self) -> bool:
@@ -292,7 +299,9 @@ class Connection:
             # next_record(), inlined: this loop runs four or more times per request, and
             # calling it cost 2 us per hello and 35 us per 1 MiB POST (bench/micro.py)
             while size - pos >= flup.FCGI_HEADER_LEN and not self.closed:
-                if self.request is not None and self.request.runnable:
+                req = self.request
+                if req is not None and req.runnable:
+                    pos = self._take_stdin_end(req, pos)
                     return
                 version, rtype, request_id, length, padding = unpack(buf, pos)
                 if version != flup.FCGI_VERSION_1:
@@ -306,6 +315,21 @@ class Connection:
         finally:
             if pos:
                 del buf[:pos]
+
+    def _take_stdin_end(self, req: Request, pos: int) -> int:
+        """A runnable request's empty STDIN record (the end of its body: a GET's whole body)
+        when it is already buffered at `pos`: taken now, the request's input is complete and
+        drain() after the application returns at once, without a trip through
+        process_input(). Anything else stays for the application to read. The offset after."""
+        if req.stdin.eof:
+            return pos
+        version, rtype, request_id, length, padding = HEADER.unpack_from(self.inbuf, pos)
+        end = pos + flup.FCGI_HEADER_LEN + padding
+        if (rtype != flup.FCGI_STDIN or length or request_id != req.requestId
+                or version != flup.FCGI_VERSION_1 or end > len(self.inbuf)):
+            return pos
+        req.stdin.add_data(b"")
+        return end
 
     def process_input(self) -> None:
         """Called by flup's InputStream: wait (bounded) for more of the current request's input."""
@@ -430,7 +454,8 @@ class Connection:
         """Close the streams, send END_REQUEST with everything buffered in one send."""
         if protocol_status == flup.FCGI_REQUEST_COMPLETE:
             req.stdout.close()
-            req.stderr.close()
+            if req._stderr is not None:
+                req._stderr.close()
         self._append(end_record(req.requestId, app_status, protocol_status))
         if self.server.on_done is not None:
             self.server.on_done(req)  # counted before the web server can see the response

@@ -160,9 +160,11 @@ class Response:
         return self.write
 
     def head(self) -> bytes:
-        lines = [f"Status: {self.status}"]
-        lines.extend(f"{name}: {value}" for name, value in self.headers)
-        return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+        lines = [f"Status: {self.status}\r\n"]
+        for name, value in self.headers:
+            lines.append(f"{name}: {value}\r\n")
+        lines.append("\r\n")
+        return "".join(lines).encode("latin-1")
 
     def write(self, data: bytes) -> None:
         if self.status is None:
@@ -177,8 +179,10 @@ class Response:
 
     def add_length_if_known(self, result: Any) -> None:
         if isinstance(result, (list, tuple)) and len(result) == 1 and isinstance(result[0], bytes):
-            if not any(name.lower() == "content-length" for name, _ in self.headers):
-                self.headers.append(("Content-Length", str(len(result[0]))))
+            for name, _ in self.headers:
+                if name.lower() == "content-length":
+                    return
+            self.headers.append(("Content-Length", str(len(result[0]))))
 
 
 def make_handler(app: Callable[..., Any]) -> Callable[[Request], int]:
