@@ -99,6 +99,7 @@ _OFF_HIST = 156
 _BUSY = struct.Struct("=d8s96s")
 _U64 = struct.Struct("=Q")
 _U16 = struct.Struct("=H")
+_F64 = struct.Struct("=d")
 _DONE = struct.Struct("=dd")
 
 
@@ -178,23 +179,28 @@ class Scoreboard:
     def set_conns(self, index: int, conns: int) -> None:
         _U16.pack_into(self.mem, self._base(index) + _OFF_CONNS, min(conns, 0xFFFF))
 
-    def request_started(self, index: int, method: str, uri: str) -> None:
-        base = self._base(index)
-        _BUSY.pack_into(self.mem, base + _OFF_BUSY, time.monotonic(),
+    def request_started(self, index: int, method: str, uri: str) -> float:
+        """Mark the worker busy with this request; returns the start time it recorded."""
+        base = POOL.size + index * RECORD.size
+        now = time.monotonic()
+        _BUSY.pack_into(self.mem, base + _OFF_BUSY, now,
                         method.encode("latin-1", "replace")[:8], uri.encode("latin-1", "replace")[:96])
         self.mem[base + _OFF_STATE] = SlotState.BUSY
+        return now
 
-    def request_finished(self, index: int, requests: int, state: SlotState = SlotState.IDLE) -> None:
-        base = self._base(index)
-        since = struct.unpack_from("=d", self.mem, base + _OFF_BUSY)[0]
+    def request_finished(self, index: int, requests: int, since: float,
+                         state: SlotState = SlotState.IDLE) -> None:
+        """`since`: what request_started returned (not read back: this is the request path)."""
+        base = POOL.size + index * RECORD.size
+        mem = self.mem
         took = time.monotonic() - since
-        total = struct.unpack_from("=d", self.mem, base + _OFF_LAST + 8)[0]
-        _DONE.pack_into(self.mem, base + _OFF_LAST, took, total + took)
+        total = _F64.unpack_from(mem, base + _OFF_LAST + 8)[0]
+        _DONE.pack_into(mem, base + _OFF_LAST, took, total + took)
         bucket = base + _OFF_HIST + 8 * bisect.bisect_left(BUCKETS, took)
-        _U64.pack_into(self.mem, bucket, _U64.unpack_from(self.mem, bucket)[0] + 1)
-        _U64.pack_into(self.mem, base + _OFF_REQUESTS, requests)
-        self.mem[base + _OFF_STATE] = state
+        _U64.pack_into(mem, bucket, _U64.unpack_from(mem, bucket)[0] + 1)
+        _U64.pack_into(mem, base + _OFF_REQUESTS, requests)
+        mem[base + _OFF_STATE] = state
 
     def connection_accepted(self, index: int) -> None:
-        base = self._base(index) + _OFF_ACCEPTED
+        base = POOL.size + index * RECORD.size + _OFF_ACCEPTED
         _U64.pack_into(self.mem, base, _U64.unpack_from(self.mem, base)[0] + 1)

@@ -47,9 +47,10 @@ class BusyTitle:
         self.state = state
         self._show(f"{self.prefix} {state}")
 
-    def busy(self, what: str) -> None:
-        """A request starts: recorded only, the ticker shows it if it lasts."""
-        self._request = (time.monotonic(), what)
+    def busy(self, what: str, now: float | None = None) -> None:
+        """A request starts (at `now`, time.monotonic()): recorded only, the ticker shows it
+        if it lasts."""
+        self._request = (time.monotonic() if now is None else now, what)
         if not self._wake.is_set():
             if self._thread is None:
                 self._thread = threading.Thread(target=self._tick, name="title", daemon=True)

@@ -100,6 +100,7 @@ class Worker:
         self.registered: set[int] = set()  # connection fds in the epoll set
         self.next_sweep = 0.0
         self.requests = 0
+        self.since = 0.0  # when the request in progress started (the scoreboard's clock)
         self.epoll = select.epoll()
         self.listener_fds = {sock.fileno(): sock for sock in spec.listeners}
         # (family, type, proto) as plain ints, for _accept
@@ -321,8 +322,8 @@ class Worker:
         assert req is not None
         method = req.params.get("REQUEST_METHOD", "?")
         uri = req.params.get("REQUEST_URI", req.params.get("PATH_INFO", "")).partition("?")[0]
-        self.board.request_started(self.index, method, uri)
-        self.title.busy(f"{method} {uri[:80]}")
+        self.since = self.board.request_started(self.index, method, uri)
+        self.title.busy(f"{method} {uri[:80]}", self.since)
         counted = self.requests
         try:
             conn.run_request()
@@ -336,7 +337,7 @@ class Worker:
 
     def _request_done(self, req: object) -> None:
         self.requests += 1
-        self.board.request_finished(self.index, self.requests, SlotState.IDLE
+        self.board.request_finished(self.index, self.requests, self.since, SlotState.IDLE
                                     if self.stop_mode is StopMode.NONE else SlotState.RETIRING)
 
     # ------------------------------------------------------------------ manager channel
