@@ -9,6 +9,13 @@ request with the process title's busy/done around it, and the sweep (at most 4
 times a second).  Not mirrored: the worker's scoreboard updates (shared memory, two per
 request), whose interface is still moving.
 
+The ``hello-newconn`` case is the other common path, a new TCP connection per
+request (nginx without ``fastcgi_keep_conn``, Apache without ``enablereuse``):
+a loopback listener with TCP_DEFER_ACCEPT, as ``sockets.py`` opens it, served by
+a real ``worker.Worker``'s own ``_accept``/``_serve``/``_sweep`` (its accept
+path, scoreboard updates and title included), driven by the same epoll loop as
+``Worker._loop`` minus the manager channel.
+
 Server and client are pinned to the same CPU, so each run is a strict
 ping-pong: requests/s = 1 / (server + client CPU per request), free of the
 cross-core wake-ups that make the figure jump by 2x on a VM.  Reported:
@@ -38,13 +45,15 @@ from typing import Any, Callable
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parent / "apps")]
 
 import fcgiclient  # noqa: E402
-from fcgidaemon import titles  # noqa: E402
+from fcgidaemon import titles, worker  # noqa: E402
+from fcgidaemon.config import resolve  # noqa: E402
 from fcgidaemon.fastcgi import Connection, Limits, Server  # noqa: E402
 from fcgidaemon.wsgi import make_handler  # noqa: E402
 from hello import application  # noqa: E402
 
 CASES: dict[str, tuple[str, str, int, int]] = {  # method, uri, body bytes, default requests
     "hello": ("GET", "/hello", 0, 20000),
+    "hello-newconn": ("GET", "/hello", 0, 8000),
     "64k": ("GET", "/64k", 0, 5000),
     "post-1m": ("POST", "/echo", 1024 * 1024, 300),
 }
@@ -89,12 +98,63 @@ def serve(sock: socket.socket, count: int) -> int:
     return served
 
 
+def newconn_client(port: int, payload: bytes, count: int) -> None:
+    """The front end's side without kept connections: connect, send, read, close."""
+    for _ in range(count):
+        with socket.create_connection(("127.0.0.1", port)) as sock:
+            sock.sendall(payload)
+            fcgiclient.read_response(sock)
+
+
+def newconn_server(listener: socket.socket, count: int) -> int:
+    """A real Worker on `listener`, its loop as in Worker._loop (no manager channel)."""
+    # the manager's end stays open: closed, the channel would be readable (EOF) at every wait
+    channel, manager_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    port = listener.getsockname()[1]
+    config = resolve(["hello:application", "--bind", f"127.0.0.1:{port}"])
+    w = worker.Worker(worker.WorkerSpec(config, 0, 1, [listener], channel, os.getppid()))
+    w.server = Server(make_handler(application), Limits(), max_conns=256, max_reqs=4,
+                      on_done=w._request_done)
+    w._register()
+    try:
+        while w.requests < count:
+            ready, listening = [], None
+            for fd, _ in w.epoll.poll(1.0):
+                conn = w.conns.get(fd)
+                if conn is not None:
+                    ready.append(conn)
+                elif fd in w.listener_fds:
+                    listening = w.listener_fds[fd]
+            for conn in ready:
+                if w.conns.get(conn.fd) is conn:
+                    w._serve(conn)
+                if listening is not None and not w._accept(listening):
+                    listening = None
+            if listening is not None and not ready:
+                w._accept(listening)
+            w._sweep()
+    finally:
+        w.epoll.close()
+        channel.close()
+        manager_end.close()
+    return w.requests
+
+
 def measure(case: str, count: int, wrap: Callable[[Callable[[], int]], int] | None = None
             ) -> dict[str, Any]:
     """One run: fork the client, serve `count` requests here, time them."""
     method, uri, size, _ = CASES[case]
-    payload = fcgiclient.encode_request(method, uri, b"x" * size, keep_conn=True)
-    ours, theirs = socket.socketpair()
+    newconn = case.endswith("-newconn")
+    payload = fcgiclient.encode_request(method, uri, b"x" * size, keep_conn=not newconn)
+    if newconn:
+        ours = socket.socket()
+        ours.setsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT, 1)
+        ours.bind(("127.0.0.1", 0))
+        ours.listen(128)
+        theirs = socket.socket()  # unused: the client connects anew for each request
+        port = ours.getsockname()[1]
+    else:
+        ours, theirs = socket.socketpair()
     saved = os.sched_getaffinity(0)
     cpus = sorted(saved)
     pid = os.fork()
@@ -103,7 +163,10 @@ def measure(case: str, count: int, wrap: Callable[[Callable[[], int]], int] | No
         ours.close()
         code = 0
         try:
-            client(theirs, payload, count)
+            if newconn:
+                newconn_client(port, payload, count)
+            else:
+                client(theirs, payload, count)
         except BaseException:  # noqa: BLE001 - reported by the exit status
             code = 1
         os._exit(code)
@@ -111,7 +174,8 @@ def measure(case: str, count: int, wrap: Callable[[Callable[[], int]], int] | No
     os.sched_setaffinity(0, {cpus[0]})  # server and client on the same core: no cross-CPU wake-ups
     try:
         wall0, cpu0 = time.perf_counter(), time.process_time()
-        served = wrap(lambda: serve(ours, count)) if wrap else serve(ours, count)
+        run = (lambda: newconn_server(ours, count)) if newconn else (lambda: serve(ours, count))
+        served = wrap(run) if wrap else run()
         wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
     finally:
         os.sched_setaffinity(0, saved)
@@ -188,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     result = run(args.scale, args.rounds)
     for case, data in result["cases"].items():
-        print(f"{case:8} {data['rps']['median']:10.1f} req/s  "
+        print(f"{case:13} {data['rps']['median']:10.1f} req/s  "
               f"{data['cpu_us_per_request']['median']:8.1f} us CPU/request")
     text = result["profile"].pop("text")
     print(text)

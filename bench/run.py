@@ -8,7 +8,8 @@ Sections (all by default; pick with --only):
 * reload      SIGHUP to "reload complete" for a heavy app, with and without --preload
 * memory      PSS/USS of 8 workers holding ~50 MB, preloaded (gc.freeze) or not; and
               every server's per-worker PSS/USS serving the hello app
-* micro       fcgidaemon's per-request path over a socketpair, and its cProfile
+* micro       fcgidaemon's per-request path (kept connection on a socketpair; a new
+              loopback connection per request), and its cProfile
 
 Results go to bench/results/<stem>.json and .md ("latest" for a full run).
 """

@@ -152,8 +152,10 @@ def footprint(section: dict[str, Any]) -> str:
 
 
 def micro(section: dict[str, Any]) -> str:
-    lines = _table("## Micro-benchmark: fcgidaemon's per-request path over a socketpair "
-                   "(no front end; `bench/micro.py`)\n", ["case", "req/s>", "server CPU µs/request>"])
+    lines = _table("## Micro-benchmark: fcgidaemon's per-request path with no front end "
+                   "(`bench/micro.py`: kept connection on a socketpair; hello-newconn: a new "
+                   "loopback TCP connection per request)\n",
+                   ["case", "req/s>", "server CPU µs/request>"])
     for case, data in section["cases"].items():
         lines.append(f"| {case} | {_mmm(data['rps'])} | {_mmm(data['cpu_us_per_request'])} |")
     if section.get("other_cores") is not None:
