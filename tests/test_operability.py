@@ -12,7 +12,8 @@ import time
 from prometheus_client.openmetrics.parser import text_string_to_metric_families
 
 from daemon import run_cli, wait_for
-from fcgiclient import FCGIClient, build_request, make_params
+from fcgiclient import (FCGI_ABORT_REQUEST, FCGI_BEGIN_REQUEST, FCGI_END_REQUEST, FCGI_KEEP_CONN,
+                        FCGIClient, build_request, encode_record, make_params)
 from load import FCGIChecker, run_load
 from test_lifecycle import app_copy, get
 
@@ -44,6 +45,22 @@ def test_status_counts_requests_exactly(start_daemon):
     assert snap["requests"] == 38 and snap["accepted"] == 39
     assert snap["workers"]["idle"] + snap["workers"]["busy"] == 3
     assert sum(snap["duration_histogram"].values()) == 38
+
+
+def test_a_request_aborted_before_it_ran_counts_as_taking_no_time(start_daemon):
+    """Its end is counted with the others, but its duration is not the time since the
+    previous request began (here a 0.6 s one): that would put it in a slow bucket."""
+    d = start_daemon("testapp", *STATUS, workers=1)
+    assert get(d.address, "/sleep?s=0.6").status == 200
+    with FCGIClient(d.address, timeout=5) as client:
+        begin = encode_record(FCGI_BEGIN_REQUEST, 1, bytes([0, 1, FCGI_KEEP_CONN, 0, 0, 0, 0, 0]))
+        client.send_raw(begin + encode_record(FCGI_ABORT_REQUEST, 1))
+        rec = client.read_record(time.monotonic() + 3)
+        assert rec.type == FCGI_END_REQUEST and rec.request_id == 1
+    snap = status_json(d)
+    slow = sum(n for bound, n in snap["duration_histogram"].items() if bound == "+Inf" or float(bound) >= 0.5)
+    print(f"requests {snap['requests']}, histogram {snap['duration_histogram']}")
+    assert snap["requests"] == 2 and slow == 1  # the sleep only
 
 
 def test_busy_request_shows_in_text_json_and_openmetrics(start_daemon):

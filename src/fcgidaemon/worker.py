@@ -100,7 +100,7 @@ class Worker:
         self.registered: set[int] = set()  # connection fds in the epoll set
         self.next_sweep = 0.0
         self.requests = 0
-        self.since = 0.0  # when the request in progress started (the scoreboard's clock)
+        self.since = 0.0  # when the request in progress started (scoreboard clock); 0: none
         self.epoll = select.epoll()
         self.listener_fds = {sock.fileno(): sock for sock in spec.listeners}
         # (family, type, proto) as plain ints, for _accept
@@ -337,7 +337,9 @@ class Worker:
 
     def _request_done(self, req: object) -> None:
         self.requests += 1
-        self.board.request_finished(self.index, self.requests, self.since, SlotState.IDLE
+        # a request ended before it ran (aborted while its params came in) took no time
+        since, self.since = self.since or time.monotonic(), 0.0
+        self.board.request_finished(self.index, self.requests, since, SlotState.IDLE
                                     if self.stop_mode is StopMode.NONE else SlotState.RETIRING)
 
     # ------------------------------------------------------------------ manager channel
