@@ -17,7 +17,9 @@ from /proc/PID/smaps_rollup for the manager and every worker.
 
 `footprint()`: the same figures for every server of the throughput section
 serving the hello app with the same worker count, one server at a time: what a
-worker of each costs when the application itself holds next to nothing.
+worker of each costs when the application itself holds next to nothing. Plus
+fcgidaemon with ``--preload hello``: the app imported before the fork, as flup6
+does, instead of in each worker after it.
 """
 
 from __future__ import annotations
@@ -64,12 +66,21 @@ def run(workers: int, requests: int, workdir: Path, progress: Callable[[str], No
     return out
 
 
+# fcgidaemon imports the application in each worker, after the fork (what lets SIGHUP load
+# new code); flup6 imports it once, before forking. This row imports it before the fork too
+# (--preload of the app module itself, giving up reload for it): the like-for-like figure.
+PRELOADED = "fcgidaemon --preload hello"
+
+
 def footprint(names: tuple[str, ...], workers: int, requests: int, workdir: Path,
               progress: Callable[[str], None]) -> dict[str, Any]:
     """Each server with the hello app: memory after `requests` requests."""
     out: dict[str, Any] = {"workers": workers, "requests": requests, "servers": {}}
+    if "fcgidaemon" in names:
+        names = (*names, PRELOADED)
     for name in names:
-        spec = servers.BackendSpec(name, free_port(), workers)
+        spec = (servers.BackendSpec("fcgidaemon", free_port(), workers, extra=("--preload", "hello"))
+                if name == PRELOADED else servers.BackendSpec(name, free_port(), workers))
         proc = servers.start(spec, workdir / "logs", ready_timeout=120)
         try:
             meter = LoadMeter([proc.pid])

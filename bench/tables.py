@@ -139,7 +139,7 @@ def footprint(section: dict[str, Any]) -> str:
                    f"after {section['requests']:,} requests\n",
                    ["server", "worker PSS MB>", "worker USS MB>", "worker RSS MB>", "parent PSS MB>",
                     "total PSS MB>", "answers", "other load>"])
-    for name in SERVER_ORDER:
+    for name in (*SERVER_ORDER, "fcgidaemon --preload hello"):
         data = section["servers"].get(name)
         if data is None:
             continue
