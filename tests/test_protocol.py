@@ -357,6 +357,27 @@ def test_a_new_connection_wakes_one_idle_worker_not_all(start_daemon):
     assert wakeups <= requests * 1.5 + idle_timeouts, wakeups
 
 
+def test_new_kept_connections_go_round_the_idle_workers(start_daemon):
+    """Eight kept connections opened one after another to four idle workers: spread over
+    them (about two each; the wake-up goes to a worker waiting at that moment). An
+    exclusive wake-up goes to the first waiting worker in registration order, so without
+    the worker going to the back of the queue after taking a connection it keeps, the first
+    worker, idle again after each request, took all eight."""
+    d = start_daemon(workers=4)
+    clients = [FCGIClient(d.address, timeout=5) for _ in range(8)]
+    try:
+        pids = []
+        for i, client in enumerate(clients):
+            resp = client.request(make_params("GET", f"/id?id=k{i}"), keep_conn=True)
+            assert resp.status == 200
+            pids.append(int(resp.body.split(b"pid=")[1]))
+    finally:
+        for client in clients:
+            client.close()
+    print(f"first requests served by {pids}")
+    assert len(set(pids)) >= 3 and max(pids.count(pid) for pid in pids) <= 3, pids
+
+
 def _read_ids(sock: socket.socket, total: int, out: list[str]) -> None:
     """Read `total` responses of /id from a raw socket; append each one's id as it ends."""
     buf, stdout = bytearray(), bytearray()

@@ -260,7 +260,19 @@ class Worker:
         self._serve(conn, socket.MSG_DONTWAIT)
         if not conn.closed:
             self._watch(conn)
+            self._requeue(listener)
         return True
+
+    def _requeue(self, listener: socket.socket) -> None:
+        """Go to the back of the listener's wake-up queue. An exclusive wake-up goes to the
+        first waiting worker in the order they registered, so the first worker would take
+        nearly every new connection while it is idle: fine for connections that close after
+        their request, but kept ones (Apache enablereuse, nginx keep_conn) would pile up on
+        it (p99 16.6 ms behind Apache enablereuse against 9.7 ms). Registering again puts
+        this worker last; two system calls, only when a connection stays open."""
+        fd = listener.fileno()
+        self.epoll.unregister(fd)
+        self.epoll.register(fd, select.EPOLLIN | select.EPOLLEXCLUSIVE)
 
     def _allowed(self, sock: socket.socket) -> bool:
         """--allow-from: TCP peers outside the list are closed and logged."""
