@@ -181,7 +181,7 @@ class Scoreboard:
 
     def request_started(self, index: int, method: str, uri: str) -> float:
         """Mark the worker busy with this request; returns the start time it recorded."""
-        base = POOL.size + index * RECORD.size
+        base = self._base(index)
         now = time.monotonic()
         _BUSY.pack_into(self.mem, base + _OFF_BUSY, now,
                         method.encode("latin-1", "replace")[:8], uri.encode("latin-1", "replace")[:96])
@@ -191,7 +191,7 @@ class Scoreboard:
     def request_finished(self, index: int, requests: int, since: float,
                          state: SlotState = SlotState.IDLE) -> None:
         """`since`: what request_started returned (not read back: this is the request path)."""
-        base = POOL.size + index * RECORD.size
+        base = self._base(index)
         mem = self.mem
         took = time.monotonic() - since
         total = _F64.unpack_from(mem, base + _OFF_LAST + 8)[0]
@@ -202,5 +202,5 @@ class Scoreboard:
         mem[base + _OFF_STATE] = state
 
     def connection_accepted(self, index: int) -> None:
-        base = POOL.size + index * RECORD.size + _OFF_ACCEPTED
+        base = self._base(index) + _OFF_ACCEPTED
         _U64.pack_into(self.mem, base, _U64.unpack_from(self.mem, base)[0] + 1)

@@ -24,8 +24,8 @@ def _systemd(name: str) -> Any:
     """python-systemd's `daemon` or `journal`, imported on first use (None if missing).
 
     Outside systemd neither is ever needed, and not importing them keeps the manager,
-    whose memory every worker shares, smaller (under systemd: imported at start, below). python-systemd is a hard dependency,
-    but a build without it still runs.
+    whose memory every worker shares, smaller (under systemd: imported at start, below).
+    python-systemd is a hard dependency, but a build without it still runs.
     """
     if name not in _modules:
         try:
