@@ -12,9 +12,8 @@ request), whose interface is still moving.
 The ``hello-newconn`` case is the other common path, a new TCP connection per
 request (nginx without ``fastcgi_keep_conn``, Apache without ``enablereuse``):
 a loopback listener with TCP_DEFER_ACCEPT, as ``sockets.py`` opens it, served by
-a real ``worker.Worker``'s own ``_accept``/``_serve``/``_sweep`` (its accept
-path, scoreboard updates and title included), driven by the same epoll loop as
-``Worker._loop`` minus the manager channel.
+a real ``worker.Worker`` running its own ``_loop`` (its accept path, scoreboard
+updates and title included) until the requests are done.
 
 Server and client are pinned to the same CPU, so each run is a strict
 ping-pong: requests/s = 1 / (server + client CPU per request), free of the
@@ -107,32 +106,23 @@ def newconn_client(port: int, payload: bytes, count: int) -> None:
 
 
 def newconn_server(listener: socket.socket, count: int) -> int:
-    """A real Worker on `listener`, its loop as in Worker._loop (no manager channel)."""
+    """A real Worker on `listener`, running its own loop until `count` requests are done."""
     # the manager's end stays open: closed, the channel would be readable (EOF) at every wait
     channel, manager_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     port = listener.getsockname()[1]
     config = resolve(["hello:application", "--bind", f"127.0.0.1:{port}"])
     w = worker.Worker(worker.WorkerSpec(config, 0, 1, [listener], channel, os.getppid()))
+
+    def done(req: object) -> None:
+        w._request_done(req)
+        if w.requests >= count:  # then the loop winds down: no connection is left open
+            w._begin_stop(worker.StopMode.CLOSE)
+
     w.server = Server(make_handler(application), Limits(), max_conns=256, max_reqs=4,
-                      on_done=w._request_done)
+                      on_done=done)
     w._register()
     try:
-        while w.requests < count:
-            ready, listening = [], None
-            for fd, _ in w.epoll.poll(1.0):
-                conn = w.conns.get(fd)
-                if conn is not None:
-                    ready.append(conn)
-                elif fd in w.listener_fds:
-                    listening = w.listener_fds[fd]
-            for conn in ready:
-                if w.conns.get(conn.fd) is conn:
-                    w._serve(conn)
-                if listening is not None and not w._accept(listening):
-                    listening = None
-            if listening is not None and not ready:
-                w._accept(listening)
-            w._sweep()
+        w._loop()
     finally:
         w.epoll.close()
         channel.close()
