@@ -11,7 +11,7 @@ import time
 
 from prometheus_client.openmetrics.parser import text_string_to_metric_families
 
-from daemon import run_cli, wait_for
+from daemon import free_port, run_cli, wait_for
 from fcgiclient import (FCGI_ABORT_REQUEST, FCGI_BEGIN_REQUEST, FCGI_END_REQUEST, FCGI_KEEP_CONN,
                         FCGIClient, build_request, encode_record, make_params)
 from load import FCGIChecker, run_load
@@ -184,3 +184,27 @@ def test_process_title_shows_the_busy_request_and_its_age(start_daemon):
     assert re.fullmatch(r"fcgidaemon: worker 0 gen 1 busy [1-9]\.\ds GET /sleep", title), title
     thread.join(10)
     wait_for(lambda: proc_title(worker) == "fcgidaemon: worker 0 gen 1 idle", 5, "the idle title")
+
+
+def test_the_manager_loads_no_module_it_never_uses(start_daemon, tmp_path):
+    """Every page the manager holds at a fork counts, shared, in each worker's PSS. argparse
+    imports shutil (and with it zlib, bz2, lzma) for the terminal width, and getaddrinfo() of
+    a str host imports the idna codec (unicodedata, stringprep): ~0.5 MB that serve nothing.
+    The manager's own memory map shows whether their libraries were loaded."""
+    port = free_port()
+    d = start_daemon("testapp:application", bind=f"localhost:{port}")
+    maps = open(f"/proc/{d.pid}/maps").read()
+    loaded = sorted({name for name in ("liblzma", "libbz2", "_lzma.", "_bz2.", "unicodedata.")
+                     if name in maps})
+    assert loaded == [], f"the manager mapped {loaded}"
+    assert get(("127.0.0.1", port), "/").status == 200  # "localhost" was resolved and bound
+
+
+def test_help_is_wrapped_to_columns(tmp_path):
+    """--help keeps the terminal width (COLUMNS here) without shutil."""
+    for columns in (60, 120):
+        out = run_cli(["--help"], tmp_path, env={"COLUMNS": str(columns)})
+        assert out.returncode == 0, out.stderr
+        widths = [len(line) for line in out.stdout.splitlines()]
+        assert max(widths) <= columns - 2, (columns, max(widths))
+        assert max(widths) > columns - 20, (columns, max(widths))  # and uses it
