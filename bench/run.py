@@ -162,6 +162,14 @@ def _on_alarm(signum: int, frame: FrameType | None) -> None:
     raise Deadline("--max-minutes exceeded")
 
 
+def compile_apps() -> None:
+    """The apps' bytecode, as a deployed app has it. Without it (PYTHONDONTWRITEBYTECODE is
+    set on these machines) a server that imports the app in each worker compiles it in each
+    one: ~0.15 MB more private memory per fcgidaemon worker, which a server that imports the
+    app once before forking (flup6, uWSGI here) pays once."""
+    subprocess.run([paths.PYTHON, "-m", "compileall", "-q", str(paths.APPS)], check=True, timeout=120)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -178,6 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, Any] = {}
     try:
         deps.ensure_all(progress)
+        compile_apps()
         measured = source.use(args.rev)
         progress(f"fcgidaemon: {measured}")
         results = {"environment": report.environment(measured),
