@@ -162,14 +162,6 @@ def _on_alarm(signum: int, frame: FrameType | None) -> None:
     raise Deadline("--max-minutes exceeded")
 
 
-def compile_apps() -> None:
-    """The apps' bytecode, as a deployed app has it. Without it (PYTHONDONTWRITEBYTECODE is
-    set on these machines) a server that imports the app in each worker compiles it in each
-    one: ~0.15 MB more private memory per fcgidaemon worker, which a server that imports the
-    app once before forking (flup6, uWSGI here) pays once."""
-    subprocess.run([paths.PYTHON, "-m", "compileall", "-q", str(paths.APPS)], check=True, timeout=120)
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -186,7 +178,11 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, Any] = {}
     try:
         deps.ensure_all(progress)
-        compile_apps()
+        # the apps' bytecode, as a deployed app has it: without it (PYTHONDONTWRITEBYTECODE is
+        # set here) a server that imports the app in each worker compiles it in each one
+        # (~0.15 MB of private memory per fcgidaemon worker), one that imports it before
+        # forking (flup6, uWSGI) once
+        source.compile_bytecode(paths.APPS)
         measured = source.use(args.rev)
         progress(f"fcgidaemon: {measured}")
         results = {"environment": report.environment(measured),

@@ -5,6 +5,12 @@ bench/work/src/<sha>/ and puts that directory first on the PYTHONPATH of every
 fcgidaemon process (and of micro.py), ahead of the editable install.  The
 results then name an exact commit, and edits made to src/ while the benchmark
 runs cannot reach it.
+
+Whatever is measured runs from bytecode, as an installed package does (pip
+compiles what it installs): PYTHONDONTWRITEBYTECODE is set on these machines,
+and without .pyc files every start compiles the package from source, whose
+garbage stays resident in the manager and is shared into each worker's memory
+(per-worker PSS 5.74 -> 5.30 MB with bytecode, hello app, 4 workers).
 """
 
 from __future__ import annotations
@@ -33,12 +39,20 @@ def snapshot(rev: str) -> tuple[Path, str]:
     return dest, sha
 
 
+def compile_bytecode(*dirs: Path) -> None:
+    """Write the .pyc files of everything under `dirs`, as an installed package has them."""
+    subprocess.run([paths.PYTHON, "-m", "compileall", "-q", *map(str, dirs)], check=True,
+                   timeout=300)
+
+
 def use(rev: str | None) -> str:
     """Select what is measured; returns a description for the report."""
     if rev is None:
         paths.FCGIDAEMON_SRC = None
+        compile_bytecode(paths.ROOT / "src" / "fcgidaemon")
         sha = git("rev-parse", "--short=12", "HEAD")
         dirty = git("status", "--porcelain", "--", "src")
         return f"{sha} (working tree{', with uncommitted changes in src/' if dirty else ''})"
     paths.FCGIDAEMON_SRC, sha = snapshot(rev)
+    compile_bytecode(paths.FCGIDAEMON_SRC)
     return f"{sha[:12]} (snapshot of {rev})"
