@@ -102,8 +102,8 @@ def bind_tcp(address: Address, backlog: int) -> list[Listener]:
     try:
         # an ASCII name goes as bytes: a str is passed through the "idna" codec, whose import
         # (unicodedata, stringprep: ~0.5 MB) would stay in the manager that every worker shares
-        infos = socket.getaddrinfo(host.encode() if host.isascii() else host, address.port, socket.AF_UNSPEC, socket.SOCK_STREAM,
-                                   0, socket.AI_PASSIVE)
+        infos = socket.getaddrinfo(host.encode() if host.isascii() else host, address.port,
+                                   socket.AF_UNSPEC, socket.SOCK_STREAM, 0, socket.AI_PASSIVE)
     except socket.gaierror as exc:
         raise ConfigError(f"--bind {address}: cannot resolve {host!r}: {exc.strerror}") from None
     listeners: list[Listener] = []

@@ -186,13 +186,13 @@ class Worker:
     def _register(self) -> None:
         for fd, sock in self.listener_fds.items():
             sock.setblocking(False)
-            # LISTENER_EVENTS has EPOLLEXCLUSIVE: a new connection wakes one worker waiting in epoll_wait, not every
-            # idle one (a herd in which all but one find accept() empty: behind nginx about one
-            # wasted wake-up per request, 88 -> 73 us CPU per request and +11% req/s without
-            # it). A busy worker is not waiting, so it does not take the wake-up: the kernel
-            # passes it on to the next worker that is (and removes a woken waiter at once, so
-            # a second connection wakes a second worker); with every worker busy, each finds
-            # the listener ready when it next waits.
+            # LISTENER_EVENTS has EPOLLEXCLUSIVE: a new connection wakes one worker waiting in
+            # epoll_wait, not every idle one (a herd in which all but one find accept() empty:
+            # behind nginx about one wasted wake-up per request, 88 -> 73 us CPU per request
+            # and +11% req/s without it). A busy worker is not waiting, so it does not take the
+            # wake-up: the kernel passes it on to the next worker that is (and removes a woken
+            # waiter at once, so a second connection wakes a second worker); with every worker
+            # busy, each finds the listener ready when it next waits.
             self.epoll.register(fd, LISTENER_EVENTS)
         self.epoll.register(self._wake_r.fileno(), select.EPOLLIN)
         self.epoll.register(self.spec.channel.fileno(), select.EPOLLIN)
