@@ -90,14 +90,40 @@ def test_declared_body_over_limit_gets_413(daemon):
     daemon.wait_log(r"request body of 200000 bytes refused")
 
 
-def test_undeclared_body_over_limit_closes_connection(daemon):
+@pytest.mark.parametrize("uri", ["/echo", "/echo-wrapped"])
+def test_undeclared_body_over_limit_closes_connection(daemon, uri):
+    """/echo-wrapped raises its own error from ours, as frameworks do: still not the
+    application's fault."""
     before = daemon.wait_workers(1)
-    params = make_params("POST", "/echo", extra={"CONTENT_LENGTH": None})
+    params = make_params("POST", uri, extra={"CONTENT_LENGTH": None})
     with FCGIClient(daemon.address, timeout=5) as client:
         with pytest.raises(ConnectionClosed):
             client.request(params, b"z" * 300_000)
     assert_worker_unharmed(daemon, before)
     daemon.wait_log(r"protocol error: request body larger than 102400 bytes")
+    assert_not_blamed_on_the_application(daemon)
+
+
+def test_malformed_record_while_the_app_reads_the_body(daemon):
+    """A broken record in the middle of a body the application is reading: the web server's
+    fault, so the connection closes with a protocol warning, and no "application error" with a
+    traceback sends an operator after the application."""
+    before = daemon.wait_workers(1)
+    with FCGIClient(daemon.address, timeout=5) as client:
+        head = build_request(make_params("POST", "/echo", body_len=5000), b"", keep_conn=True)
+        head = head[: head.rindex(encode_record(FCGI_STDIN, 1))]  # no end of stdin
+        broken = struct.pack("!BBHHBx", 7, FCGI_STDIN, 1, 10, 0) + b"x" * 10  # version 7
+        client.send_raw(head + encode_record(FCGI_STDIN, 1, b"q" * 1000) + broken)
+        records = list(client.recv_records(timeout=3))
+    assert all(r.type != 6 for r in records), records  # no response: the request is lost anyway
+    daemon.wait_log(r"protocol error: unsupported FastCGI version 7")
+    assert_not_blamed_on_the_application(daemon)
+    assert_worker_unharmed(daemon, before)
+
+
+def assert_not_blamed_on_the_application(daemon):
+    log = daemon.log()
+    assert "application error" not in log and "Traceback" not in log, log[-3000:]
 
 
 def test_params_over_limit_close_connection(daemon):

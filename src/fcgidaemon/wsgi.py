@@ -15,7 +15,7 @@ import sys
 from typing import Any, Callable, Iterable
 from urllib.parse import unquote_to_bytes
 
-from .fastcgi import ConnectionLost, Request, RequestAborted
+from .fastcgi import ConnectionLost, ProtocolError, Request, RequestAborted
 
 log = logging.getLogger("fcgidaemon")
 app_log = logging.getLogger("fcgidaemon.app")
@@ -201,15 +201,33 @@ def make_handler(app: Callable[..., Any]) -> Callable[[Request], int]:
                     response.write(chunk)
             response.write(b"")
             return 0
-        except (ConnectionLost, RequestAborted):
-            raise
-        except Exception:  # noqa: BLE001 - the application's failure, reported, not fatal
+        except Exception as exc:  # noqa: BLE001 - the application's failure, reported, not fatal
+            fault = transport_fault(exc)
+            if fault is not None:
+                raise fault from None
             return application_failed(req, response, environ)
         finally:
             close_result(result, environ)
             environ["wsgi.errors"].flush()
 
     return handle
+
+
+TRANSPORT_FAULTS = (ConnectionLost, RequestAborted, ProtocolError)
+
+
+def transport_fault(exc: BaseException | None) -> BaseException | None:
+    """The web server's failure behind `exc`, if there is one: raised while the application
+    read wsgi.input, directly or wrapped by it (``raise BadRequest() from exc``). That
+    connection is closed with a warning; reported as an application error, it would send an
+    operator after a traceback through code that did nothing wrong."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, TRANSPORT_FAULTS):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
 
 
 def application_failed(req: Request, response: Response, environ: dict[str, Any]) -> int:

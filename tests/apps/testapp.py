@@ -30,6 +30,12 @@ def application(environ, start_response):
         length = int(environ.get("CONTENT_LENGTH") or 0)
         body = environ["wsgi.input"].read(length) if length else environ["wsgi.input"].read()
         return _text(start_response, body)
+    if path.endswith("/echo-wrapped"):  # a framework that turns a failed read into its own error
+        try:
+            body = environ["wsgi.input"].read()
+        except Exception as exc:
+            raise ValueError("unreadable request body") from exc
+        return _text(start_response, body)
     if path.endswith("/id"):
         time.sleep(float(q.get("sleep", 0)))
         body = f"id={q.get('id', '')} version={VERSION} pid={os.getpid()}".encode()
