@@ -17,7 +17,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fcgiclient import (FCGI_BEGIN_REQUEST, FCGI_KEEP_CONN, FCGI_PARAMS, FCGI_STDIN, ConnectionClosed,
-                        FCGIClient, build_request, encode_params, encode_record, make_params)
+                        FCGIClient, build_request, encode_params, encode_record, make_params,
+                        parse_cgi_response)
 from test_lifecycle import get
 
 BEGIN = encode_record(FCGI_BEGIN_REQUEST, 1, bytes([0, 1, FCGI_KEEP_CONN, 0, 0, 0, 0, 0]))
@@ -167,6 +168,92 @@ def test_random_garbage_live(daemon):
         finally:
             sock.close()
     assert_worker_unharmed(daemon, before)
+
+
+def test_kept_connections_with_interleaved_records_get_exactly_their_answers(daemon):
+    """300 kept connections, each carrying 1-5 requests (GETs naming their own id, POSTs of 0 to
+    70,000 random bytes echoed back, sent in random pieces) interleaved with records the
+    specification says to ignore (other request ids, even inside a request) or to answer
+    (FCGI_GET_VALUES, unknown management types). Every request gets exactly its own answer,
+    in order, and every management record exactly one: no crosstalk, nothing lost."""
+    import random
+    rng = random.Random(2026)
+    before = daemon.wait_workers(1)
+    requests = failures = 0
+    for i in range(300):
+        data, expected = b"", []  # "management", or (request id, body prefix or whole body)
+        for k in range(rng.randint(1, 5)):
+            rid = rng.choice([1, 2, 9, 65535])
+            noise, answers = _noise(rng, rid)
+            data += noise
+            expected += ["management"] * answers
+            if rng.random() < 0.6:
+                mark = f"id={i}-{k} ".encode()
+                blob = build_request(make_params("GET", f"/id?id={i}-{k}"), keep_conn=True, request_id=rid)
+                want = (rid, "prefix", mark)
+            else:
+                sent = rng.randbytes(rng.choice([0, 1, 999, 70_000]))
+                blob = build_request(make_params("POST", "/echo", len(sent)), sent, keep_conn=True,
+                                     request_id=rid, stdin_chunk=rng.choice([1, 100, 65535]))
+                want = (rid, "whole", sent)
+            cut = blob.index(bytes([1, FCGI_PARAMS]))  # noise between BEGIN_REQUEST and PARAMS
+            noise, answers = _noise(rng, rid)
+            data += blob[:cut] + noise + blob[cut:]
+            expected += ["management"] * answers + [want]
+        with FCGIClient(daemon.address, timeout=10) as client:
+            pos = 0
+            while pos < len(data):
+                step = rng.choice([1, 7, 64, 1000, len(data)])
+                client.send_raw(data[pos:pos + step])
+                pos += step
+            got = _answers(client, len(expected))
+        requests += sum(1 for e in expected if e != "management")
+        failures += len(got) != len(expected) or not all(map(_matches, expected, got))
+    print(f"\n300 kept connections, {requests} requests: {failures} connections with a wrong answer")
+    assert failures == 0
+    assert_worker_unharmed(daemon, before)
+    assert " WARNING " not in daemon.log() and " ERROR " not in daemon.log()
+
+
+def _noise(rng, active: int) -> tuple[bytes, int]:
+    """Records that must not disturb request `active`, and how many answers they get."""
+    roll = rng.random()
+    if roll < 0.25:  # another request id: ignored (FastCGI 1.0, 3.3)
+        other = rng.choice([x for x in (2, 3, 7, 65535) if x != active])
+        rtype = rng.choice([FCGI_PARAMS, FCGI_STDIN, 8, 2])
+        return encode_record(rtype, other, rng.randbytes(rng.choice([0, 5, 100]))), 0
+    if roll < 0.4:
+        return encode_record(9, 0, encode_params({"FCGI_MAX_REQS": "", "FCGI_MPXS_CONNS": ""})), 1
+    if roll < 0.5:
+        return encode_record(rng.choice([12, 50, 200]), 0, rng.randbytes(rng.choice([0, 3, 8]))), 1
+    return b"", 0
+
+
+def _matches(expected, got) -> bool:
+    if expected == "management" or got == "management":
+        return expected == got
+    rid, kind, value = expected
+    return got[0] == rid and (got[1].startswith(value) if kind == "prefix" else got[1] == value)
+
+
+def _answers(client: FCGIClient, count: int) -> list:
+    """Up to `count` answers, in order: "management", or (request id, CGI body) at END_REQUEST."""
+    got: list = []
+    stdout = bytearray()
+    deadline = time.monotonic() + 10
+    while len(got) < count:
+        record = client.read_record(deadline)
+        if record is None:
+            break
+        if record.type in (10, 11):  # FCGI_GET_VALUES_RESULT, FCGI_UNKNOWN_TYPE
+            got.append("management" if record.request_id == 0 else ("bad id", b""))
+        elif record.type == 6:  # FCGI_STDOUT
+            stdout += record.content
+        elif record.type == 3:  # FCGI_END_REQUEST
+            status, _, body = parse_cgi_response(bytes(stdout))
+            got.append((record.request_id, body if status == 200 else b"status %d" % status))
+            stdout = bytearray()
+    return got
 
 
 # ---------------------------------------------------------------- in-process fuzzing
