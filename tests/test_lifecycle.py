@@ -252,6 +252,54 @@ def test_ttin_ttou_change_the_worker_count(start_daemon):
     assert get(d.address, "/hello").status == 200
 
 
+@pytest.mark.parametrize("signum,before,after", [(signal.SIGTTIN, 2, 3), (signal.SIGTTOU, 3, 2)],
+                         ids=["ttin", "ttou"])
+def test_worker_count_changed_during_a_reload(start_daemon, tmp_path, signum, before, after):
+    """SIGTTIN/SIGTTOU while a reload is starting its generation apply to that generation too.
+    (Found by a soak test: the reload waited for a slot that only the old generation got, so it
+    never completed, and every later SIGHUP queued behind it: deploys silently stopped.)"""
+    src = app_copy(tmp_path)
+    d = start_daemon("liveapp", "--pythonpath", str(src), workers=before)
+    d.wait_workers(before)
+    set_version(src, "v2")
+    app = src / "liveapp.py"
+    app.write_text("import time\ntime.sleep(1.0)  # a slow import: the reload is in progress\n"
+                   + app.read_text())
+    d.signal(signal.SIGHUP)
+    d.wait_log(r"reload: starting generation 2")
+    d.signal(signum)
+    d.wait_log(rf"worker count {before} -> {after}")
+    d.wait_log(rf"reload complete: generation 2 serving \({after} workers\)", timeout=15)
+    pids = d.wait_workers(after)
+    bodies = {get(d.address, "/hello").body.decode() for _ in range(4 * after)}
+    assert all(body.startswith("hello v2 ") for body in bodies), bodies
+    assert {int(body.split()[-1]) for body in bodies} <= set(pids)
+    set_version(src, "v3")
+    d.reload(3)  # and reloads go on working
+    assert get(d.address, "/hello").body.startswith(b"hello v3 ")
+    d.wait_workers(after)
+
+
+def test_fewer_workers_during_a_reload_completes_it_at_once(start_daemon, tmp_path):
+    """SIGTTOU during a reload whose remaining slots are all ready already: the reload
+    completes then, without waiting for the retired slot's worker (which imports for 5 s)."""
+    src = app_copy(tmp_path)
+    d = start_daemon("liveapp", "--pythonpath", str(src), workers=3)
+    d.wait_workers(3)
+    set_version(src, "v2")
+    app = src / "liveapp.py"
+    app.write_text("import time\nif b'worker 2 gen 2' in open('/proc/self/cmdline', 'rb').read():\n"
+                   "    time.sleep(5)  # slot 2 of the new generation imports slowly\n" + app.read_text())
+    d.signal(signal.SIGHUP)
+    d.wait_log(r"ready \(slot [01], gen 2\)", count=2)
+    t0 = time.monotonic()
+    d.signal(signal.SIGTTOU)
+    d.wait_log(r"reload complete: generation 2 serving \(2 workers\)", timeout=10)
+    assert time.monotonic() - t0 < 3, "the reload waited for the retired slot"
+    assert get(d.address, "/hello").body.startswith(b"hello v2 ")
+    d.wait_workers(2, timeout=15)
+
+
 def test_kept_connections_are_spread_over_new_workers(start_daemon):
     """12 kept connections, all held by the one worker; grow to 4 workers: the manager has the
     crowded worker hand its surplus over (SCM_RIGHTS) until each holds 3, and every connection

@@ -209,11 +209,10 @@ class Manager(supervise.Supervision, control.ControlCommands, upgrade.Upgrading)
             return
         old, self.target = self.target, target
         log.info("worker count %d -> %d", old, target)
-        if self.phase is Phase.RELOADING:
-            return  # applied to the new generation by the reconcile step
-        for rec in list(self.workers.values()):
-            if rec.generation == self.serving and rec.slot >= target and rec.state is not WState.RETIRING:
-                self._retire(rec)
+        self._reconcile(time.monotonic())
+        # fewer slots: those left may all be ready already, and no READY message will come
+        if self.phase in (Phase.STARTING, Phase.RELOADING) and self._generation_ready(self.generation):
+            self._switch_to(self.generation)
 
     # ------------------------------------------------------------------ workers
 
@@ -339,7 +338,7 @@ class Manager(supervise.Supervision, control.ControlCommands, upgrade.Upgrading)
     def _generation_ready(self, generation: int) -> bool:
         ready = {w.slot for w in self.workers.values()
                  if w.generation == generation and w.state is WState.READY}
-        return len(ready) >= self.target
+        return ready.issuperset(range(self.target))
 
     def _switch_to(self, generation: int) -> None:
         """The whole new generation is ready: it serves; the old one retires."""
@@ -498,10 +497,13 @@ class Manager(supervise.Supervision, control.ControlCommands, upgrade.Upgrading)
             self.next_watchdog = now + self.watchdog
 
     def _reconcile(self, now: float) -> None:
-        """Keep one live worker of the serving generation in every slot below the target.
+        """Keep one live worker in every slot below the target, and none above it, in the
+        serving generation and in the one a reload is starting.
 
         A slot whose only live workers asked to be replaced (--max-requests, --max-memory)
         gets one more: the old one retires when the new one is ready, so capacity never drops.
+        A reload's generation takes over only with every slot ready, so a worker count changed
+        during the reload (SIGTTIN, SIGTTOU) applies to it too, or it would never be complete.
         """
         generation = self.serving or self.generation
         filled = {w.slot for w in self.workers.values()
@@ -516,6 +518,17 @@ class Manager(supervise.Supervision, control.ControlCommands, upgrade.Upgrading)
                 self._spawn(slot, generation)
         for slot in [s for s in self.respawn_at if s >= self.target]:
             del self.respawn_at[slot]
+        if self.phase is Phase.RELOADING:
+            # its workers are not respawned: one that dies aborts the reload (_on_exit)
+            started = {w.slot for w in self.workers.values()
+                       if w.generation == self.generation and w.state is not WState.RETIRING}
+            for slot in range(self.target):
+                if slot not in started:
+                    self._spawn(slot, self.generation)
+        for rec in list(self.workers.values()):
+            if (rec.slot >= self.target and rec.state is not WState.RETIRING
+                    and rec.generation in (generation, self.generation)):
+                self._retire(rec)
 
     # ------------------------------------------------------------------ reporting
 
