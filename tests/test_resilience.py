@@ -110,6 +110,26 @@ def test_max_requests_recycles_without_losing_capacity(start_daemon):
     assert d.count(r"worker \d+ \(slot \d, gen 1, retiring\) exited: exit 0") >= recycled - 2
 
 
+def test_max_requests_with_broken_code_on_disk_keeps_the_old_worker(start_daemon, tmp_path):
+    """Broken code on disk (a failed deploy, not yet rolled back): the replacement a worker asks
+    for at --max-requests fails to import, so the old worker goes on serving past its quota;
+    once the code is fixed, a replacement starts and the old worker retires."""
+    src = app_copy(tmp_path)
+    d = start_daemon("liveapp", "--pythonpath", str(src), "--max-requests", "5",
+                     "--max-requests-jitter", "0", workers=1)
+    old = d.wait_workers(1)[0]
+    good = (src / "liveapp.py").read_text()
+    (src / "liveapp.py").write_text(BROKEN["syntax-error"])
+    bodies = [get(d.address, "/hello").body for _ in range(30)]
+    print(f"\n30 requests, {sum(b.startswith(b'hello v1 ') for b in bodies)} answered by the old worker")
+    assert bodies == [f"hello v1 {old}".encode()] * 30
+    assert d.count(r"exited: exit 3") >= 1  # its replacements did fail
+    (src / "liveapp.py").write_text(good.replace('VERSION = "v1"', 'VERSION = "v2"'))
+    wait_for(lambda: not alive(old), 20, "the old worker to retire once a replacement is ready")
+    new = d.wait_workers(1)[0]
+    assert get(d.address, "/hello").body == f"hello v2 {new}".encode()
+
+
 def test_max_memory_replaces_a_growing_worker(start_daemon):
     d = start_daemon("testapp", "--max-memory", "60", workers=1)
     old = d.wait_workers(1)[0]
