@@ -14,7 +14,8 @@ flight) on four of those combinations. Apache runs with 64 threads per child
 so that Apache itself never runs out of threads and closes client keep-alive
 connections (which would be Apache's doing, not the daemon's).
 
-Finally the status and ping pages through both front ends.
+A chaos case (broken deploys and SIGTTIN/SIGTTOU in the middle of reloads) through both front
+ends; finally the status and ping pages.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ from frontends import (
     start_nginx,
 )
 from load import LoadResult, http_checker, run_load
+from test_lifecycle import app_copy
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -106,7 +108,7 @@ SLOW_CASES = [_param(Case("apache", True, "tcp", **SLOW)),
 
 @contextlib.contextmanager
 def daemon_and_front(tmp_path: Path, front: str, reuse: bool, transport: str, *,
-                     workers: int = 4, args: tuple[str, ...] = (),
+                     workers: int = 4, args: tuple[str, ...] = (), app: str = "testapp",
                      apache_extra: str = "", nginx_extra: str = "") -> Iterator[tuple[Daemon, FrontEnd]]:
     """A daemon on TCP or a unix socket, and Apache or nginx in front of it."""
     with contextlib.ExitStack() as stack:
@@ -116,7 +118,7 @@ def daemon_and_front(tmp_path: Path, front: str, reuse: bool, transport: str, *,
             sockdir = stack.enter_context(shared_tmpdir())
             bind = f"unix:{sockdir}/app.sock"
             args = (*args, "--socket-mode", "0666")
-        d = Daemon(tmp_path, "testapp", args, workers=workers, bind=bind)
+        d = Daemon(tmp_path, app, args, workers=workers, bind=bind)
         stack.callback(d.stop)
         if front == "apache":
             fe = start_apache(tmp_path, d.address, enablereuse=reuse, threads=APACHE_THREADS,
@@ -245,6 +247,68 @@ def test_reload_every_second_loses_nothing(tmp_path: Path, case: Case) -> None:
 @pytest.mark.parametrize("case", SLOW_CASES)
 def test_reload_with_requests_in_flight_loses_nothing(tmp_path: Path, case: Case) -> None:
     _run_case(tmp_path, case)
+
+
+@pytest.mark.parametrize("front", [pytest.param("apache", marks=NEEDS_APACHE),
+                                   pytest.param("nginx", marks=NEEDS_NGINX)])
+def test_deploys_with_broken_code_and_resizes_lose_nothing(tmp_path: Path, front: str) -> None:
+    """Kept connections (enablereuse / keep_conn), 64 clients, 20 s: every 0.5 s new code (a
+    0.2 s import) and a SIGHUP, every 6th deploy broken (its reload fails, the old code serves on), and every 5th
+    followed by SIGTTIN or SIGTTOU. Nothing lost, every answer its own, and every good deploy
+    completes (a resize in the middle of a reload once left it hanging, and deploys stopped)."""
+    src = app_copy(tmp_path)
+    good = (src / "liveapp.py").read_text()
+    args = ("--pythonpath", str(src))
+    with daemon_and_front(tmp_path, front, True, "tcp", app="liveapp", args=args) as (d, fe):
+        deploys = Deployer(d, src / "liveapp.py", good)
+        seen: Counter = Counter()
+        with http_checker(fe.host, fe.port, "/app/id?id={uid}", exact_id_check(seen), timeout=60.0) as checker:
+            with deploys:
+                result = run_load(checker, clients=CLIENTS, duration=20.0, grace=30.0)
+        settle(d)
+        complete, failed = d.count(r"reload complete"), d.count(r"reload to generation \d+ failed")
+        versions = sorted(k for k in seen if not k.startswith("pid:"))
+        print(f"\n[{front}, reuse] {result.requests} requests, {result.failures} failures, "
+              f"{deploys.sent} deploys ({deploys.broken} broken, {deploys.resized} resizes), "
+              f"{complete} reloads complete, {failed} failed, {len(versions)} versions answered")
+        assert result.failures == 0 and result.stuck == 0, result.summary()
+        assert failed == deploys.broken
+        assert complete == deploys.sent - deploys.broken, "a reload did not complete"
+        assert d.proc.poll() is None
+        if fe.name == "apache":
+            assert not front_end_errors(fe)
+
+
+class Deployer(Hupper):
+    """Every `interval` seconds: new code (or, every 6th time, broken code), then SIGHUP after
+    the last reload finished; every 5th time also SIGTTIN or SIGTTOU."""
+
+    def __init__(self, d: Daemon, path: Path, good: str) -> None:
+        super().__init__(d, interval=0.5)
+        self.path, self.good, self.broken, self.resized = path, good, 0, 0
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            settle(self.d, timeout=10)  # one deploy at a time: each must be counted
+            n = self.sent + 1
+            if n % 6 == 3:
+                self.path.write_text(self.good + "\ndef broken(:\n")
+                self.broken += 1
+            else:
+                # a 0.2 s import: the resizes below land in the middle of the reload
+                self.path.write_text("import time\ntime.sleep(0.2)\n"
+                                     + self.good.replace('VERSION = "v1"', f'VERSION = "v{n}"'))
+            self.d.signal(signal.SIGHUP)
+            self.sent = n
+            if n % 5 == 0:
+                self.d.wait_log(rf"reload: starting generation {n + 1}")
+                self.d.signal(signal.SIGTTIN if n % 10 else signal.SIGTTOU)
+                self.resized += 1
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(30)
+        self.path.write_text(self.good)
 
 
 # ---------------------------------------------------------------------------- saturation, no reloads
