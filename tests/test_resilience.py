@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from daemon import APPS, alive, wait_for
-from fcgiclient import ConnectionClosed, FCGIClient, make_params
+from fcgiclient import ConnectionClosed, FCGIClient, build_request, make_params
 from load import FCGIChecker, run_load
 from test_lifecycle import app_copy, get
 
@@ -128,6 +128,44 @@ def test_max_requests_with_broken_code_on_disk_keeps_the_old_worker(start_daemon
     wait_for(lambda: not alive(old), 20, "the old worker to retire once a replacement is ready")
     new = d.wait_workers(1)[0]
     assert get(d.address, "/hello").body == f"hello v2 {new}".encode()
+
+
+def test_out_of_descriptors_pauses_accepting_instead_of_spinning(start_daemon):
+    """The worker's descriptor limit is reached (kept connections, or an application leaking
+    files): accept() fails with EMFILE while the connection waits in the kernel's queue. The
+    worker pauses accepting, logs one line, does not spin, and serves the queued requests once
+    descriptors are free again. (Before: 146,000 log lines in 2 s at 80% of a core.)"""
+    import resource
+    d = start_daemon("testapp", workers=1)
+    pid = d.wait_workers(1)[0]
+    kept = [FCGIClient(d.address, timeout=10) for _ in range(4)]
+    for client in kept:
+        assert client.request(make_params("GET", "/hello"), keep_conn=True).status == 200
+    # the kernel gives the lowest free number: with the limit there, no descriptor is left
+    held = {int(fd) for fd in os.listdir(f"/proc/{pid}/fd")}
+    lowest_free = min(set(range(len(held) + 1)) - held)
+    resource.prlimit(pid, resource.RLIMIT_NOFILE, (lowest_free, lowest_free))
+    waiting = [FCGIClient(d.address, timeout=10) for _ in range(5)]
+    for i, client in enumerate(waiting):
+        client.send_raw(build_request(make_params("GET", f"/id?id=q{i}"), keep_conn=False))
+    d.wait_log(r"accept failed: .*Too many open files")
+    ticks = cpu_ticks(pid)
+    time.sleep(2)
+    spent = (cpu_ticks(pid) - ticks) / os.sysconf("SC_CLK_TCK")
+    lines = d.count(r"accept failed")
+    print(f"\nat the descriptor limit for 2 s: {lines} log line(s), {spent:.2f} s of CPU")
+    assert lines == 1 and spent < 0.2
+    for client in kept:
+        client.close()
+    bodies = [client.read_response(1, keep_conn=False).body for client in waiting]
+    assert [b.split()[0] for b in bodies] == [f"id=q{i}".encode() for i in range(5)]
+    assert d.workers() == [pid]
+
+
+def cpu_ticks(pid: int) -> int:
+    with open(f"/proc/{pid}/stat") as fh:
+        fields = fh.read().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])  # utime + stime
 
 
 def test_max_memory_replaces_a_growing_worker(start_daemon):
