@@ -8,6 +8,8 @@ import re
 import signal
 import socket
 import sys
+import threading
+import time
 
 import pytest
 
@@ -187,6 +189,37 @@ def test_reload_wait_status_stop(start_daemon, tmp_path):
     out = run_cli(["stop", "--pidfile", str(pidfile)], tmp_path)
     assert out.returncode == 0
     assert d.wait_exit(5) == 0
+
+
+def test_a_client_dribbling_its_command_holds_the_manager_at_most_a_second(start_daemon, tmp_path):
+    """A control client that sends one byte every 0.3 s: the manager gives up on it after 1 s in
+    all, so a `status` asked meanwhile is answered, and SIGHUP still works."""
+    from fcgidaemon import control
+    d = start_daemon(workers=1)
+    slow = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    slow.connect(control.address(d.pid))
+    stop = threading.Event()
+
+    def dribble() -> None:
+        try:
+            while not stop.wait(0.3):
+                slow.send(b"s")
+        except OSError:
+            pass  # the manager gave up on us: what this test wants
+
+    thread = threading.Thread(target=dribble, daemon=True)
+    thread.start()
+    time.sleep(0.2)  # the manager is reading the slow command now
+    t0 = time.monotonic()
+    answer = control.ask(d.pid, "status", timeout=10)
+    took = time.monotonic() - t0
+    stop.set()
+    thread.join(5)
+    slow.close()
+    print(f"\nstatus answered in {took:.2f}s beside a dribbling client")
+    assert answer["ok"] and took < 1.5
+    d.wait_log(r"control connection failed: no complete command within 1s")
+    d.reload(2)
 
 
 def test_control_commands_report_missing_manager(tmp_path):

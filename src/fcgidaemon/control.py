@@ -48,11 +48,19 @@ def peer_allowed(conn: socket.socket) -> bool:
 
 
 def read_command(conn: socket.socket, timeout: float = 1.0) -> tuple[str, list[int]]:
-    """One command line, and any file descriptors sent with it (SCM_RIGHTS)."""
-    conn.settimeout(timeout)
+    """One command line, and any file descriptors sent with it (SCM_RIGHTS), within `timeout`
+    in all: the manager's loop waits meanwhile, so a client that dribbles its command must
+    not hold it longer (with a timeout per read, one byte a second held it 256 s)."""
+    deadline = time.monotonic() + timeout
     data, fds = b"", []
     while b"\n" not in data and len(data) < 256:
-        chunk, got, _, _ = socket.recv_fds(conn, 256, 64)
+        try:
+            conn.settimeout(max(0.001, deadline - time.monotonic()))
+            chunk, got, _, _ = socket.recv_fds(conn, 256, 64)
+        except TimeoutError:
+            for fd in fds:
+                os.close(fd)
+            raise TimeoutError(f"no complete command within {timeout:g}s") from None
         fds += got
         if not chunk:
             break
