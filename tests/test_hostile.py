@@ -7,6 +7,8 @@ also fuzzed in-process with Hypothesis, at a bounded budget.
 
 from __future__ import annotations
 
+import errno
+import os
 import socket
 import struct
 import threading
@@ -254,6 +256,44 @@ def _answers(client: FCGIClient, count: int) -> list:
             got.append((record.request_id, body if status == 200 else b"status %d" % status))
             stdout = bytearray()
     return got
+
+
+class _PeerGone:
+    """A socket whose peer's host has vanished from the network. MOCKED: recv() and send()
+    fail with ETIMEDOUT or EHOSTUNREACH only after TCP retransmissions time out or an ICMP error
+    arrives from a remote host, which loopback on this machine never produces."""
+
+    def __init__(self, sock: socket.socket, errno_: int) -> None:
+        self._sock, self._errno = sock, errno_
+
+    def __getattr__(self, name: str):
+        return getattr(self._sock, name)
+
+    def recv(self, *args):
+        raise OSError(self._errno, os.strerror(self._errno))
+
+    send = recv
+
+
+@pytest.mark.parametrize("errno_", [errno.ETIMEDOUT, errno.EHOSTUNREACH], ids=["ETIMEDOUT", "EHOSTUNREACH"])
+def test_a_vanished_peer_is_a_lost_connection_not_a_worker_crash(errno_):
+    """receive() reports such a connection closed (it ran outside the worker's per-connection
+    error handling, so the error ended the whole worker: its other connections with it), and a
+    response that cannot be sent is ConnectionLost, not an 'internal error' traceback."""
+    from fcgidaemon.fastcgi import Connection, ConnectionLost, Server
+    from fcgidaemon.wsgi import make_handler
+
+    ours, theirs = socket.socketpair()
+    try:
+        conn = Connection(ours, Server(make_handler(lambda environ, start_response: [])))
+        conn.sock = _PeerGone(ours, errno_)
+        assert conn.receive() is False
+        conn.write_stream(6, 1, b"Status: 200 OK\r\n\r\n")
+        with pytest.raises(ConnectionLost, match="send failed"):
+            conn.flush()
+    finally:
+        ours.close()
+        theirs.close()
 
 
 # ---------------------------------------------------------------- in-process fuzzing

@@ -44,6 +44,10 @@ TOO_LARGE = (b"Status: 413 Content Too Large\r\nContent-Type: text/plain\r\nCont
              b"Request body too large.\n")
 
 
+# send() errors that mean the web server closed the connection (others are logged with theirs)
+GONE = (errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN, errno.EBADF)
+
+
 class ProtocolError(Exception):
     """Malformed FastCGI traffic: the connection is closed, the worker lives on."""
 
@@ -260,10 +264,12 @@ class Connection:
         False when the peer closed."""
         try:
             data = self.sock.recv(65536, flags)
-        except ConnectionResetError:
-            return False
         except BlockingIOError:
             return True
+        except OSError as exc:  # reset, or the web server's host gone (ETIMEDOUT, EHOSTUNREACH)
+            if exc.errno != errno.ECONNRESET:
+                log.info("connection closed: receive failed: %s", exc.strerror or exc)
+            return False
         if not data:
             return False
         self.inbuf += data
@@ -511,9 +517,9 @@ class Connection:
                 except BlockingIOError:
                     self._wait(select.POLLOUT, "web server stopped reading the response")
         except OSError as exc:
-            if exc.errno in (errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN, errno.EBADF):
+            if exc.errno in GONE:
                 raise ConnectionLost("web server closed the connection during the response") from None
-            raise
+            raise ConnectionLost(f"send failed: {exc.strerror or exc}") from None
 
     def close(self) -> None:
         if self.closed:
