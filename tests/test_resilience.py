@@ -6,6 +6,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import tempfile
 import threading
 import time
@@ -201,6 +202,23 @@ def test_allow_from(start_daemon):
     d.wait_log(r"connection from 127\.0\.0\.1 refused \(not in --allow-from\)")
     d2 = start_daemon("testapp", "--allow-from", "127.0.0.0/8", workers=1)
     assert get(d2.address, "/hello").status == 200
+
+
+def test_allow_from_survives_clients_that_reset_at_once(start_daemon):
+    """200 clients send a request and reset the connection (SO_LINGER 0) at once: the worker
+    checks each against --allow-from from accept()'s address, never asks the dead socket (whose
+    getpeername() fails, which crashed the worker on the first such client)."""
+    import struct
+    from fcgiclient import build_request
+    d = start_daemon("testapp", "--allow-from", "127.0.0.1", workers=1)
+    before = d.wait_workers(1)
+    for _ in range(200):
+        sock = socket.create_connection(d.address)
+        sock.send(build_request(make_params("GET", "/hello")))
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        sock.close()
+    assert get(d.address, "/hello").status == 200
+    assert d.workers() == before and "crashed" not in d.log()
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="dropping privileges needs root")

@@ -250,7 +250,7 @@ class Worker:
             # Python subclass (an __init__, and family and type turned into enums: three enum
             # lookups), whose close() is Python code too, and the connection needs none of it.
             # 4-6 us of CPU per new connection (of ~75) on one core, loopback, hello app.
-            fd, _ = listener._accept()
+            fd, peer = listener._accept()
             sock = _socket.socket(*self.listener_kinds[listener.fileno()], fd)
         except (BlockingIOError, InterruptedError):
             return False  # another worker took it
@@ -261,7 +261,7 @@ class Worker:
                 log.warning("accept failed: %s", exc)
             return False
         self.board.connection_accepted(self.index)
-        if self.config.allow_from and not self._allowed(sock):
+        if self.config.allow_from and not self._allowed(sock, peer):
             return True
         # Serve it at once: with TCP_DEFER_ACCEPT its request is already here. Busy, we do
         # not take the next connection, so another idle worker accepts it. Only a connection
@@ -309,17 +309,20 @@ class Worker:
         self.epoll.unregister(fd)
         self.epoll.register(fd, LISTENER_EVENTS)
 
-    def _allowed(self, sock: socket.socket) -> bool:
-        """--allow-from: TCP peers outside the list are closed and logged."""
+    def _allowed(self, sock: socket.socket, peer: tuple) -> bool:
+        """--allow-from: TCP peers outside the list are closed and logged. `peer` is the address
+        accept() returned: asking the socket (getpeername) fails once the peer has reset the
+        connection, and that error, outside any connection's error handling, ended the worker:
+        any client allowed to connect could crash workers at will."""
         if sock.family not in (socket.AF_INET, socket.AF_INET6):
             return True
-        peer = sock.getpeername()[0]
-        addr = ipaddress.ip_address(peer)
+        host = peer[0]  # (host, port[, flowinfo, scope_id])
+        addr = ipaddress.ip_address(host)
         if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped:
             addr = addr.ipv4_mapped
         if any(addr in net for net in self.config.allow_from):
             return True
-        log.warning("connection from %s refused (not in --allow-from)", peer)
+        log.warning("connection from %s refused (not in --allow-from)", host)
         sock.close()
         return False
 
