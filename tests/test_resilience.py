@@ -124,7 +124,7 @@ def test_max_requests_with_broken_code_on_disk_keeps_the_old_worker(start_daemon
     bodies = [get(d.address, "/hello").body for _ in range(30)]
     print(f"\n30 requests, {sum(b.startswith(b'hello v1 ') for b in bodies)} answered by the old worker")
     assert bodies == [f"hello v1 {old}".encode()] * 30
-    assert d.count(r"exited: exit 3") >= 1  # its replacements did fail
+    d.wait_log(r"exited: exit 3")  # its replacements did fail
     (src / "liveapp.py").write_text(good.replace('VERSION = "v1"', 'VERSION = "v2"'))
     wait_for(lambda: not alive(old), 20, "the old worker to retire once a replacement is ready")
     new = d.wait_workers(1)[0]
@@ -238,6 +238,56 @@ def test_privileges_dropped_after_bind_before_import(start_daemon, tmp_path):
     assert int(uid) == pwd.getpwnam("nobody").pw_uid
     with open(f"/proc/{d.pid}/status") as fh:
         assert re.search(rf"^Uid:\s+{int(uid)}\s", fh.read(), re.M)  # the manager too
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run the daemon as nobody")
+def test_reload_without_processes_left_fails_and_the_old_generation_serves(start_daemon, tmp_path):
+    """The manager runs as nobody with RLIMIT_NPROC at exactly what it needs (itself and 2
+    workers; set here, inherited): a reload cannot fork, so it fails with the reason and the old
+    generation serves on, with no error repeating; the workers cannot start their title thread
+    either, and serve anyway. After a SIGTTOU frees a process, the next reload completes."""
+    import pwd
+    import resource
+    nobody = pwd.getpwnam("nobody").pw_uid
+    appdir = Path(tempfile.mkdtemp(prefix="fcgidaemon-nobody-"))
+    soft, hard = resource.getrlimit(resource.RLIMIT_NPROC)
+    try:
+        appdir.chmod(0o755)
+        shutil.copy(APPS / "testapp.py", appdir / "testapp.py")
+        tmp_path.chmod(0o755)
+        resource.setrlimit(resource.RLIMIT_NPROC, (_tasks_of(nobody) + 3, hard))
+        try:  # root ignores the limit; the manager inherits it and meets it as nobody
+            d = start_daemon("testapp", "--user", "nobody", workers=2, pythonpath=[appdir])
+        finally:
+            resource.setrlimit(resource.RLIMIT_NPROC, (soft, hard))
+        old = d.wait_workers(2)
+        d.signal(signal.SIGHUP)
+        d.wait_log(r"reload to generation 2 failed: cannot start a worker: Resource temporarily "
+                   r"unavailable; still serving generation 1")
+        assert [get(d.address, "/hello").status for _ in range(4)] == [200] * 4
+        d.wait_log(r"cannot start the process-title thread \(can't start new thread\)")
+        time.sleep(1)
+        assert d.workers() == old
+        assert d.count(r"CRITICAL|Traceback|internal error") == 0, d.log()[-2000:]
+        d.signal(signal.SIGTTOU)
+        d.wait_workers(1)
+        d.signal(signal.SIGHUP)
+        d.wait_log(r"reload complete: generation 3 serving \(1 workers\)")
+        assert get(d.address, "/hello").status == 200
+    finally:
+        shutil.rmtree(appdir)
+
+
+def _tasks_of(uid: int) -> int:
+    """Processes and threads of `uid`: what RLIMIT_NPROC counts."""
+    count = 0
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            if os.stat(f"/proc/{pid}").st_uid == uid:
+                count += len(os.listdir(f"/proc/{pid}/task"))
+        except OSError:
+            continue
+    return count
 
 
 def test_reload_check_refuses_code_that_fails_its_first_request(start_daemon, tmp_path):

@@ -180,6 +180,8 @@ class Manager(supervise.Supervision, control.ControlCommands, upgrade.Upgrading)
         systemd.notify("RELOADING=1", f"MONOTONIC_USEC={systemd.monotonic_usec()}",
                        f"STATUS=reloading: starting gen {self.generation}")
         for slot in range(self.target):
+            if self.phase is not Phase.RELOADING:
+                break  # a worker could not be started: the reload failed
             self._spawn(slot, self.generation)
         self._title()
 
@@ -217,7 +219,11 @@ class Manager(supervise.Supervision, control.ControlCommands, upgrade.Upgrading)
     # ------------------------------------------------------------------ workers
 
     def _spawn(self, slot: int, generation: int) -> None:
-        parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        except OSError as exc:
+            self._spawn_failed(slot, generation, exc)
+            return
         close_fds = [parent_end.fileno(), self.selector.fileno(), self.control.fileno(),
                      *self.queue.fds()]
         close_fds += [rec.channel.fileno() for rec in self.workers.values()]
@@ -225,14 +231,19 @@ class Manager(supervise.Supervision, control.ControlCommands, upgrade.Upgrading)
         old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, MANAGER_SIGNALS)
         try:
             pid = os.fork()
-            if pid == 0:
-                spec = worker.WorkerSpec(self.config, slot, generation,
-                                         [lst.sock for lst in self.listeners], child_end,
-                                         os.getppid(), self.board, index, close_fds, old_mask)
-                worker.run(spec)
-        finally:
-            if pid:
-                signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+        except OSError as exc:  # EAGAIN (a process limit), ENOMEM
+            signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+            parent_end.close()
+            child_end.close()
+            self.board.release(index, self.pool)
+            self._spawn_failed(slot, generation, exc)
+            return
+        if pid == 0:
+            spec = worker.WorkerSpec(self.config, slot, generation,
+                                     [lst.sock for lst in self.listeners], child_end,
+                                     os.getppid(), self.board, index, close_fds, old_mask)
+            worker.run(spec)
+        signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
         child_end.close()
         self.board.set_pid(index, pid)
         rec = WorkerRecord(pid, slot, generation, parent_end, board_index=index)
@@ -240,6 +251,19 @@ class Manager(supervise.Supervision, control.ControlCommands, upgrade.Upgrading)
         self.workers[pid] = rec
         self.selector.register(parent_end, selectors.EVENT_READ, rec)
         log.debug("spawned worker %d (slot %d, gen %d)", pid, slot, generation)
+
+    def _spawn_failed(self, slot: int, generation: int, exc: OSError) -> None:
+        """No process (or no descriptors) for a new worker. A reload's generation cannot be
+        complete: the reload fails and the old one serves on. Otherwise the slot is tried
+        again with the crash back-off, so a lasting limit is not a hot loop."""
+        reason = f"cannot start a worker: {exc.strerror or exc}"
+        if self.phase is Phase.RELOADING and generation == self.generation:
+            self._abort_reload(reason, None)
+            return
+        delay = self.backoff.get(slot, BACKOFF_START)
+        self.backoff[slot] = min(BACKOFF_MAX, delay * 2)
+        self.respawn_at[slot] = time.monotonic() + delay
+        self._crash_summary(slot, delay, reason)
 
     def _kill(self, rec: WorkerRecord, signum: int) -> None:
         try:
@@ -523,7 +547,7 @@ class Manager(supervise.Supervision, control.ControlCommands, upgrade.Upgrading)
             started = {w.slot for w in self.workers.values()
                        if w.generation == self.generation and w.state is not WState.RETIRING}
             for slot in range(self.target):
-                if slot not in started:
+                if slot not in started and self.phase is Phase.RELOADING:
                     self._spawn(slot, self.generation)
         for rec in list(self.workers.values()):
             if (rec.slot >= self.target and rec.state is not WState.RETIRING

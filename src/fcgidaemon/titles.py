@@ -10,6 +10,7 @@ a tick after it ends.  Between requests the ticker sleeps on an event.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 
@@ -53,9 +54,18 @@ class BusyTitle:
         self._request = (time.monotonic() if now is None else now, what)
         if not self._wake.is_set():
             if self._thread is None:
-                self._thread = threading.Thread(target=self._tick, name="title", daemon=True)
-                self._thread.start()
+                self._start_ticker()
             self._wake.set()
+
+    def _start_ticker(self) -> None:
+        """The ticker is cosmetic: when no thread can be started (a process limit reached),
+        titles stop showing requests, and the request is served all the same."""
+        self._thread = threading.Thread(target=self._tick, name="title", daemon=True)
+        try:
+            self._thread.start()
+        except RuntimeError as exc:
+            logging.getLogger("fcgidaemon").warning(
+                "cannot start the process-title thread (%s); titles will not show requests", exc)
 
     def done(self) -> None:
         """The request ended: the ticker puts the state back."""
