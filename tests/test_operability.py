@@ -171,6 +171,17 @@ def test_access_log(start_daemon, tmp_path):
                         rf'"probe/1\.0" \d+ {pid}', line), line
 
 
+def test_a_full_disk_under_the_access_log_costs_no_response(start_daemon):
+    """/dev/full answers every write with ENOSPC, as a full disk does: each response still goes
+    out whole, and the lost lines are reported once, not once per request (a failed write used
+    to turn every response into a dropped connection and an 'application error')."""
+    d = start_daemon("testapp", "--access-log", "/dev/full", workers=1)
+    bodies = [get(d.address, f"/id?id={i}").body for i in range(20)]
+    assert [b.split()[0] for b in bodies] == [f"id={i}".encode() for i in range(20)]
+    d.wait_log(r"access log write failed: No space left on device \(1 line\(s\) lost")
+    assert d.count(r"access log write failed") == 1 and "application error" not in d.log()
+
+
 def test_process_title_shows_the_busy_request_and_its_age(start_daemon):
     from test_lifecycle import proc_title
     d = start_daemon("testapp", workers=1)

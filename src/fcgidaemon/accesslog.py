@@ -7,6 +7,7 @@ workers never interleave.
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from typing import Any, Callable, Iterable
@@ -56,4 +57,22 @@ def write_line(fd: int, environ: dict[str, Any], seen: dict[str, Any], took: flo
             f"[{time.strftime('%d/%b/%Y:%H:%M:%S %z')}] \"{_q(request)}\" {seen['status']} "
             f"{seen['bytes'] or '-'} \"{_q(environ.get('HTTP_REFERER', '-'))}\" "
             f"\"{_q(environ.get('HTTP_USER_AGENT', '-'))}\" {int(took * 1e6)} {pid}\n")
-    os.write(fd, line.encode("latin-1", "replace"))
+    try:
+        os.write(fd, line.encode("latin-1", "replace"))
+    except OSError as exc:
+        _write_failed(exc)
+
+
+_failures = {"count": 0, "logged": -60.0}
+
+
+def _write_failed(exc: OSError) -> None:
+    """A full disk (or a closed pipe) under the access log must not cost the response it was
+    logging: the line is dropped, and said so at most once a minute."""
+    _failures["count"] += 1
+    now = time.monotonic()
+    if now - _failures["logged"] >= 60.0:
+        logging.getLogger("fcgidaemon").warning("access log write failed: %s (%d line(s) lost since "
+                                                "the last such warning)", exc.strerror or exc,
+                                                _failures["count"])
+        _failures["count"], _failures["logged"] = 0, now
