@@ -238,11 +238,13 @@ class Manager(supervise.Supervision, control.ControlCommands, upgrade.Upgrading)
             self.board.release(index, self.pool)
             self._spawn_failed(slot, generation, exc)
             return
-        if pid == 0:
-            spec = worker.WorkerSpec(self.config, slot, generation,
-                                     [lst.sock for lst in self.listeners], child_end,
-                                     os.getppid(), self.board, index, close_fds, old_mask)
-            worker.run(spec)
+        if pid == 0:  # the child never returns into the manager's code, whatever happens
+            try:
+                worker.run(worker.WorkerSpec(self.config, slot, generation,
+                                             [lst.sock for lst in self.listeners], child_end,
+                                             os.getppid(), self.board, index, close_fds, old_mask))
+            finally:
+                os._exit(worker.EXIT_CRASH)
         signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
         child_end.close()
         self.board.set_pid(index, pid)
