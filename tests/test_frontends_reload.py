@@ -340,7 +340,11 @@ def test_kept_connections_do_not_starve_new_ones(tmp_path: Path, case: Case) -> 
         print(f"\n[{case.id}, saturated, no reloads] {result.summary()}; slowest {slowest:.1f}s "
               f"(first come, first served: ~{fair:.1f}s)")
         assert result.failures == 0, result.summary()
-        assert slowest < 2.5 * fair, f"a request waited {slowest:.1f}s behind kept connections"
+        # Served in turns (each ready connection one request per pass), a request that just
+        # missed its worker's pass waits that pass and its place in the next: about 2x fair at
+        # worst (measured here: slowest 2.8-3.8 s in 8 runs, 4.4 s once in CI, with 2.5x as the
+        # bound). Starvation, the bug this guards, shows as the run's whole length (8 s) or 504s.
+        assert slowest < 3 * fair, f"a request waited {slowest:.1f}s behind kept connections"
 
 
 # ---------------------------------------------------------------------------- status and ping pages
