@@ -217,7 +217,7 @@ def test_a_client_dribbling_its_command_holds_the_manager_at_most_a_second(start
     thread.join(5)
     slow.close()
     print(f"\nstatus answered in {took:.2f}s beside a dribbling client")
-    assert answer["ok"] and took < 1.5
+    assert answer["ok"] and took < 3  # held 1 s at most; before: no answer in 10 s
     d.wait_log(r"control connection failed: no complete command within 1s")
     d.reload(2)
 
