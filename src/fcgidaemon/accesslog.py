@@ -12,6 +12,8 @@ import os
 import time
 from typing import Any, Callable, Iterable
 
+from .logs import Throttle
+
 WSGIApp = Callable[..., Iterable[bytes]]
 
 
@@ -63,16 +65,13 @@ def write_line(fd: int, environ: dict[str, Any], seen: dict[str, Any], took: flo
         _write_failed(exc)
 
 
-_failures = {"count": 0, "logged": -60.0}
+_lost = Throttle(60.0)
 
 
 def _write_failed(exc: OSError) -> None:
     """A full disk (or a closed pipe) under the access log must not cost the response it was
     logging: the line is dropped, and said so at most once a minute."""
-    _failures["count"] += 1
-    now = time.monotonic()
-    if now - _failures["logged"] >= 60.0:
+    count = _lost.due()
+    if count:
         logging.getLogger("fcgidaemon").warning("access log write failed: %s (%d line(s) lost since "
-                                                "the last such warning)", exc.strerror or exc,
-                                                _failures["count"])
-        _failures["count"], _failures["logged"] = 0, now
+                                                "the last such warning)", exc.strerror or exc, count)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import time
 
 from . import systemd
 
@@ -22,6 +23,26 @@ SYSLOG_IDENTIFIER = "fcgidaemon"
 FORMAT = "%(asctime)s %(levelname)s [%(role)s %(pid)d gen %(generation)d] %(message)s"
 # journald records the sender's pid (_PID) and time itself
 JOURNAL_FORMAT = "[%(role)s gen %(generation)d] %(message)s"
+
+
+class Throttle:
+    """For an event that can repeat many times a second (a crash loop, accept() out of
+    descriptors, a full disk under the access log): report the first at once, then at most one
+    line per `every` seconds, carrying how many happened since the last line."""
+
+    def __init__(self, every: float) -> None:
+        self.every = every
+        self.count = 0
+        self.reported: float | None = None
+
+    def due(self) -> int:
+        """Count one more; how many to report now (this one included), or 0 while quiet."""
+        self.count += 1
+        now = time.monotonic()
+        if self.reported is not None and now - self.reported < self.every:
+            return 0
+        count, self.count, self.reported = self.count, 0, now
+        return count
 
 
 def set_context(role: str | None = None, generation: int | None = None) -> None:

@@ -73,8 +73,7 @@ class Manager(supervise.Supervision, control.ControlCommands, upgrade.Upgrading)
         self.reload_started = 0.0
         self.respawn_at: dict[int, float] = {}  # slot -> when to start its replacement
         self.backoff: dict[int, float] = {}  # slot -> next delay
-        self.crashes = 0  # young deaths not yet reported
-        self.crash_logged_at = -CRASH_LOG_EVERY
+        self.crashes = logs.Throttle(CRASH_LOG_EVERY)  # young deaths, summarised
         self.stop_deadline: float | None = None
         self.exit_code = 0
         self.pool = Pool(start_time=time.time(), manager_pid=os.getpid(), backlog=config.backlog)
@@ -463,13 +462,10 @@ class Manager(supervise.Supervision, control.ControlCommands, upgrade.Upgrading)
 
     def _crash_summary(self, slot: int, delay: float, reason: str) -> None:
         """Crash loops are logged at most once per CRASH_LOG_EVERY seconds, as a summary."""
-        now = time.monotonic()
-        self.crashes += 1
-        if now - self.crash_logged_at < CRASH_LOG_EVERY:
-            return
-        log.warning("slot %d: respawning in %.1fs (%s); %d worker(s) died young since the last "
-                    "such line", slot, delay, reason, self.crashes)
-        self.crash_logged_at, self.crashes = now, 0
+        count = self.crashes.due()
+        if count:
+            log.warning("slot %d: respawning in %.1fs (%s); %d worker(s) died young since the "
+                        "last such line", slot, delay, reason, count)
 
     def _on_message_backlog(self, rec: WorkerRecord) -> None:
         """Read what an exited worker sent last (its import failure or hand-offs)."""

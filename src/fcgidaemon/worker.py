@@ -118,8 +118,7 @@ class Worker:
         self.quota = (self.config.max_requests + random.randint(0, self.config.max_requests_jitter)
                       if self.config.max_requests else 0)
         self.paused: dict[int, float] = {}  # listener fd -> when to watch it again (_pause)
-        self.pauses = 0  # accept() failures for want of resources since the last such log line
-        self.pause_logged = -60.0
+        self.accept_failures = logs.Throttle(10.0)  # for want of descriptors or memory
 
     # ------------------------------------------------------------------ start
 
@@ -281,13 +280,11 @@ class Worker:
         at most every 10 s."""
         fd = listener.fileno()
         self.epoll.unregister(fd)
-        now = time.monotonic()
-        self.paused[fd] = now + ACCEPT_PAUSE
-        self.pauses += 1
-        if now - self.pause_logged >= 10.0:
+        self.paused[fd] = time.monotonic() + ACCEPT_PAUSE
+        count = self.accept_failures.due()
+        if count:
             log.warning("accept failed: %s (%d time(s) since the last such line); not accepting "
-                        "for %gs at a time", exc.strerror or exc, self.pauses, ACCEPT_PAUSE)
-            self.pause_logged, self.pauses = now, 0
+                        "for %gs at a time", exc.strerror or exc, count, ACCEPT_PAUSE)
 
     def _resume(self) -> float:
         """Watch paused listeners again once their pause is over; how long the next wait may be."""
