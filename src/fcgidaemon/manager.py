@@ -211,9 +211,7 @@ class Manager(supervise.Supervision, control.ControlCommands, upgrade.Upgrading)
         old, self.target = self.target, target
         log.info("worker count %d -> %d", old, target)
         self._reconcile(time.monotonic())
-        # fewer slots: those left may all be ready already, and no READY message will come
-        if self.phase in (Phase.STARTING, Phase.RELOADING) and self._generation_ready(self.generation):
-            self._switch_to(self.generation)
+        self._switch_if_ready()  # fewer slots: those left may all be ready, and no READY will come
 
     # ------------------------------------------------------------------ workers
 
@@ -261,10 +259,7 @@ class Manager(supervise.Supervision, control.ControlCommands, upgrade.Upgrading)
         if self.phase is Phase.RELOADING and generation == self.generation:
             self._abort_reload(reason, None)
             return
-        delay = self.backoff.get(slot, BACKOFF_START)
-        self.backoff[slot] = min(BACKOFF_MAX, delay * 2)
-        self.respawn_at[slot] = time.monotonic() + delay
-        self._crash_summary(slot, delay, reason)
+        self._respawn_backed_off(slot, reason)
 
     def _kill(self, rec: WorkerRecord, signum: int) -> None:
         try:
@@ -354,11 +349,14 @@ class Manager(supervise.Supervision, control.ControlCommands, upgrade.Upgrading)
             if (other.replace and other.slot == rec.slot and other.generation == rec.generation
                     and other.state is WState.READY):
                 self._retire(other)
-        # only the generation being started can take over; a respawned worker of the serving
-        # one must not make the manager "switch" back to its own generation
-        if (self.phase in (Phase.STARTING, Phase.RELOADING) and rec.generation == self.generation
-                and self._generation_ready(rec.generation)):
-            self._switch_to(rec.generation)
+        self._switch_if_ready()
+
+    def _switch_if_ready(self) -> None:
+        """The generation being started takes over once every slot is ready. Only that one: a
+        respawned worker of the serving generation must not make the manager "switch" back to
+        its own generation."""
+        if self.phase in (Phase.STARTING, Phase.RELOADING) and self._generation_ready(self.generation):
+            self._switch_to(self.generation)
 
     def _generation_ready(self, generation: int) -> bool:
         ready = {w.slot for w in self.workers.values()
@@ -453,15 +451,17 @@ class Manager(supervise.Supervision, control.ControlCommands, upgrade.Upgrading)
             self.exit_code = 1
             self.stop(graceful=False)
             return
-        delay = 0.0
         if young:
-            delay = self.backoff.get(rec.slot, BACKOFF_START)
-            self.backoff[rec.slot] = min(BACKOFF_MAX, delay * 2)
-            self._crash_summary(rec.slot, delay, reason)
-        self.respawn_at[rec.slot] = time.monotonic() + delay
+            self._respawn_backed_off(rec.slot, reason)
+        else:
+            self.respawn_at[rec.slot] = time.monotonic()
 
-    def _crash_summary(self, slot: int, delay: float, reason: str) -> None:
-        """Crash loops are logged at most once per CRASH_LOG_EVERY seconds, as a summary."""
+    def _respawn_backed_off(self, slot: int, reason: str) -> None:
+        """Start the slot again after its crash back-off (doubling up to BACKOFF_MAX); crash
+        loops are logged at most once per CRASH_LOG_EVERY seconds, as a summary."""
+        delay = self.backoff.get(slot, BACKOFF_START)
+        self.backoff[slot] = min(BACKOFF_MAX, delay * 2)
+        self.respawn_at[slot] = time.monotonic() + delay
         count = self.crashes.due()
         if count:
             log.warning("slot %d: respawning in %.1fs (%s); %d worker(s) died young since the "
