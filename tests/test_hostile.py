@@ -8,6 +8,7 @@ also fuzzed in-process with Hypothesis, at a bounded budget.
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import socket
 import struct
@@ -121,6 +122,26 @@ def test_malformed_record_while_the_app_reads_the_body(daemon):
     assert all(r.type != 6 for r in records), records  # no response: the request is lost anyway
     daemon.wait_log(r"protocol error: unsupported FastCGI version 7")
     assert_not_blamed_on_the_application(daemon)
+    assert_worker_unharmed(daemon, before)
+
+
+def test_a_flood_of_unknown_records_is_one_log_line(daemon):
+    """Records of a type no request uses, for the active request, are ignored; 3,000 of them
+    inside one request gave 3,000 warnings (one per record), so anyone allowed to connect could
+    fill the disk under the log. Now: the request is answered, and one line carries the count."""
+    before = daemon.wait_workers(1)
+    flood = 3000
+    blob = build_request(make_params("GET", "/hello"), keep_conn=True)
+    cut = blob.index(encode_record(FCGI_STDIN, 1))
+    junk = encode_record(42, 1, b"junk") * flood
+    with FCGIClient(daemon.address, timeout=10) as client:
+        client.send_raw(blob[:cut] + junk + blob[cut:])
+        response = client.read_response(1, keep_conn=True)
+    lines = daemon.count(r"ignoring FastCGI record of type 42")
+    print(f"\n{flood} unknown records in one request: status {response.status}, {lines} log line(s)")
+    assert response.status == 200 and response.body.startswith(b"hello ")
+    assert lines == 1  # the rest are counted into the next line, due 10 s later
+    assert daemon.count(r"ignoring FastCGI record of type 42 for request 1 \(1 such record") == 1
     assert_worker_unharmed(daemon, before)
 
 
@@ -258,6 +279,28 @@ def _answers(client: FCGIClient, count: int) -> list:
     return got
 
 
+class _LogRecords(logging.Handler):
+    """What the fcgidaemon logger emits inside a `with` block (whatever its propagation)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.lines: list[str] = []
+        self._logger = logging.getLogger("fcgidaemon")
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+    def __enter__(self) -> "_LogRecords":
+        self._level = self._logger.level
+        self._logger.setLevel(logging.DEBUG)
+        self._logger.addHandler(self)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._logger.removeHandler(self)
+        self._logger.setLevel(self._level)
+
+
 class _PeerGone:
     """A socket whose peer's host has vanished from the network. MOCKED: recv() and send()
     fail with ETIMEDOUT or EHOSTUNREACH only after TCP retransmissions time out or an ICMP error
@@ -279,7 +322,9 @@ class _PeerGone:
 def test_a_vanished_peer_is_a_lost_connection_not_a_worker_crash(errno_):
     """receive() reports such a connection closed (it ran outside the worker's per-connection
     error handling, so the error ended the whole worker: its other connections with it), and a
-    response that cannot be sent is ConnectionLost, not an 'internal error' traceback."""
+    response that cannot be sent is ConnectionLost, not an 'internal error' traceback. The
+    reason is kept for the worker's one line about closing it (receive() logging it too gave
+    two lines for one connection)."""
     from fcgidaemon.fastcgi import Connection, ConnectionLost, Server
     from fcgidaemon.wsgi import make_handler
 
@@ -287,7 +332,11 @@ def test_a_vanished_peer_is_a_lost_connection_not_a_worker_crash(errno_):
     try:
         conn = Connection(ours, Server(make_handler(lambda environ, start_response: [])))
         conn.sock = _PeerGone(ours, errno_)
-        assert conn.receive() is False
+        logged = _LogRecords()
+        with logged:
+            assert conn.receive() is False
+        assert conn.lost == f"receive failed: {os.strerror(errno_)}"
+        assert logged.lines == []
         conn.write_stream(6, 1, b"Status: 200 OK\r\n\r\n")
         with pytest.raises(ConnectionLost, match="send failed"):
             conn.flush()

@@ -31,6 +31,8 @@ from typing import Callable
 
 from flup.server import fcgi_base as flup
 
+from .logs import Throttle
+
 log = logging.getLogger("fcgidaemon")
 
 HEADER = struct.Struct(flup.FCGI_Header)
@@ -46,6 +48,9 @@ TOO_LARGE = (b"Status: 413 Content Too Large\r\nContent-Type: text/plain\r\nCont
 
 # send() errors that mean the web server closed the connection (others are logged with theirs)
 GONE = (errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN, errno.EBADF)
+# records of a type no request uses, for the active request: each is ignored, but a web server
+# (or anyone allowed to connect) sending them by the thousand must not flood the log
+IGNORED_RECORDS = Throttle(10.0)
 
 
 class ProtocolError(Exception):
@@ -247,6 +252,7 @@ class Connection:
         self.served = 0
         self.keep = True  # False once a request without FCGI_KEEP_CONN was seen
         self.closed = False
+        self.lost: str | None = None  # why receive() found the connection gone, if not a reset
         self.last_call = False  # a retiring worker serves what is waiting here once, then lets go
         self.last_active = time.monotonic()
         self.nodelay = sock.family not in (socket.AF_INET, socket.AF_INET6)  # set once needed
@@ -261,14 +267,15 @@ class Connection:
 
     def receive(self, flags: int = 0) -> bool:
         """Read what the socket has (it is readable, or `flags` has MSG_DONTWAIT);
-        False when the peer closed."""
+        False when the peer closed. A failure other than a reset is kept in `lost`, for the
+        one line the caller logs when it closes the connection."""
         try:
             data = self.sock.recv(65536, flags)
         except BlockingIOError:
             return True
         except OSError as exc:  # reset, or the web server's host gone (ETIMEDOUT, EHOSTUNREACH)
             if exc.errno != errno.ECONNRESET:
-                log.info("connection closed: receive failed: %s", exc.strerror or exc)
+                self.lost = f"receive failed: {exc.strerror or exc}"
             return False
         if not data:
             return False
@@ -380,7 +387,10 @@ class Connection:
             if not req.runnable:
                 self.end_request(req, 0)
         else:
-            log.warning("ignoring FastCGI record of type %d for request %d", rtype, request_id)
+            count = IGNORED_RECORDS.due()
+            if count:
+                log.warning("ignoring FastCGI record of type %d for request %d (%d such record(s) "
+                            "since the last such line)", rtype, request_id, count)
 
     def _management(self, rtype: int, content: bytes) -> None:
         if rtype == flup.FCGI_GET_VALUES:

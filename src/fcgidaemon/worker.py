@@ -364,9 +364,9 @@ class Worker:
             log.error("internal error on a connection; closing it", exc_info=True)
             self._drop(conn)
         if not still_open and not conn.closed and conn.has_partial_input:
-            self._drop(conn, "web server closed the connection in the middle of a request")
+            self._drop(conn, conn.lost or "web server closed the connection in the middle of a request")
         elif conn.closed or not still_open:
-            self._drop(conn)
+            self._drop(conn, None if conn.closed else conn.lost)
 
     def _run_request(self, conn: Connection) -> None:
         req = conn.request
