@@ -171,6 +171,42 @@ def test_access_log(start_daemon, tmp_path):
                         rf'"probe/1\.0" \d+ {pid}', line), line
 
 
+def test_the_access_log_is_reopened_when_logrotate_moves_or_removes_it(start_daemon, tmp_path):
+    """logrotate's default renames the file and creates a new one: the workers notice on their
+    own (no signal, no reload) and write to the new file; a removed file is created again.
+    Every request's line is in exactly one of the files: none lost, none twice."""
+    log = tmp_path / "access.log"
+    d = start_daemon("testapp", "--access-log", str(log), workers=2)
+    d.wait_workers(2)
+    sent: list[str] = []
+
+    def send(count: int, tag: str) -> None:
+        for i in range(count):
+            sent.append(f"{tag}{i}")
+            assert get(d.address, f"/id?id={tag}{i}").status == 200
+
+    def lines(path) -> list[str]:
+        return re.findall(r'"GET /id\?id=(\w+) ', path.read_text()) if path.exists() else []
+
+    rotated = tmp_path / "access.log.1"
+    send(10, "a")
+    log.rename(rotated)
+    log.write_text("")  # logrotate's `create`
+    send(5, "b")  # while the workers may still write to the renamed file
+    d.wait_log(r"access log .*access\.log was moved or removed; reopened", count=2, timeout=5)
+    send(10, "c")
+    wait_for(lambda: len(lines(rotated) + lines(log)) >= len(sent), 5, "every line")
+    found = lines(rotated) + lines(log)
+    print(f"\n{len(sent)} requests around the rotation, {len(found)} access log lines")
+    assert sorted(found) == sorted(sent)
+    assert set(lines(log)) >= {f"c{i}" for i in range(10)}  # after the reopen: the new file
+    log.unlink()
+    d.wait_log(r"access log .*access\.log was moved or removed; reopened", count=4, timeout=5)
+    send(10, "d")
+    wait_for(lambda: len(lines(log)) >= 10, 5, "the lines in the file created again")
+    assert lines(log) == [f"d{i}" for i in range(10)]
+
+
 def test_a_full_disk_under_the_access_log_costs_no_response(start_daemon):
     """/dev/full answers every write with ENOSPC, as a full disk does: each response still goes
     out whole, and the lost lines are reported once, not once per request (a failed write used

@@ -2,7 +2,8 @@
 
 Off by default: the web server logs requests already.  Each worker writes its own
 lines with one ``write`` on an O_APPEND descriptor, so lines from different
-workers never interleave.
+workers never interleave.  A FILE moved or removed (logrotate) is reopened by
+each worker within a second, with no signal: see `AccessLog`.
 """
 
 from __future__ import annotations
@@ -17,13 +18,59 @@ from .logs import Throttle
 WSGIApp = Callable[..., Iterable[bytes]]
 
 
-def open_log(target: str) -> int:
-    if target == "-":
-        return os.dup(1)
-    return os.open(target, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
+log = logging.getLogger("fcgidaemon")
 
 
-def middleware(app: WSGIApp, fd: int) -> WSGIApp:
+class AccessLog:
+    """The log's descriptor, reopened once its path names another file or none.
+
+    logrotate's default (`create`) renames the file and creates a new one; the
+    workers would go on writing to the renamed one.  The other ways out are worse:
+    a SIGHUP reload reopens it, but also deploys whatever code is on disk at that
+    moment, and `copytruncate` loses the lines written between the copy and the
+    truncation.  The worker calls `reopen_if_moved` from its sweep (at most 4 times
+    a second, at least once: one stat() each).
+    """
+
+    def __init__(self, target: str) -> None:
+        self.path = None if target == "-" else target
+        self.fd = os.dup(1) if self.path is None else self._open(self.path)
+        self.identity = _identity(self.fd)
+        self.failures = Throttle(60.0)
+
+    @staticmethod
+    def _open(path: str) -> int:
+        return os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
+
+    def reopen_if_moved(self) -> None:
+        if self.path is None:
+            return
+        try:
+            st = os.stat(self.path)
+            if (st.st_dev, st.st_ino) == self.identity:
+                return
+        except FileNotFoundError:
+            pass  # removed: a new one is created
+        try:
+            fd = self._open(self.path)
+        except OSError as exc:  # lines keep going to the file we have, said once a minute
+            count = self.failures.due()
+            if count:
+                log.warning("cannot reopen the access log %s: %s (%d time(s) since the last such "
+                            "line); still writing to the file it was", self.path, exc.strerror or exc,
+                            count)
+            return
+        old, self.fd, self.identity = self.fd, fd, _identity(fd)
+        os.close(old)
+        log.info("access log %s was moved or removed; reopened", self.path)
+
+
+def _identity(fd: int) -> tuple[int, int]:
+    st = os.fstat(fd)
+    return st.st_dev, st.st_ino
+
+
+def middleware(app: WSGIApp, access: AccessLog) -> WSGIApp:
     pid = os.getpid()
 
     def handle(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
@@ -43,7 +90,7 @@ def middleware(app: WSGIApp, fd: int) -> WSGIApp:
             close = getattr(result, "close", None)
             if close is not None:
                 close()
-            write_line(fd, environ, seen, time.monotonic() - started, pid)
+            write_line(access.fd, environ, seen, time.monotonic() - started, pid)
 
     return handle
 
@@ -73,5 +120,5 @@ def _write_failed(exc: OSError) -> None:
     logging: the line is dropped, and said so at most once a minute."""
     count = _lost.due()
     if count:
-        logging.getLogger("fcgidaemon").warning("access log write failed: %s (%d line(s) lost since "
+        log.warning("access log write failed: %s (%d line(s) lost since "
                                                 "the last such warning)", exc.strerror or exc, count)

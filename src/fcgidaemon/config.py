@@ -271,7 +271,8 @@ OPTIONS: tuple[Option, ...] = (
            "pages (comma-separated, may repeat)", "ADDRS", repeat=True),
     Option("access_log", "--access-log", "FCGIDAEMON_ACCESS_LOG", "", parse_optional_str,
            "write an access log (combined format, then request time in us and worker pid) to "
-           "FILE or `-` for stdout (off by default)", "FILE"),
+           "FILE or `-` for stdout (off by default); a FILE moved or removed (logrotate) is "
+           "reopened within a second, no signal needed", "FILE"),
     Option("reload_check", "--reload-check", "FCGIDAEMON_RELOAD_CHECK", "", parse_optional_str,
            "a new worker first serves one GET of this path in-process and must answer 2xx before "
            "it counts as ready; otherwise the reload is aborted like an import error", "PATH"),

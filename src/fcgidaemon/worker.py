@@ -111,6 +111,7 @@ class Worker:
         self.listener_kinds = {sock.fileno(): (int(sock.family), int(sock.type), sock.proto)
                                for sock in spec.listeners}
         self.server: Server | None = None
+        self.access_log: accesslog.AccessLog | None = None
         self._wake_r, self._wake_w = socket.socketpair()
         self.board = spec.board or Scoreboard(1)
         self.index = spec.board_index if spec.board else 0
@@ -152,7 +153,8 @@ class Worker:
         """Our own pages and the access log sit in front of the application."""
         config = self.config
         if config.access_log:
-            app = accesslog.middleware(app, accesslog.open_log(config.access_log))
+            self.access_log = accesslog.AccessLog(config.access_log)
+            app = accesslog.middleware(app, self.access_log)
         if config.status_path or config.ping_path:
             app = status.middleware(app, self.board, config.app, config.status_path, config.ping_path,
                                     config.status_allow)
@@ -469,7 +471,8 @@ class Worker:
         self._drop(conn)
 
     def _sweep(self) -> None:
-        """Close stalled and long-idle connections; notice a dead manager (4 times a second)."""
+        """Close stalled and long-idle connections, reopen a rotated access log, notice a dead
+        manager (at most 4 times a second)."""
         now = time.monotonic()
         if now < self.next_sweep:
             return
@@ -482,6 +485,8 @@ class Worker:
                                logging.WARNING)
             elif idle > self.config.keep_conn_idle:
                 self._drop(conn)
+        if self.access_log is not None:
+            self.access_log.reopen_if_moved()
         if os.getppid() != self.spec.manager_pid and self.stop_mode is StopMode.NONE:
             log.warning("manager %d is gone; stopping", self.spec.manager_pid)
             self.stop_mode = StopMode.CLOSE
