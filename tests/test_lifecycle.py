@@ -215,6 +215,26 @@ def test_sigterm_stops_cleanly_and_removes_pidfile(start_daemon, tmp_path):
     assert not any(alive(w) for w in workers)
 
 
+def test_sigterm_during_a_hung_reload_does_not_wait_for_its_imports(start_daemon, tmp_path):
+    """A reload whose import hangs, then SIGTERM: the workers still importing hold no request,
+    so they leave at once, and the stop takes no longer than the old generation's requests (it
+    used to wait out --graceful-timeout, 30 s, before killing the importers)."""
+    src = app_copy(tmp_path)
+    d = start_daemon("liveapp", workers=2, pythonpath=[src])
+    old = d.wait_workers(2)
+    text = (src / "liveapp.py").read_text()
+    (src / "liveapp.py").write_text("import time\ntime.sleep(600)\n" + text)
+    d.signal(signal.SIGHUP)
+    wait_for(lambda: len(d.workers()) == 4, 10, "the new generation to start importing")
+    t0 = time.monotonic()
+    d.signal(signal.SIGTERM)
+    assert d.wait_exit(10) == 0
+    took = time.monotonic() - t0
+    print(f"\nstop with 2 workers hung in their import: {took:.2f}s (--graceful-timeout 30)")
+    assert took < 3
+    assert not any(alive(w) for w in old) and d.count(r"did not stop in time") == 0
+
+
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGQUIT])
 def test_quick_stop(start_daemon, signum):
     d = start_daemon(workers=2)

@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import signal
+import tempfile
 import threading
 import time
+from pathlib import Path
 
-from daemon import alive, run_cli, wait_for
+import pytest
+
+from daemon import APPS, alive, run_cli, wait_for
 from load import FCGIChecker, run_load
 from test_lifecycle import app_copy, get, set_version
 
@@ -147,3 +153,89 @@ def test_upgrade_through_apache_enablereuse_loses_nothing(tmp_path):
         assert front_end_errors(fe) == []
         wait_for(lambda: d.proc.poll() is not None, 10, "the old manager to hand over and exit")
         d.wait_log(r"handed over to manager \d+")
+
+
+def test_a_failed_upgrade_leaves_the_old_manager_its_unix_socket(start_daemon, tmp_path):
+    """The new manager inherits the duty to remove the socket file, but only once the old one
+    has accepted it: a new manager that fails (here its preload) used to remove the file on its
+    way out, and the old manager, still serving, could no longer be reached by anyone."""
+    src = app_copy(tmp_path)
+    path = tmp_path / "up.sock"
+    d = start_daemon("liveapp", "--preload", "preloaded_mod", bind=f"unix:{path}", workers=1,
+                     pythonpath=[src])
+    workers = d.wait_workers(1)
+    (src / "preloaded_mod.py").write_text("raise ImportError('broken preload')\n")
+    d.signal(signal.SIGUSR2)
+    d.wait_log(r"upgrade failed: new manager \d+ exited before it was ready")
+    assert path.exists()
+    assert get(str(path), "/hello").status == 200
+    assert d.workers() == workers
+    d.signal(signal.SIGTERM)
+    assert d.wait_exit() == 0
+    assert not path.exists()  # still the old manager's to remove
+
+
+def test_a_failed_upgrade_lets_the_new_managers_ready_workers_finish(start_daemon, tmp_path):
+    """The new manager's first worker is ready and serving from the shared socket when its
+    second fails to import: the new manager stops gracefully (it used to quick-stop, and the
+    requests its ready worker held died with it) and the old manager serves on."""
+    src = app_copy(tmp_path)
+    flag, lock = tmp_path / "flaky.on", tmp_path / "flaky.lock"
+    (src / "flaky.py").write_text(
+        "import os, time\n"
+        f"if os.path.exists({str(flag)!r}):\n"
+        "    try:\n"
+        f"        os.close(os.open({str(lock)!r}, os.O_CREAT | os.O_EXCL | os.O_WRONLY))\n"
+        "    except FileExistsError:\n"
+        "        time.sleep(1.5)\n"
+        "        raise RuntimeError('this worker failed to import')\n"
+        "from liveapp import application  # noqa: E402,F401\n")
+    d = start_daemon("flaky", workers=2, pythonpath=[src])
+    old_workers = d.wait_workers(2)
+    flag.touch()
+    d.signal(signal.SIGUSR2)
+    d.wait_log(r"\[manager \d+ gen 2\] worker \d+ ready")
+    with FCGIChecker(d.address, keep_conn=False, uri_template="/id?id={uid}&sleep=0.2") as checker:
+        result = run_load(checker, clients=6, duration=3)
+    print(result.summary())
+    d.wait_log(r"upgrade failed: new manager \d+ exited before it was ready")
+    assert result.failures == 0, result.errors
+    assert d.count(r"\[manager \d+ gen 2\] graceful stop") == 1
+    assert d.workers() == old_workers and d.proc.poll() is None
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run the daemon as nobody")
+def test_an_upgrade_that_cannot_fork_keeps_the_pidfile_and_says_why(start_daemon, tmp_path):
+    """No process left for the new manager (RLIMIT_NPROC, as nobody): the pidfile, renamed to
+    .oldbin before the fork, was never put back, the error escaped into the manager's loop
+    ('manager loop error') and `upgrade --wait` got no answer. Now the pidfile is back, one
+    line says why, and the manager serves on."""
+    import pwd
+    import resource
+    from test_resilience import _tasks_of
+    nobody = pwd.getpwnam("nobody")
+    appdir = Path(tempfile.mkdtemp(prefix="fcgidaemon-nobody-"))
+    run = tmp_path / "run"
+    soft, hard = resource.getrlimit(resource.RLIMIT_NPROC)
+    try:
+        appdir.chmod(0o755)
+        shutil.copy(APPS / "testapp.py", appdir / "testapp.py")
+        tmp_path.chmod(0o755)
+        run.mkdir()
+        os.chown(run, nobody.pw_uid, nobody.pw_gid)  # the manager, as nobody, may rename in it
+        pidfile = run / "m.pid"
+        resource.setrlimit(resource.RLIMIT_NPROC, (_tasks_of(nobody.pw_uid) + 3, hard))
+        try:  # root ignores the limit; the manager inherits it and meets it as nobody
+            d = start_daemon("testapp", "--user", "nobody", "--pidfile", str(pidfile), workers=2,
+                             pythonpath=[appdir])
+        finally:
+            resource.setrlimit(resource.RLIMIT_NPROC, (soft, hard))
+        workers = d.wait_workers(2)
+        out = run_cli(["upgrade", "--wait", "--pid", str(d.pid)], tmp_path)
+        assert out.returncode == 1
+        assert "upgrade failed: cannot start a new manager: Resource temporarily unavailable" in out.stderr
+        assert sorted(os.listdir(run)) == ["m.pid"] and pidfile.read_text().strip() == str(d.pid)
+        assert d.count(r"loop error|Traceback") == 0, d.log()[-2000:]
+        assert d.workers() == workers and get(d.address, "/hello").status == 200
+    finally:
+        shutil.rmtree(appdir)

@@ -449,7 +449,9 @@ class Manager(supervise.Supervision, control.ControlCommands, upgrade.Upgrading)
         if rec.state is WState.STARTING and self.phase is Phase.STARTING and rec.failure:
             log.error("application failed to import: %s", rec.failure.rstrip())
             self.exit_code = 1
-            self.stop(graceful=False)
+            # graceful: workers already ready may be serving (beside an old manager, in an
+            # upgrade); those still importing leave at once on SIGTERM (worker._on_stop_signal)
+            self.stop(graceful=True)
             return
         if young:
             self._respawn_backed_off(rec.slot, reason)

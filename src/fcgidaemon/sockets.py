@@ -29,6 +29,9 @@ class Listener:
     sock: socket.socket
     name: str
     unlink_path: str | None = None  # a unix socket we created, removed at exit
+    # a unix socket a previous manager created and will hand over to us (SIGUSR2): ours to remove
+    # only once it has accepted us; a new manager that fails must leave the old one its socket
+    takeover_path: str | None = None
 
     def fileno(self) -> int:
         return self.sock.fileno()
@@ -48,7 +51,8 @@ def open_listeners(config: Config, owned_paths: set[str] = frozenset()) -> list[
     """Sockets from a previous manager (upgrade) or systemd if any were passed, else bind.
 
     A passed unix socket is unlinked at exit only if it is in `owned_paths` (a previous
-    manager that created it handed that duty over); systemd's sockets never are.
+    manager that created it hands that duty over: see `Listener.takeover_path`); systemd's
+    sockets never are.
     """
     passed = inherited_sockets() or systemd.listen_sockets()
     if passed:
@@ -56,7 +60,7 @@ def open_listeners(config: Config, owned_paths: set[str] = frozenset()) -> list[
         for lst in listeners:
             path = lst.name[5:].split(" ")[0] if lst.name.startswith("unix:") else None
             if path in owned_paths:
-                lst.unlink_path = path
+                lst.takeover_path = path
         return listeners
     if config.bind.path is not None:
         return [bind_unix(config.bind.path, config)]

@@ -70,10 +70,16 @@ def start(listeners: Sequence[Listener], pidfile: str | None, timeout: float,
     owned = [lst.unlink_path for lst in listeners if lst.unlink_path]
     if owned:
         env[UNLINK_ENV] = ",".join(owned)
-    if pidfile and os.path.exists(pidfile):
-        os.replace(pidfile, f"{pidfile}.oldbin")
+    oldbin = f"{pidfile}.oldbin" if pidfile and os.path.exists(pidfile) else None
+    if oldbin:
+        os.replace(pidfile, oldbin)
     argv = [sys.executable, *sys.orig_argv[1:]]
-    pid = _spawn_detached(argv, env)
+    try:
+        pid = _spawn_detached(argv, env)
+    except OSError:
+        if oldbin:
+            os.replace(oldbin, pidfile)  # type: ignore[arg-type]
+        raise
     log.info("upgrade: started new manager %d: %s", pid, " ".join(argv))
     return Upgrade(pid, time.monotonic() + timeout, pidfile)
 
@@ -151,8 +157,16 @@ class Upgrading:
             if waiter is not None:
                 control.reply(waiter, {"ok": False, "message": refusal})
             return
-        self.upgrade = start(self.listeners, self.config.pidfile, self.config.ready_timeout * 2,
-                                     self.generation + 1)
+        try:
+            self.upgrade = start(self.listeners, self.config.pidfile, self.config.ready_timeout * 2,
+                                 self.generation + 1)
+        except OSError as exc:  # no process to fork (a limit), or the pidfile cannot be renamed
+            reason = f"cannot start a new manager: {exc.strerror or exc}"
+            self.pool.last_failure = reason
+            log.error("upgrade failed: %s; still serving", reason)
+            if waiter is not None:
+                control.reply(waiter, {"ok": False, "message": f"upgrade failed: {reason}"})
+            return
         if waiter is not None:
             self.upgrade.waiters.append(waiter)
         systemd.notify(f"STATUS=upgrading: new manager {self.upgrade.pid} starting")
@@ -163,10 +177,18 @@ class Upgrading:
             answer = control.ask(self.predecessor or 0, f"upgraded {os.getpid()}", 10.0)
         except control.ControlError as exc:
             log.error("cannot reach the old manager %s: %s", self.predecessor, exc)
+            if not control.alive(self.predecessor or 0):
+                self._take_over_sockets()  # gone: nobody else will remove them
             return
         if answer.get("ok"):
+            self._take_over_sockets()
             systemd.notify(f"MAINPID={os.getpid()}", "READY=1", f"STATUS={self.status_line()}")
             log.info("took over from manager %d", self.predecessor)
+
+    def _take_over_sockets(self) -> None:
+        """The old manager no longer removes its unix sockets at exit: now we do."""
+        for lst in self.listeners:
+            lst.unlink_path = lst.takeover_path or lst.unlink_path
 
     def _on_successor(self, conn: socket.socket, pid_text: str) -> None:
         up = self.upgrade

@@ -100,6 +100,7 @@ class Worker:
         self.spec = spec
         self.config = spec.config
         self.stop_mode = StopMode.NONE
+        self.accepting = False  # the listeners are in the epoll set: see _on_stop_signal
         self.conns: dict[int, Connection] = {}
         self.registered: set[int] = set()  # connection fds in the epoll set
         self.next_sweep = 0.0
@@ -186,11 +187,16 @@ class Worker:
             signal.pthread_sigmask(signal.SIG_SETMASK, self.spec.sigmask)
 
     def _on_stop_signal(self, signum: int, frame: object) -> None:
-        # only records: a request in progress finishes first
+        # only records: a request in progress finishes first. Before the listeners are watched
+        # nothing can be in progress: leave at once, not after an import that may take long
+        # (or hang: a stop would wait out --graceful-timeout for a worker with nothing to do)
+        if not self.accepting:
+            os._exit(EXIT_OK)
         if self.stop_mode is StopMode.NONE:
             self.stop_mode = StopMode.CLOSE
 
     def _register(self) -> None:
+        self.accepting = True
         for fd, sock in self.listener_fds.items():
             sock.setblocking(False)
             # LISTENER_EVENTS has EPOLLEXCLUSIVE: a new connection wakes one worker waiting in
