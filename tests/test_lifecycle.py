@@ -320,6 +320,23 @@ def test_fewer_workers_during_a_reload_completes_it_at_once(start_daemon, tmp_pa
     d.wait_workers(2, timeout=15)
 
 
+def test_a_kept_connection_handed_over_in_a_reload_stays_kept(start_daemon):
+    """An idle kept connection handed to the new generation is a kept connection there: closed
+    after --keep-conn-idle, not after --read-timeout as if it had never sent a request (it was,
+    with a false 'no complete request' warning, so a reload cut every kept connection's idle
+    time to the read timeout, and a stop waited for it)."""
+    d = start_daemon("testapp", "--read-timeout", "1", "--keep-conn-idle", "60", workers=1)
+    (old,) = d.wait_workers(1)
+    with FCGIClient(d.address, timeout=10) as client:
+        first = client.request(make_params("GET", "/id?id=a"), keep_conn=True)
+        d.reload(2)
+        time.sleep(2)  # the measured interval: twice --read-timeout, idle
+        second = client.request(make_params("GET", "/id?id=b"), keep_conn=True)
+    assert first.body.split()[0] == b"id=a" and first.body.endswith(f"pid={old}".encode())
+    assert second.body.split()[0] == b"id=b" and not second.body.endswith(f"pid={old}".encode())
+    assert d.count(r"no complete request within") == 0
+
+
 def test_kept_connections_are_spread_over_new_workers(start_daemon):
     """12 kept connections, all held by the one worker; grow to 4 workers: the manager has the
     crowded worker hand its surplus over (SCM_RIGHTS) until each holds 3, and every connection

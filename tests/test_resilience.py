@@ -304,3 +304,27 @@ def test_reload_check_refuses_code_that_fails_its_first_request(start_daemon, tm
     (src / "liveapp.py").write_text(text.replace('VERSION = "v1"', 'VERSION = "v2"'))
     d.reload(3)
     assert get(d.address, "/hello").body.startswith(b"hello v2 ")
+
+
+def test_a_connection_shared_with_a_forked_child_costs_no_cpu_once_closed(start_daemon):
+    """The application forks (a background job; multiprocessing's default on Linux): the child
+    inherits every descriptor, the connection too. Closing our descriptor does not take the
+    connection out of our epoll set while the child holds it, so once the web server closed its
+    end, level-triggered EPOLLIN woke the worker at every wait: a full core until the child
+    exited. The worker now takes it out of the set before closing it."""
+    d = start_daemon("testapp", workers=1)
+    (worker,) = d.wait_workers(1)
+    ticks = os.sysconf("SC_CLK_TCK")
+    with FCGIClient(d.address) as client:
+        assert client.request(make_params("GET", "/hello"), keep_conn=True).status == 200  # watched
+        client.send_raw(build_request(make_params("GET", "/fork?s=10")))  # no KEEP_CONN: we close
+        child = int(client.read_response(1, keep_conn=True).body.split()[1])
+    try:
+        before = cpu_ticks(worker)
+        time.sleep(1.5)  # the measured interval: CPU the worker spends with nothing to do
+        used = (cpu_ticks(worker) - before) / ticks
+        print(f"\nworker CPU in 1.5 s after the connection closed, the app's child holding it: {used:.2f}s")
+        assert used < 0.3
+        assert get(d.address, "/hello").status == 200
+    finally:
+        os.kill(child, signal.SIGKILL)

@@ -250,6 +250,8 @@ class Connection:
         self._out_size = 0
         self.request: Request | None = None
         self.served = 0
+        self.adopted = False  # handed over by a retiring worker: a kept connection, not a new one
+        self.on_close: Callable[["Connection"], None] | None = None  # see close()
         self.keep = True  # False once a request without FCGI_KEEP_CONN was seen
         self.closed = False
         self.lost: str | None = None  # why receive() found the connection gone, if not a reset
@@ -531,11 +533,23 @@ class Connection:
                 raise ConnectionLost("web server closed the connection during the response") from None
             raise ConnectionLost(f"send failed: {exc.strerror or exc}") from None
 
+    @property
+    def between_requests(self) -> bool:
+        """A kept connection waiting for its next request (not a new one waiting for its first)."""
+        return (self.served > 0 or self.adopted) and not self.has_partial_input
+
     def close(self) -> None:
+        """Close the socket, after `on_close`: the worker takes it out of its epoll set first.
+        Closing our descriptor does not do that while another process holds the same open file
+        (a child the application forked): the closed connection stayed in the set, and once the
+        web server closed its end, level-triggered EPOLLIN woke the worker at every wait (a full
+        core until the child exited)."""
         if self.closed:
             return
         self.closed = True
         self.discard_output()
+        if self.on_close is not None:
+            self.on_close(self)
         try:
             self.sock.close()
         except OSError as exc:

@@ -334,6 +334,7 @@ class Worker:
     def _adopt(self, sock: socket.socket, register: bool = True) -> Connection:
         assert self.server is not None
         conn = Connection(sock, self.server)
+        conn.on_close = self._unwatch
         self.conns[conn.fd] = conn
         if register:
             self._watch(conn)
@@ -344,16 +345,18 @@ class Worker:
         self.registered.add(conn.fd)
         self.board.set_conns(self.index, len(self.registered))
 
+    def _unwatch(self, conn: Connection) -> None:
+        """Called by conn.close() before its socket closes (see Connection.close)."""
+        if conn.fd in self.registered:
+            self.registered.discard(conn.fd)
+            self.epoll.unregister(conn.fd)
+            self.board.set_conns(self.index, len(self.registered))
+
     def _drop(self, conn: Connection, reason: str | None = None, level: int = logging.INFO) -> None:
         if reason:
             log.log(level, "connection closed: %s", reason)
         if self.conns.get(conn.fd) is conn:
             del self.conns[conn.fd]
-        if conn.fd in self.registered:
-            self.registered.discard(conn.fd)
-            self.board.set_conns(self.index, len(self.registered))
-            if not conn.closed:  # closing the socket already took it out of the epoll set
-                self.epoll.unregister(conn.fd)
         conn.close()
 
     def _serve(self, conn: Connection, flags: int = 0) -> None:
@@ -415,7 +418,7 @@ class Worker:
             return
         if msg == MSG_ADOPT:
             for fd in fds:
-                self._adopt(socket.socket(fileno=fd))
+                self._adopt(socket.socket(fileno=fd)).adopted = True
         elif msg == MSG_RETIRE:
             self._begin_stop(StopMode.HANDOFF)
         elif msg.startswith(MSG_BALANCE + b" ") and msg[len(MSG_BALANCE) + 1:].isdigit():
@@ -463,7 +466,7 @@ class Worker:
                 continue
             if self.stop_mode is StopMode.HANDOFF:
                 self._hand_off(conn)
-            elif conn.served and not _readable(conn.sock):
+            elif conn.between_requests and not _readable(conn.sock):
                 self._drop(conn)
         return not self.conns
 
@@ -485,7 +488,7 @@ class Worker:
         self.next_sweep = now + 0.25
         for conn in list(self.conns.values()):
             idle = now - conn.last_active
-            if conn.has_partial_input or not conn.served:
+            if not conn.between_requests:  # a request coming in, or a new connection's first
                 if idle > self.config.read_timeout:
                     self._drop(conn, f"no complete request within {self.config.read_timeout:g}s",
                                logging.WARNING)

@@ -79,6 +79,12 @@ def application(environ, start_response):
         return _text(start_response, f"holding {len(_LEAK)} blocks".encode())
     if path.endswith("/closing"):
         return _Closing(start_response, q["marker"], int(q.get("n", 20 << 20)))
+    if path.endswith("/fork"):  # a background child, as multiprocessing makes: it holds every fd
+        child = os.fork()
+        if child == 0:
+            time.sleep(float(q.get("s", 5)))
+            os._exit(0)
+        return _text(start_response, f"child {child}".encode())
     if path.endswith("/uid"):
         return _text(start_response, f"{os.getuid()} {os.getgid()}".encode())
     return _text(start_response, f"hello {VERSION} {os.getpid()}".encode())
