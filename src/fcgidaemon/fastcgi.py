@@ -158,11 +158,47 @@ def decode_params(data: bytes) -> dict[str, str]:
 
 
 class InputStream(flup.InputStream):
-    """flup's stdin stream, counting bytes against the body limit."""
+    """flup's stdin stream, counting bytes against the body limit, with a `readline` of our own.
+
+    flup's readline(size) returns a whole buffered line whatever `size` says; with size -1
+    (io's "no limit") and no newline buffered yet it returns b"" and moves the read position
+    back, so the next read loses bytes; and while no newline comes it copies and searches the
+    whole line again for every record (a 32 MiB body without a newline: 7.8 s, against 0.23 s
+    for read()). read(None) raised TypeError.
+    """
 
     def __init__(self, conn: "Connection") -> None:
         super().__init__(conn)
         self.received = 0
+
+    def read(self, size: int | None = -1) -> bytes:
+        return super().read(-1 if size is None else size)
+
+    def readline(self, size: int | None = -1) -> bytes:
+        """Up to and including the next newline, at most `size` bytes (None or < 0: no limit).
+        Each byte is searched and copied once: what is taken leaves the buffer as we go."""
+        limit = -1 if size is None or size < 0 else size
+        parts: list[bytes] = []
+        while limit != 0:
+            if self._bufList:
+                self._buf = self._buf[self._pos:] + b"".join(self._bufList)
+                self._bufList = []
+                self._avail -= self._pos
+                self._pos = 0
+            start = self._pos
+            newline = self._buf.find(b"\n", start)
+            stop = len(self._buf) if newline < 0 else newline + 1
+            if limit > 0:
+                stop = min(stop, start + limit)
+                limit -= stop - start
+            parts.append(self._buf[start:stop])
+            self._pos = stop
+            if (newline >= 0 and stop == newline + 1) or self._eof and self._pos == self._avail:
+                break
+            if limit != 0 and self._pos == self._avail:
+                self._waitForData()
+        self._shrinkBuffer()
+        return b"".join(parts)
 
     def add_data(self, data: bytes) -> None:
         self.received += len(data)
