@@ -490,11 +490,13 @@ class Connection:
     def _too_large(self, req: Request) -> bool:
         """Answer 413 without running the application, and close: the body is not read."""
         limit = self.server.limits.max_body
+        if not limit:  # the length is the application's to read (and to judge)
+            return False
         try:
             declared = int(req.params.get("CONTENT_LENGTH") or 0)
         except ValueError:
             raise ProtocolError(f"bad CONTENT_LENGTH {req.params.get('CONTENT_LENGTH')!r}") from None
-        if not limit or declared <= limit:
+        if declared <= limit:
             return False
         log.warning("request body of %d bytes refused (--max-body %d): %s", declared, limit,
                     req.params.get("REQUEST_URI", ""))

@@ -118,10 +118,38 @@ def normalise_paths(environ: dict[str, Any]) -> None:
     if not environ.get("QUERY_STRING"):
         environ["QUERY_STRING"] = query
     path = unquote_to_bytes(raw_path.encode("latin-1")).decode("latin-1") if "%" in raw_path else raw_path
+    if _unsettled(path):
+        # Dot segments or repeated slashes (%2e%2e counts: decoded above): the front end matched
+        # its locations and rules against the path after resolving them, so the application must
+        # route on that one too, or "/admin/%2e%2e/public/x", allowed as /public/x, would reach
+        # it as /admin/../public/x. The front end's own result, when it sent one; else resolved
+        # here as nginx and Apache (MergeSlashes on, the default) do.
+        path = script + path_info if script + path_info and not _unsettled(script + path_info) \
+            else resolve_path(path)
     if path_info and script + path_info == path:
         environ["SCRIPT_NAME"], environ["PATH_INFO"] = script, path_info
     else:
         environ["SCRIPT_NAME"], environ["PATH_INFO"] = "", path
+
+
+def _unsettled(path: str) -> bool:
+    return "//" in path or "/." in path and ("/./" in path or "/../" in path
+                                             or path.endswith(("/.", "/..")))
+
+
+def resolve_path(path: str) -> str:
+    """Repeated slashes merged, then "." and ".." segments resolved (RFC 3986, 5.2.4); ".."
+    never climbs above the root."""
+    out: list[str] = []
+    segments = [seg for seg in path.split("/") if seg]
+    for seg in segments:
+        if seg == "..":
+            if out:
+                out.pop()
+        elif seg != ".":
+            out.append(seg)
+    trailing = path.endswith("/") or (segments and segments[-1] in (".", ".."))
+    return "/" + "/".join(out) + ("/" if trailing and out else "")
 
 
 class Response:
@@ -157,7 +185,7 @@ class Response:
                 raise ValueError(f"bad value for response header {name}")
             value.encode("latin-1")  # UnicodeEncodeError: not representable
         self.status, self.headers = status, list(headers)
-        return self.write
+        return self.write_now
 
     def head(self) -> bytes:
         lines = [f"Status: {self.status}\r\n"]
@@ -177,8 +205,20 @@ class Response:
         elif data:
             self.req.stdout.write(bytes(data))
 
+    def write_now(self, data: bytes) -> None:
+        """The write() callable start_response returns: the block is sent before it returns
+        (PEP 3333: a server must not delay the transmission of any block)."""
+        self.write(data)
+        self.req._conn.flush()
+
     def add_length_if_known(self, result: Any) -> None:
+        """A one-block body has a known length: say it. Not for a status that has no body (1xx,
+        204, 304: RFC 9110 forbids the header on 204, and on 304 it would be the GET's), nor for
+        HEAD, whose body the application may leave empty."""
         if isinstance(result, (list, tuple)) and len(result) == 1 and isinstance(result[0], bytes):
+            code = self.status[:3] if self.status else ""
+            if code in ("204", "304") or code[:1] == "1" or self.req.params.get("REQUEST_METHOD") == "HEAD":
+                return
             for name, _ in self.headers:
                 if name.lower() == "content-length":
                     return
@@ -196,9 +236,15 @@ def make_handler(app: Callable[..., Any]) -> Callable[[Request], int]:
             result = app(environ, response.start_response)
             if response.status is not None:
                 response.add_length_if_known(result)
-            for chunk in result:
-                if chunk:
-                    response.write(chunk)
+            if isinstance(result, (list, tuple)):  # all there: sent with END_REQUEST, one send
+                for chunk in result:
+                    if chunk:
+                        response.write(chunk)
+            else:  # each block sent before the application makes the next (PEP 3333): a
+                for chunk in result:  # stream of events or progress must not wait for the end
+                    if chunk:
+                        response.write(chunk)
+                        req._conn.flush()
             response.write(b"")
             return 0
         except Exception as exc:  # noqa: BLE001 - the application's failure, reported, not fatal

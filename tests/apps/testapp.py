@@ -62,6 +62,33 @@ def application(environ, start_response):
             raise RuntimeError("boom after headers")
         start_response("200 OK", [("Content-Type", "text/plain")])
         return gen()
+    if path.endswith("/error-in-iter"):  # headers given, then a failure before any block
+        def failing():
+            raise RuntimeError("boom in the first block")
+            yield b""
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return failing()
+    if path.endswith("/drip"):  # n blocks, d seconds apart: an event stream
+        n, d = int(q.get("n", 3)), float(q.get("d", 0.5))
+        start_response("200 OK", [("Content-Type", "text/event-stream")])
+        def drip():
+            for i in range(n):
+                if i:
+                    time.sleep(d)
+                yield f"data: {i} {time.time():.3f}\n\n".encode()
+        return drip()
+    if path.endswith("/drip-write"):  # the same through the write() callable
+        n, d = int(q.get("n", 3)), float(q.get("d", 0.5))
+        write = start_response("200 OK", [("Content-Type", "text/event-stream")])
+        for i in range(n):
+            if i:
+                time.sleep(d)
+            write(f"data: {i} {time.time():.3f}\n\n".encode())
+        return []
+    if path.endswith("/status"):  # a one-block body with the status asked for
+        code = q.get("code", "200")
+        start_response(f"{code} Whatever", [("Content-Type", "text/plain")])
+        return [q.get("body", "").encode()]
     if path.endswith("/empty"):
         start_response("204 No Content", [])
         return []
