@@ -171,6 +171,19 @@ def test_access_log(start_daemon, tmp_path):
                         rf'"probe/1\.0" \d+ {pid}', line), line
 
 
+def test_the_access_log_says_what_the_client_got(start_daemon, tmp_path):
+    """An application that fails before its body is sent gives the client our 500: its line says
+    500. The line was missing when the application raised at once, and said the application's
+    200 when its first block raised."""
+    log = tmp_path / "access.log"
+    d = start_daemon("testapp", "--access-log", str(log), workers=1)
+    statuses = [get(d.address, uri).status for uri in ("/error", "/error-in-iter", "/hello")]
+    assert statuses == [500, 500, 200]
+    wait_for(lambda: log.exists() and log.read_text().count("\n") == 3, 5, "three access log lines")
+    logged = re.findall(r'"GET (\S+) HTTP/1\.1" (\d+) ', log.read_text())
+    assert logged == [("/error", "500"), ("/error-in-iter", "500"), ("/hello", "200")]
+
+
 def test_the_access_log_is_reopened_when_logrotate_moves_or_removes_it(start_daemon, tmp_path):
     """logrotate's default renames the file and creates a new one: the workers notice on their
     own (no signal, no reload) and write to the new file; a removed file is created again.

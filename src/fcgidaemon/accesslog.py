@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 from .logs import Throttle
 
@@ -71,6 +71,9 @@ def _identity(fd: int) -> tuple[int, int]:
 
 
 def middleware(app: WSGIApp, access: AccessLog) -> WSGIApp:
+    """One line per request, after its body, with the status the client got: an application
+    that raises before its body is sent gets the server's 500, and its line says 500 (it had no
+    line when app() itself raised, and the application's own status when the first block did)."""
     pid = os.getpid()
 
     def handle(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
@@ -81,18 +84,36 @@ def middleware(app: WSGIApp, access: AccessLog) -> WSGIApp:
             seen["status"] = status.split(" ", 1)[0]
             return start_response(status, headers, exc_info) if exc_info else start_response(status, headers)
 
-        result = app(environ, recording_start_response)
         try:
-            for chunk in result:
-                seen["bytes"] += len(chunk)
-                yield chunk
-        finally:
-            close = getattr(result, "close", None)
-            if close is not None:
-                close()
+            result = app(environ, recording_start_response)
+        except BaseException:
+            seen["status"] = "500"
             write_line(access.fd, environ, seen, time.monotonic() - started, pid)
+            raise
+        if isinstance(result, (list, tuple)):  # passed on as it is: sent in one piece
+            seen["bytes"] = sum(len(chunk) for chunk in result)
+            write_line(access.fd, environ, seen, time.monotonic() - started, pid)
+            return result
+        return _logged(result, access, environ, seen, started, pid)
 
     return handle
+
+
+def _logged(result: Iterable[bytes], access: AccessLog, environ: dict[str, Any], seen: dict[str, Any],
+            started: float, pid: int) -> Iterator[bytes]:
+    try:
+        for chunk in result:
+            seen["bytes"] += len(chunk)
+            yield chunk
+    except BaseException:
+        if not seen["bytes"]:  # nothing sent yet: the client gets the server's 500
+            seen["status"] = "500"
+        raise
+    finally:
+        close = getattr(result, "close", None)
+        if close is not None:
+            close()
+        write_line(access.fd, environ, seen, time.monotonic() - started, pid)
 
 
 def _q(value: str) -> str:
