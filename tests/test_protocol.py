@@ -150,6 +150,7 @@ def test_environ_is_pep3333(daemon):
     assert env["wsgi.version"] == [1, 0]
     assert env["wsgi.multiprocess"] is True and env["wsgi.multithread"] is False
     assert env["wsgi.run_once"] is False and env["wsgi.url_scheme"] == "http"
+    assert env["wsgi.input_terminated"] is True  # a body without CONTENT_LENGTH may be read
     assert env["SCRIPT_NAME"] + env["PATH_INFO"] == "/app/environ"
     assert env["QUERY_STRING"] == "x=1"
 

@@ -328,3 +328,30 @@ def test_a_connection_shared_with_a_forked_child_costs_no_cpu_once_closed(start_
         assert get(d.address, "/hello").status == 200
     finally:
         os.kill(child, signal.SIGKILL)
+
+
+def test_a_reload_waiter_learns_of_the_managers_death_at_once(start_daemon, tmp_path):
+    """`reload --wait` waits on the manager's control connection. Forked workers inherited it,
+    so when the manager died (kill -9) a worker still importing held it open and the client
+    waited out its own timeout (120 s by default) instead of seeing the connection close."""
+    import subprocess
+    import sys
+    src = app_copy(tmp_path)
+    d = start_daemon("liveapp", workers=1, pythonpath=[src])
+    d.wait_workers(1)
+    text = (src / "liveapp.py").read_text()
+    (src / "liveapp.py").write_text("import time\ntime.sleep(600)\n" + text)
+    waiter = subprocess.Popen([sys.executable, "-m", "fcgidaemon", "reload", "--wait", "--pid", str(d.pid)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+    try:
+        wait_for(lambda: len(d.workers()) == 2, 10, "the new worker to start importing")
+        os.kill(d.pid, signal.SIGKILL)
+        t0 = time.monotonic()
+        _, err = waiter.communicate(timeout=10)
+        took = time.monotonic() - t0
+        print(f"\nreload --wait after the manager died: exit {waiter.returncode} in {took:.2f}s: {err.strip()}")
+        assert waiter.returncode != 0 and took < 3
+    finally:
+        if waiter.poll() is None:
+            waiter.kill()
+            waiter.wait(5)

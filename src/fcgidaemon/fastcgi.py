@@ -242,24 +242,17 @@ class Request(flup.Request):
 
     def __init__(self, conn: "Connection", request_id: int, role: int, flags: int) -> None:
         # not flup's __init__: it builds a fourth stream, for FCGI_DATA, which only the
-        # filter role uses (refused with FCGI_UNKNOWN_ROLE); see `data`
+        # filter role uses (refused with FCGI_UNKNOWN_ROLE): FCGI_DATA records are ignored
         self._conn = conn
         self.server = conn.server
         self.params: dict[str, str] = {}
         self.stdin = InputStream(conn)
         self.stdout = OutputStream(conn, self, flup.FCGI_STDOUT)
         self._stderr: OutputStream | None = None  # see `stderr`
-        self._data: InputStream | None = None
         self.requestId, self.role, self.flags = request_id, role, flags
         self.aborted = False
         self.params_raw = bytearray()
         self.runnable = False  # PARAMS complete: the application may start
-
-    @property
-    def data(self) -> InputStream:
-        if self._data is None:
-            self._data = InputStream(self._conn)
-        return self._data
 
     @property
     def stderr(self) -> OutputStream:
@@ -396,7 +389,7 @@ class Connection:
             self._dispatch(rtype, request_id, content)
             if req.aborted:
                 raise RequestAborted(f"request {req.requestId} aborted by the web server")
-            if request_id == req.requestId and rtype in (flup.FCGI_STDIN, flup.FCGI_DATA):
+            if request_id == req.requestId and rtype == flup.FCGI_STDIN:
                 return
 
     @property
@@ -418,13 +411,11 @@ class Connection:
             self._params(req, content)
         elif rtype == flup.FCGI_STDIN:
             req.stdin.add_data(content)
-        elif rtype == flup.FCGI_DATA:
-            req.data.add_data(content)
         elif rtype == flup.FCGI_ABORT_REQUEST:
             req.aborted = True
             if not req.runnable:
                 self.end_request(req, 0)
-        else:
+        else:  # FCGI_DATA too: a responder has no data stream (buffered, it grew without bound)
             count = IGNORED_RECORDS.due()
             if count:
                 log.warning("ignoring FastCGI record of type %d for request %d (%d such record(s) "

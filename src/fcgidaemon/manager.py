@@ -37,7 +37,8 @@ SIGNAL_DOCS: dict[signal.Signals, str] = {
     signal.SIGHUP: "graceful reload: start a new generation of workers (new application code); "
                    "once all of them are ready, the old generation finishes its requests, hands its "
                    "idle connections to the new one and exits. A reload that fails to start keeps "
-                   "the old generation serving. Reloads during a reload are coalesced into one more",
+                   "the old generation serving. Reloads during a reload are coalesced into one more; "
+                   "refused (one log line) during an upgrade",
     signal.SIGTERM: "graceful stop: workers finish in-flight requests (bounded by `--graceful-timeout`, "
                     "then SIGKILL); the pidfile and our unix socket are removed; exit 0",
     signal.SIGINT: "quick stop: workers exit at once; exit 0",
@@ -48,7 +49,8 @@ SIGNAL_DOCS: dict[signal.Signals, str] = {
                     "Python, new fcgidaemon, new preloaded modules) that inherits the listening "
                     "sockets; once its workers are ready, this manager's workers hand their "
                     "connections over and it exits. If the new manager fails, this one keeps "
-                    "serving. Refused while an upgrade is in progress",
+                    "serving. Refused (one log line) while the manager is starting, reloading or "
+                    "stopping, or an upgrade is in progress",
 }
 
 
@@ -224,6 +226,10 @@ class Manager(supervise.Supervision, control.ControlCommands, upgrade.Upgrading)
         close_fds = [parent_end.fileno(), self.selector.fileno(), self.control.fileno(),
                      *self.queue.fds()]
         close_fds += [rec.channel.fileno() for rec in self.workers.values()]
+        # clients waiting for an answer: a worker holding them open would keep them waiting
+        # past the manager's death instead of seeing the connection close
+        close_fds += [conn.fileno() for conn, _ in self.reload_waiters]
+        close_fds += [conn.fileno() for conn in (self.upgrade.waiters if self.upgrade else [])]
         index = self.board.allocate(0, generation)
         old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, MANAGER_SIGNALS)
         try:

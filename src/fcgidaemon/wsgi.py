@@ -78,8 +78,11 @@ class FileWrapper:
         raise StopIteration
 
 
+# wsgi.input_terminated: wsgi.input ends where the body does (at the end of FCGI_STDIN), so an
+# application may read a body that comes without CONTENT_LENGTH (Apache streams a chunked one so);
+# Werkzeug reads no such body unless this is set
 CONSTANT_KEYS = {"wsgi.version": (1, 0), "wsgi.multithread": False, "wsgi.multiprocess": True,
-                 "wsgi.run_once": False, "wsgi.file_wrapper": FileWrapper}
+                 "wsgi.run_once": False, "wsgi.file_wrapper": FileWrapper, "wsgi.input_terminated": True}
 
 
 def build_environ(req: Request) -> dict[str, Any]:
