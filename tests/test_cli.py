@@ -7,13 +7,14 @@ import os
 import re
 import signal
 import socket
+import stat
 import sys
 import threading
 import time
 
 import pytest
 
-from daemon import APPS, ROOT, run_cli, wait_for
+from daemon import APPS, ROOT, free_port, run_cli, wait_for
 from fcgidaemon.config import Address, options_markdown, resolve
 from test_lifecycle import app_copy, get, set_version
 
@@ -77,18 +78,68 @@ BAD = {
     "missing-config": ["--config", "/nonexistent/fcgi.toml"],
     "unknown-user": ["--user", "no-such-user-xyz"],
     "missing-chdir": ["--chdir", "/nonexistent/dir"],
+    # not finite, or too large for the C int they end up in (a traceback, a spinning manager
+    # or failing requests, not one line)
+    "max-body-inf": ["--max-body", "inf"],
+    "max-params-1e400": ["--max-params", "1e400"],
+    "max-body-nan": ["--max-body", "nanM"],
+    "ready-timeout-nan": ["--ready-timeout", "nan"],
+    "graceful-timeout-inf": ["--graceful-timeout", "inf"],
+    "read-timeout-inf": ["--read-timeout", "inf"],
+    "read-timeout-over-poll": ["--read-timeout", "3e6"],
+    "backlog-over-c-int": ["--backlog", "2147483648"],
 }
 
 
 @pytest.mark.parametrize("args", BAD.values(), ids=BAD.keys())
 def test_bad_option_exit_2_one_line_nothing_left(tmp_path, args):
     marker = f"marker-{os.getpid()}-{abs(hash(tuple(args)))}"
-    out = run_cli(["testapp", "--pythonpath", f"{APPS},/{marker}", *args], tmp_path)
+    # a free port, so a case that gets as far as binding does not depend on 9005 being free
+    out = run_cli(["testapp", "--pythonpath", f"{APPS},/{marker}", "--bind",
+                   f"127.0.0.1:{free_port()}", "--workers", "1", *args], tmp_path)
     assert out.returncode == 2, (out.stdout, out.stderr)
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("fcgidaemon: "), out.stderr
     assert out.stdout == ""
     assert processes_mentioning(marker) == []
+
+
+def test_non_finite_numbers_from_environment_and_file_are_one_line(tmp_path):
+    """TOML gives inf and nan as floats, not text; the environment gives text like a flag."""
+    conf = tmp_path / "c.toml"
+    for where, env, toml, option in [
+        ("environment", {"FCGIDAEMON_MAX_BODY": "inf"}, "", "--max-body"),
+        ("config file", {}, "max-params = inf\n", "--max-params"),
+        ("config file", {}, "ready-timeout = nan\n", "--ready-timeout"),
+        ("config file", {}, "idle-timeout = -inf\n", "--idle-timeout"),
+    ]:
+        conf.write_text(toml)
+        args = ["testapp", "--pythonpath", str(APPS), "--config", str(conf)]
+        # `check` first: before the fix it says OK (or a traceback) at once instead of the
+        # serving daemon running into run_cli's timeout
+        for cmd in (["check", *args], [*args, "--bind", f"127.0.0.1:{free_port()}", "--workers", "1"]):
+            out = run_cli(cmd, tmp_path, env=env)
+            assert out.returncode == 2, (cmd, env, out.stdout, out.stderr)
+            lines = out.stderr.strip().splitlines()
+            assert len(lines) == 1 and lines[0].startswith(f"fcgidaemon: {option} ({where}"), lines
+            assert "finite" in lines[0], lines
+
+
+def test_error_after_binding_is_the_only_line(start_daemon, tmp_path):
+    """An error writing the pidfile (or switching user) comes after binding: it is the one line
+    on stderr, with no 'listening on' logged before it for an address that is closed again."""
+    port = free_port()
+    pidfile = tmp_path / "missing-dir" / "d.pid"
+    out = run_cli(["testapp", "--pythonpath", str(APPS), "--bind", f"127.0.0.1:{port}",
+                   "--workers", "1", "--pidfile", str(pidfile)], tmp_path)
+    assert out.returncode == 2, out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("fcgidaemon: cannot start: "), out.stderr
+    assert str(pidfile.parent) in lines[0]
+    # when startup succeeds the line is still there
+    d = start_daemon("testapp", "--pidfile", str(tmp_path / "d.pid"), workers=1, bind=f"127.0.0.1:{port}")
+    d.wait_log(rf"listening on 127\.0\.0\.1:{port}")
+    assert (tmp_path / "d.pid").read_text().strip() == str(d.pid)
 
 
 def test_unknown_app_module(tmp_path):
@@ -135,6 +186,59 @@ def test_bad_toml(tmp_path):
     conf.write_text("wrokers = 3\n")
     out = run_cli(["testapp", "--config", str(conf)], tmp_path)
     assert out.returncode == 2 and "unknown option 'wrokers'" in out.stderr
+
+
+def test_toml_keys_outside_the_fcgidaemon_table_are_an_error(tmp_path):
+    """With a [fcgidaemon] table only the table is read: a key above it, known or misspelt, is
+    an error naming it, not silently ignored."""
+    conf = tmp_path / "mixed.toml"
+    for outside in ("workers = 7", "wrokers = 3"):
+        conf.write_text(f'{outside}\n\n[fcgidaemon]\nbind = "127.0.0.1:{free_port()}"\nworkers = 1\n')
+        key = outside.split()[0]
+        # `check` first: before the fix it says OK at once instead of the daemon serving
+        for prefix in (["check"], []):
+            out = run_cli([*prefix, "testapp", "--pythonpath", str(APPS), "--config", str(conf)],
+                          tmp_path)
+            assert out.returncode == 2, (prefix, out.stdout, out.stderr)
+            assert out.stderr.strip() == (f"fcgidaemon: config file {conf}: {key!r} is outside the "
+                                          f"[fcgidaemon] table (keys go in the table, or all at the "
+                                          f"top level)"), out.stderr
+    conf.write_text("[fcgidaemon]\nworkers = 3\n[fcgidaemon.extra]\n")  # inside the table: as before
+    out = run_cli(["check", "testapp", "--pythonpath", str(APPS), "--config", str(conf)], tmp_path)
+    assert out.returncode == 2 and "unknown option 'extra'" in out.stderr, out.stderr
+
+
+def test_toml_integer_modes_are_the_mode_itself(start_daemon, tmp_path):
+    """TOML reads `0o640` as the integer 416: that is the mode, not the octal digits "416"
+    (before: socket mode 0o416, and `umask = 0o022` refused as "18" is not octal)."""
+    conf = tmp_path / "modes.toml"
+    conf.write_text("socket-mode = 0o640\numask = 0o027\n")
+    sock = tmp_path / "m.sock"
+    d = start_daemon("testapp", "--config", str(conf), workers=1, bind=str(sock))
+    assert stat.S_IMODE(os.stat(sock).st_mode) == 0o640
+    with open(f"/proc/{d.pid}/status") as fh:
+        assert re.search(r"^Umask:\s+0027$", fh.read(), re.M)
+    # text is octal wherever it comes from: a TOML string, the command line, the environment
+    conf.write_text('socket-mode = "0600"\numask = "077"\n')
+    c = resolve(["app", "--config", str(conf)], {})
+    assert (c.socket_mode, c.umask) == (0o600, 0o077)
+    c = resolve(["app", "--socket-mode", "660"], {"FCGIDAEMON_UMASK": "0002"})
+    assert (c.socket_mode, c.umask) == (0o660, 0o002)
+    conf.write_text("socket-mode = 0o10000\n")
+    out = run_cli(["check", "testapp", "--pythonpath", str(APPS), "--config", str(conf)], tmp_path)
+    assert out.returncode == 2 and "mode out of range" in out.stderr, out.stderr
+
+
+def test_min_workers_help_says_what_zero_does(start_daemon, tmp_path):
+    """With --max-workers, --min-workers 0 is a floor of 1 (supervise._scale, manager._resize),
+    not 'fixed at --workers': the help (and the README table made from it) says so."""
+    out = run_cli(["--help"], tmp_path, env={"COLUMNS": "200"})
+    assert out.returncode == 0, out.stderr
+    text = " ".join(out.stdout.split())
+    min_help = text[text.rindex("--min-workers N"):text.rindex("--max-workers N")]  # not usage
+    assert "fixed at --workers" not in min_help and "(0: 1)" in min_help, min_help
+    d = start_daemon("testapp", "--max-workers", "3", "--idle-timeout", "0.3", workers=2)
+    d.wait_log(r"scaling down to 1 workers")  # below --workers 2: the floor is 1
 
 
 def test_config_file_is_used(start_daemon, tmp_path):

@@ -91,14 +91,15 @@ def serve(config: Config) -> int:
         return usage_error(exc)
     pidfile_written = False
     try:
-        for lst in listeners:
-            log.info("listening on %s", lst.name)
         try:
             write_pidfile(config.pidfile)
             pidfile_written = bool(config.pidfile)
             drop_privileges(config)
         except OSError as exc:
             return usage_error(ConfigError(f"cannot start: {exc}"))
+        # only now: a startup error above is then the one line on stderr, not the second
+        for lst in listeners:
+            log.info("listening on %s", lst.name)
         try:
             loader.preload(config.preload)
         except loader.AppImportError as exc:

@@ -16,6 +16,7 @@ import argparse
 import dataclasses
 import ipaddress
 import logging
+import math
 import os
 import sys
 from dataclasses import dataclass, field
@@ -29,7 +30,14 @@ class ConfigError(Exception):
 # --------------------------------------------------------------------------- parsers
 
 
-def parse_int_min(minimum: int) -> Callable[[str], int]:
+# Limits that keep a value the parser accepts from overflowing a C integer later, where it
+# would be a traceback at bind time (listen() takes an int) or in every worker's requests
+# (poll() takes an int of milliseconds) instead of one line before anything forks.
+MAX_C_INT = 2**31 - 1
+MAX_SECONDS = MAX_C_INT // 1000  # 2147483 s, about 24.8 days
+
+
+def parse_int_min(minimum: int, maximum: int | None = None) -> Callable[[str], int]:
     def parse(text: str) -> int:
         try:
             value = int(str(text).strip())
@@ -37,6 +45,8 @@ def parse_int_min(minimum: int) -> Callable[[str], int]:
             raise ConfigError(f"not a whole number: {text!r}") from None
         if value < minimum:
             raise ConfigError(f"must be at least {minimum}, got {value}")
+        if maximum is not None and value > maximum:
+            raise ConfigError(f"must be at most {maximum}, got {value}")
         return value
 
     parse.__name__ = f"int>={minimum}"
@@ -44,27 +54,41 @@ def parse_int_min(minimum: int) -> Callable[[str], int]:
 
 
 def parse_seconds(text: str) -> float:
+    """Seconds, finite and at most MAX_SECONDS: NaN compares false with every deadline (with
+    --ready-timeout nan the manager's wait is 0 and it spins), and infinity, or anything over
+    MAX_SECONDS, overflows poll() in the worker (--read-timeout), failing every request that
+    has to wait for input."""
     try:
         value = float(str(text).strip())
     except ValueError:
         raise ConfigError(f"not a number of seconds: {text!r}") from None
+    if not math.isfinite(value):
+        raise ConfigError(f"not a finite number of seconds: {text!r}")
     if value < 0:
         raise ConfigError(f"must not be negative, got {value}")
+    if value > MAX_SECONDS:
+        raise ConfigError(f"must be at most {MAX_SECONDS} (about 24 days), got {value:g}")
     return value
 
 
-def parse_octal(text: str) -> int:
-    try:
-        value = int(str(text).strip(), 8)
-    except ValueError:
-        raise ConfigError(f"not an octal mode: {text!r}") from None
-    if not 0 <= value <= 0o7777:
-        raise ConfigError(f"mode out of range: {text!r}")
-    return value
+def parse_octal(value: str | int) -> int:
+    """A mode. Text (command line, environment, a TOML string such as "0660") is octal; a TOML
+    integer is the mode itself, since TOML has already read `0o660` as 432, and reading
+    432 as octal digits again gave 0o432 (and refused `0o022` as 18, not octal digits)."""
+    if isinstance(value, int):
+        mode = value
+    else:
+        try:
+            mode = int(str(value).strip(), 8)
+        except ValueError:
+            raise ConfigError(f"not an octal mode: {value!r}") from None
+    if not 0 <= mode <= 0o7777:
+        raise ConfigError(f"mode out of range: {value!r}")
+    return mode
 
 
-def parse_optional_octal(text: str) -> int | None:
-    return None if str(text).strip() == "" else parse_octal(text)
+def parse_optional_octal(value: str | int) -> int | None:
+    return None if isinstance(value, str) and value.strip() == "" else parse_octal(value)
 
 
 def parse_str(text: str) -> str:
@@ -105,15 +129,21 @@ def parse_app(text: str) -> str:
 
 
 def parse_size(text: str) -> int:
-    """Bytes, or a number with k, M or G (powers of 1024)."""
+    """Bytes, or a number with k, M or G (powers of 1024).
+
+    `inf`, `nan` and `1e400` read as floats but have no integer value: refused here, where
+    int() would raise OverflowError (a traceback, exit 1) or ValueError."""
     text = str(text).strip()
     factor = {"k": 1 << 10, "K": 1 << 10, "m": 1 << 20, "M": 1 << 20, "g": 1 << 30, "G": 1 << 30}
     scale = factor.get(text[-1:], 1)
     number = text[:-1] if scale != 1 else text
     try:
-        value = int(float(number) * scale)
+        scaled = float(number) * scale
     except ValueError:
         raise ConfigError(f"not a size: {text!r} (bytes, or with k, M, G)") from None
+    if not math.isfinite(scaled):
+        raise ConfigError(f"not a finite size: {text!r}")
+    value = int(scaled)
     if value < 0:
         raise ConfigError(f"must not be negative: {text!r}")
     return value
@@ -210,7 +240,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("bind", "--bind", "FCGI_SOCKET_PATH", "127.0.0.1:9005", parse_bind,
            "listen address: `HOST:PORT`, `:PORT` (all IPv4), `[::1]:PORT`, a name (every address "
            "it resolves to), `/path.sock` or `unix:/path`; ignored when systemd passes sockets", "ADDR"),
-    Option("backlog", "--backlog", "FCGI_LISTEN_QUEUE", "100", parse_int_min(1),
+    Option("backlog", "--backlog", "FCGI_LISTEN_QUEUE", "100", parse_int_min(1, MAX_C_INT),
            "listen queue length", "N"),
     Option("workers", "--workers", "FCGIDAEMON_WORKERS", "4", parse_int_min(1),
            "number of worker processes", "N"),
@@ -254,7 +284,7 @@ OPTIONS: tuple[Option, ...] = (
            "client addresses or networks allowed to connect over TCP (comma-separated, may repeat; "
            "empty: any); others are closed and logged", "ADDRS", repeat=True),
     Option("min_workers", "--min-workers", "FCGIDAEMON_MIN_WORKERS", "0", parse_int_min(0),
-           "dynamic mode (with --max-workers): never fewer workers than this (0: fixed at --workers)",
+           "dynamic mode (needs --max-workers): never fewer workers than this (0: 1)",
            "N"),
     Option("max_workers", "--max-workers", "FCGIDAEMON_MAX_WORKERS", "0", parse_int_min(0),
            "dynamic mode: add workers while requests wait or all workers are busy, up to this "
@@ -419,6 +449,13 @@ def read_toml(path: str) -> dict[str, Any]:
     table = data.get("fcgidaemon", data)
     if not isinstance(table, dict):
         raise ConfigError(f"config file {path}: [fcgidaemon] must be a table")
+    if "fcgidaemon" in data:
+        # with the table, keys outside it are not read at all: an error, not a silently
+        # ignored `workers = 8` (or misspelt `wrokers`) above the [fcgidaemon] line
+        outside = sorted(k for k in data if k != "fcgidaemon")
+        if outside:
+            raise ConfigError(f"config file {path}: {outside[0]!r} is outside the [fcgidaemon] "
+                              f"table (keys go in the table, or all at the top level)")
     known = {opt.toml_key for opt in OPTIONS} | {opt.name for opt in OPTIONS}
     unknown = sorted(k for k in table if k not in known)
     if unknown:
