@@ -470,3 +470,25 @@ def test_worker_death_right_before_sighup_does_not_harm_the_manager(start_daemon
         assert d.proc.poll() is None
     assert get(d.address, "/hello").status == 200
     assert "manager loop error" not in d.log()
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
+def test_a_signal_during_a_slow_preload(start_daemon, tmp_path, signum):
+    """Signals are recorded from before the preload: SIGHUP (whose default action kills) used to
+    end the manager with no cleanup, and SIGTERM left the pidfile and the unix socket behind.
+    Now SIGTERM exits 0 before any worker starts, cleaned up; SIGHUP is a reload once serving."""
+    src = app_copy(tmp_path)
+    (src / "slowpre.py").write_text("import time\ntime.sleep(1.5)\n")
+    pidfile, path = tmp_path / "m.pid", tmp_path / "pre.sock"
+    d = start_daemon("liveapp", "--preload", "slowpre", "--pidfile", str(pidfile), bind=f"unix:{path}",
+                     workers=1, pythonpath=[src], wait=False)
+    wait_for(pidfile.exists, 10, "the pidfile (written before the preload)")
+    assert d.proc.poll() is None and not d.workers()  # still preloading
+    d.signal(signum)
+    if signum == signal.SIGTERM:
+        assert d.wait_exit(10) == 0
+        assert not pidfile.exists() and not path.exists()
+        assert d.count(r"SIGTERM during startup; exiting") == 1 and d.count(r"worker \d+ ready") == 0
+    else:
+        d.wait_serving(2, timeout=15)
+        assert get(str(path), "/hello").status == 200 and d.proc.poll() is None

@@ -13,18 +13,20 @@ import grp
 import logging
 import os
 import pwd
+import signal
 import sys
 import traceback
 from typing import Sequence
 
-from . import commands, loader, logs, upgrade
+from . import commands, loader, logs, signals, upgrade
 from .config import Config, ConfigError, log_level_number, resolve
-from .manager import Manager
+from .manager import MANAGER_SIGNALS, Manager
 from .sockets import open_listeners
 
 log = logging.getLogger("fcgidaemon")
 
 EXIT_USAGE = 2
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -90,6 +92,9 @@ def serve(config: Config) -> int:
     except ConfigError as exc:
         return usage_error(exc)
     pidfile_written = False
+    # Signals are recorded from here on, for the manager's loop: a SIGHUP during a slow preload
+    # (the default action) killed the manager, and a SIGTERM left the pidfile and socket behind.
+    queue = signals.SignalQueue(MANAGER_SIGNALS)
     try:
         try:
             write_pidfile(config.pidfile)
@@ -105,9 +110,13 @@ def serve(config: Config) -> int:
         except loader.AppImportError as exc:
             log.error("preload failed:\n%s", exc.text.rstrip())
             return usage_error(exc)
+        stop = [signum for signum in queue.pending() if signum in STOP_SIGNALS]
+        if stop:  # asked to stop while preloading: no worker is started
+            log.info("%s during startup; exiting", signals.name(stop[0]))
+            return 0
         gc.collect()
         gc.freeze()  # preloaded objects stay shared copy-on-write across forks
-        manager = Manager(config, listeners, predecessor)
+        manager = Manager(config, listeners, predecessor, queue)
         try:
             return manager.run()
         finally:

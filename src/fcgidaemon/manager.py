@@ -61,7 +61,8 @@ def signals_markdown() -> str:
 
 
 class Manager(supervise.Supervision, control.ControlCommands, upgrade.Upgrading):
-    def __init__(self, config: Config, listeners: list[Listener], predecessor: int | None = None) -> None:
+    def __init__(self, config: Config, listeners: list[Listener], predecessor: int | None = None,
+                 queue: signals.SignalQueue | None = None) -> None:
         self.config = config
         self.predecessor = predecessor  # the manager we replace (SIGUSR2), told once we are ready
         self.upgrade: upgrade.Upgrade | None = None  # our own successor, while one starts
@@ -83,7 +84,7 @@ class Manager(supervise.Supervision, control.ControlCommands, upgrade.Upgrading)
         self.watchdog = systemd.watchdog_interval()
         self.next_watchdog = 0.0
         self.selector = selectors.DefaultSelector()
-        self.queue = signals.SignalQueue(MANAGER_SIGNALS)
+        self.queue = queue or signals.SignalQueue(MANAGER_SIGNALS)  # cli's: recording since before preload
         self.selector.register(self.queue.fileno(), selectors.EVENT_READ, None)
         self.board = Scoreboard()
         self.next_memory_check = 0.0

@@ -46,6 +46,10 @@ class SignalQueue:
             out.append(self._pending.popleft())
         return out
 
+    def pending(self) -> tuple[int, ...]:
+        """The signals received and not drained yet (they stay queued)."""
+        return tuple(self._pending)
+
     def fds(self) -> tuple[int, int]:
         return self._reader.fileno(), self._writer.fileno()
 
