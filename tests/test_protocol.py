@@ -232,6 +232,17 @@ def test_no_content_length_where_there_is_no_body(daemon):
     assert lengths == [None, None, None, "3"]
 
 
+def test_control_characters_in_a_header_value_are_an_application_error(daemon):
+    """RFC 9110 allows no control character but tab in a field value: CR or LF would split the
+    header block, and a NUL made the front end answer 502 for the whole response. Such a value
+    is the application's error: a plain 500 and the traceback in the log, like CR and LF."""
+    with FCGIClient(daemon.address) as client:
+        got = [client.request(make_params("GET", f"/status?code=200&hv={value}"), keep_conn=True).status
+               for value in ("a%00b", "a%1bb", "a%7fb", "a%0db", "tab%09ok", "caf%C3%A9")]
+    assert got == [500, 500, 500, 500, 200, 200]
+    daemon.wait_log(r"ValueError: bad value for response header X-Value", count=4)
+
+
 def test_a_content_length_that_is_no_number_reaches_the_application(daemon):
     """Without --max-body nothing here needs the length, so a CONTENT_LENGTH that is not a
     number is the application's to judge (it may answer 400); it used to drop the connection."""

@@ -22,6 +22,9 @@ app_log = logging.getLogger("fcgidaemon.app")
 
 STATUS_RE = re.compile(r"^[1-9]\d\d(?: [^\r\n]*)?$")
 HEADER_NAME_RE = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
+# control characters RFC 9110 allows in no field value (tab is allowed): CR and LF would split the
+# header block; NUL and the others make nginx and Apache answer 502 for the whole response
+BAD_VALUE_RE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 # statuses and header names that passed the checks: the same few come with every request
 _CHECKED: set[str] = set()
 _CHECKED_MAX = 1024  # an application inventing names cannot grow it without bound
@@ -184,7 +187,7 @@ class Response:
                 if not isinstance(name, str) or not HEADER_NAME_RE.match(name):
                     raise ValueError(f"bad response header name {name!r}")
                 _remember(name)
-            if not isinstance(value, str) or "\r" in value or "\n" in value:
+            if not isinstance(value, str) or BAD_VALUE_RE.search(value):
                 raise ValueError(f"bad value for response header {name}")
             value.encode("latin-1")  # UnicodeEncodeError: not representable
         self.status, self.headers = status, list(headers)

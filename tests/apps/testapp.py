@@ -87,7 +87,8 @@ def application(environ, start_response):
         return []
     if path.endswith("/status"):  # a one-block body with the status asked for
         code = q.get("code", "200")
-        start_response(f"{code} Whatever", [("Content-Type", "text/plain")])
+        extra = [("X-Value", q["hv"])] if "hv" in q else []
+        start_response(f"{code} Whatever", [("Content-Type", "text/plain"), *extra])
         return [q.get("body", "").encode()]
     if path.endswith("/empty"):
         start_response("204 No Content", [])
