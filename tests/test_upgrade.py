@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import tempfile
@@ -15,7 +16,7 @@ import pytest
 
 from daemon import APPS, alive, run_cli, wait_for
 from load import FCGIChecker, run_load
-from test_lifecycle import app_copy, get, set_version
+from test_lifecycle import _wait_busy, app_copy, get, set_version
 
 
 def preload_info(address) -> dict:
@@ -239,3 +240,36 @@ def test_an_upgrade_that_cannot_fork_keeps_the_pidfile_and_says_why(start_daemon
         assert d.workers() == workers and get(d.address, "/hello").status == 200
     finally:
         shutil.rmtree(appdir)
+
+
+def test_a_quick_stop_of_the_old_manager_after_an_upgrade_is_quick(start_daemon, tmp_path):
+    """After the hand-over the old manager waits for its workers' last requests; SIGQUIT (a
+    quick stop) was ignored then, so it waited for a 6 s request. Now its workers quit at once."""
+    d = start_daemon("testapp", workers=1)
+    d.wait_workers(1)
+    out: dict = {}
+
+    def slow() -> None:
+        try:
+            out["status"] = get(d.address, "/sleep?s=6", timeout=15).status
+        except Exception as exc:  # noqa: BLE001 - cut off on purpose: recorded
+            out["error"] = exc
+
+    thread = threading.Thread(target=slow)
+    thread.start()
+    _wait_busy(d)
+    d.signal(signal.SIGUSR2)
+    d.wait_log(r"upgrade: manager \d+ is ready; retiring 1 workers")
+    t0 = time.monotonic()
+    d.signal(signal.SIGQUIT)
+    assert d.wait_exit(10) == 0
+    took = time.monotonic() - t0
+    thread.join(15)
+    new_pid = int(re.search(r"upgrade: manager (\d+) is ready", d.log()).group(1))
+    try:
+        print(f"\nquick stop of the retired manager: {took:.2f}s; the slow request: {out}")
+        assert took < 2 and "error" in out
+        assert get(d.address, "/hello").status == 200  # the new manager serves on
+    finally:
+        os.kill(new_pid, signal.SIGTERM)
+        wait_for(lambda: not alive(new_pid), 10, "the new manager to stop")

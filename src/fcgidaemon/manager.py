@@ -188,7 +188,13 @@ class Manager(supervise.Supervision, control.ControlCommands, upgrade.Upgrading)
         self._title()
 
     def stop(self, graceful: bool) -> None:
-        if self.phase in (Phase.QUITTING, Phase.RETIRED) or (graceful and self.phase is Phase.STOPPING):
+        if self.phase is Phase.RETIRED:  # handed over: our workers finish and leave on their own
+            if not graceful:  # unless told to quit now
+                log.info("quick stop: %d retiring workers", len(self.workers))
+                for rec in self.workers.values():
+                    self._kill(rec, signal.SIGQUIT)
+            return
+        if self.phase is Phase.QUITTING or (graceful and self.phase is Phase.STOPPING):
             return
         if self.upgrade is not None:  # stopping during an upgrade stops the new manager too
             self._upgrade_failed("the old manager is stopping", kill=True)
