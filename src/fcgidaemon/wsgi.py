@@ -124,7 +124,7 @@ def normalise_paths(environ: dict[str, Any]) -> None:
     if not environ.get("QUERY_STRING"):
         environ["QUERY_STRING"] = query
     path = unquote_to_bytes(raw_path.encode("latin-1")).decode("latin-1") if "%" in raw_path else raw_path
-    if _unsettled(path):
+    if ("//" in path or "/." in path) and _unsettled(path):
         # Dot segments or repeated slashes (%2e%2e counts: decoded above): the front end matched
         # its locations and rules against the path after resolving them, so the application must
         # route on that one too, or "/admin/%2e%2e/public/x", allowed as /public/x, would reach
@@ -187,7 +187,7 @@ class Response:
                 if not isinstance(name, str) or not HEADER_NAME_RE.match(name):
                     raise ValueError(f"bad response header name {name!r}")
                 _remember(name)
-            if not isinstance(value, str) or BAD_VALUE_RE.search(value):
+            if not isinstance(value, str) or not value.isprintable() and BAD_VALUE_RE.search(value):
                 raise ValueError(f"bad value for response header {name}")
             value.encode("latin-1")  # UnicodeEncodeError: not representable
         self.status, self.headers = status, list(headers)
@@ -222,12 +222,12 @@ class Response:
         204, 304: RFC 9110 forbids the header on 204, and on 304 it would be the GET's), nor for
         HEAD, whose body the application may leave empty."""
         if isinstance(result, (list, tuple)) and len(result) == 1 and isinstance(result[0], bytes):
-            code = self.status[:3] if self.status else ""
-            if code in ("204", "304") or code[:1] == "1" or self.req.params.get("REQUEST_METHOD") == "HEAD":
-                return
             for name, _ in self.headers:
                 if name.lower() == "content-length":
                     return
+            code = self.status[:3] if self.status else ""
+            if code in ("204", "304") or code[:1] == "1" or self.req.params.get("REQUEST_METHOD") == "HEAD":
+                return
             self.headers.append(("Content-Length", str(len(result[0]))))
 
 
