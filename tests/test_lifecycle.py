@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from daemon import APPS, Daemon, alive, wait_for
-from fcgiclient import FCGIClient, make_params
+from fcgiclient import FCGIClient, build_request, make_params
 from load import FCGIChecker, run_load
 
 
@@ -261,14 +261,15 @@ def test_kill9_worker_is_replaced_within_a_second(start_daemon):
 
 
 def test_ttin_ttou_change_the_worker_count(start_daemon):
+    """... and the manager's process title says the new count (it kept the old one)."""
     d = start_daemon(workers=2)
     d.wait_workers(2)
-    d.signal(signal.SIGTTIN)
-    d.wait_workers(3)
-    d.signal(signal.SIGTTOU)
-    d.wait_workers(2)  # the kernel merges a signal sent twice before delivery: one at a time
-    d.signal(signal.SIGTTOU)
-    d.wait_workers(1)
+    titles = []
+    for signum, count in ((signal.SIGTTIN, 3), (signal.SIGTTOU, 2), (signal.SIGTTOU, 1)):
+        d.signal(signum)  # the kernel merges a signal sent twice before delivery: one at a time
+        d.wait_workers(count)
+        titles.append(re.search(r"\d+ workers", proc_title(d.pid)).group())
+    assert titles == ["3 workers", "2 workers", "1 workers"]
     assert get(d.address, "/hello").status == 200
 
 
@@ -335,6 +336,35 @@ def test_a_kept_connection_handed_over_in_a_reload_stays_kept(start_daemon):
     assert first.body.split()[0] == b"id=a" and first.body.endswith(f"pid={old}".encode())
     assert second.body.split()[0] == b"id=b" and not second.body.endswith(f"pid={old}".encode())
     assert d.count(r"no complete request within") == 0
+
+
+def test_kept_connections_are_not_moved_onto_a_busy_worker(start_daemon):
+    """Worker A is stuck in a 4 s request, worker B holds 8 idle kept connections: the balancer
+    used to move half of B's lead to A, where their next requests waited for A's request to
+    end (7 of 7 moved, 5 s each, while B idled). Now connections go only to an idle worker."""
+    d = start_daemon("testapp", workers=2)
+    d.wait_workers(2)
+    clients: list[FCGIClient] = []
+    try:
+        first = FCGIClient(d.address, timeout=15)
+        worker_a = int(first.request(make_params("GET", "/id?id=a"), keep_conn=True).body.rpartition(b"pid=")[2])
+        while len(clients) < 8:  # 8 kept connections on the other worker
+            client = FCGIClient(d.address, timeout=15)
+            pid = int(client.request(make_params("GET", "/id?id=b"), keep_conn=True).body.rpartition(b"pid=")[2])
+            (clients.append(client) if pid != worker_a else client.close())
+        first.send_raw(build_request(make_params("GET", "/sleep?s=4"), keep_conn=True))
+        _wait_busy(d)
+        time.sleep(1.5)  # the measured interval: the balancer looks every 0.25 s
+        t0, took = time.monotonic(), []
+        for i, client in enumerate(clients):
+            client.request(make_params("GET", f"/id?id=c{i}"), keep_conn=True)
+            took.append(round(time.monotonic() - t0, 2))
+        print(f"\n8 requests on the idle worker's connections while the other sleeps: done at {took} s")
+        assert took[-1] < 1.0
+        first.read_response(1, keep_conn=True)
+    finally:
+        for client in clients:
+            client.close()
 
 
 def test_kept_connections_are_spread_over_new_workers(start_daemon):

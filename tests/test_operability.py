@@ -143,6 +143,61 @@ def test_status_allow_refuses_other_addresses(start_daemon):
     assert resp.status == 200 and b"manager pid:" in resp.body
 
 
+def test_status_allow_takes_an_ipv4_mapped_address_as_ipv4(start_daemon):
+    """A front end on a dual-stack socket reports ::ffff:127.0.0.1: that is loopback, as
+    --allow-from already knew; it got 403."""
+    d = start_daemon("testapp", *STATUS, workers=1)
+    with FCGIClient(d.address) as client:
+        got = [client.request(make_params("GET", "/fcgi-ping", remote_addr=addr), keep_conn=True).status
+               for addr in ("::ffff:127.0.0.1", "::ffff:10.0.0.1", "::1")]
+    assert got == [200, 403, 200]
+
+
+def test_status_counters_never_go_backwards(start_daemon, tmp_path):
+    """Workers replaced every 3 requests and a reload every second under load, the status page
+    read continuously: requests, accepted and the histogram's count never decrease (an exited
+    worker's counters are folded into the pool in one step readers cannot see half of; they
+    went backwards hundreds of times, which Prometheus takes for counter resets)."""
+    d = start_daemon("testapp", *STATUS, "--max-requests", "3", workers=3)
+    d.wait_workers(3)
+    stop = threading.Event()
+
+    def load() -> None:
+        while not stop.is_set():
+            get(d.address, "/hello", timeout=10)
+
+    threads = [threading.Thread(target=load) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    last, drops, reads = {"requests": 0, "accepted": 0, "count": 0}, [], 0
+    try:
+        deadline, next_hup = time.monotonic() + 5, time.monotonic() + 1
+        while time.monotonic() < deadline:
+            if time.monotonic() > next_hup:
+                d.signal(signal.SIGHUP)
+                next_hup += 1
+            s = status_json(d)
+            reads += 1
+            now = {"requests": s["requests"], "accepted": s["accepted"],
+                   "count": sum(s["duration_histogram"].values())}
+            drops += [(k, last[k], now[k]) for k in now if now[k] < last[k]]
+            last = {k: max(last[k], now[k]) for k in now}
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(15)
+    print(f"\n{reads} status reads, {last['requests']} requests counted, {len(drops)} decreases {drops[:5]}")
+    assert reads > 100 and last["requests"] > 100 and drops == []
+
+
+def test_listen_backlog_is_the_kernels(start_daemon):
+    """--backlog above net.core.somaxconn is capped by the kernel: the status page said the
+    option's value, not what the socket has."""
+    somaxconn = int(open("/proc/sys/net/core/somaxconn").read())
+    d = start_daemon("testapp", *STATUS, "--backlog", str(somaxconn * 4), workers=1)
+    wait_for(lambda: status_json(d)["listen_backlog"] == somaxconn, 5, "the kernel's backlog")
+
+
 def test_dynamic_workers_grow_to_max_and_shrink_back(start_daemon, tmp_path):
     d = start_daemon("testapp", *STATUS, "--min-workers", "1", "--max-workers", "4",
                      "--idle-timeout", "1", workers=1)

@@ -221,6 +221,7 @@ class Manager(supervise.Supervision, control.ControlCommands, upgrade.Upgrading)
         log.info("worker count %d -> %d", old, target)
         self._reconcile(time.monotonic())
         self._switch_if_ready()  # fewer slots: those left may all be ready, and no READY will come
+        self._title()
 
     # ------------------------------------------------------------------ workers
 
@@ -342,10 +343,11 @@ class Manager(supervise.Supervision, control.ControlCommands, upgrade.Upgrading)
                 os.close(fd)
 
     def _load(self, rec: WorkerRecord) -> tuple[int, int, float]:
-        """Fewest kept connections first (counting those just passed to it), then idle before
-        busy, then the one busy for the longest (likely to finish first)."""
+        """Idle before busy (a busy worker takes a connection in only after its request, and
+        it may be a long one), then fewest kept connections (counting those just passed to it),
+        then the one busy for the longest (likely to finish first)."""
         slot = self.board.read(rec.board_index)
-        return (slot.conns + rec.adopting, 0 if slot.state is SlotState.IDLE else 1, slot.busy_since)
+        return (0 if slot.state is SlotState.IDLE else 1, slot.conns + rec.adopting, slot.busy_since)
 
     def _mark_for_replacement(self, rec: WorkerRecord, why: str) -> None:
         if rec.state is WState.READY and not rec.replace:

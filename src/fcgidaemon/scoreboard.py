@@ -9,6 +9,13 @@ The manager never waits for a worker to report: a hung worker's record keeps
 saying "busy since T", which is how `--timeout` and `--slow-log` find it, and any
 worker can answer the status page by reading the whole board.  Times are
 CLOCK_MONOTONIC (shared by all processes) except the pool's start time.
+
+The manager's writes (the pool record, and folding an exited worker's counters
+into it) are bracketed by a sequence number, odd while they are under way, so a
+reader can take a `consistent` view: without it, a status page read while a
+worker's record was folded missed that worker's requests, and the totals, which
+Prometheus takes as counters, went backwards (349 times in 7,468 reads with
+workers replaced every 3 requests).
 """
 
 from __future__ import annotations
@@ -103,15 +110,26 @@ _F64 = struct.Struct("=d")
 _DONE = struct.Struct("=dd")
 
 
+SEQ = struct.Struct("=Q")  # at offset 0; the pool record follows, then the worker records
+_POOL_AT = SEQ.size
+CONSISTENT_TRIES = 100  # at 1 ms apart
+
+
 class Scoreboard:
     def __init__(self, capacity: int = CAPACITY) -> None:
         self.capacity = capacity
-        size = POOL.size + RECORD.size * capacity
+        size = _POOL_AT + POOL.size + RECORD.size * capacity
         self.mem = mmap.mmap(-1, size, flags=mmap.MAP_SHARED | mmap.MAP_ANONYMOUS)
         self._free = list(range(capacity - 1, -1, -1))
 
     def _base(self, index: int) -> int:
-        return POOL.size + index * RECORD.size
+        return _POOL_AT + POOL.size + index * RECORD.size
+
+    def _seq(self) -> int:
+        return SEQ.unpack_from(self.mem, 0)[0]
+
+    def _bump(self) -> None:
+        SEQ.pack_into(self.mem, 0, self._seq() + 1)
 
     # ------------------------------------------------------------------ manager side
 
@@ -125,18 +143,27 @@ class Scoreboard:
         struct.pack_into("=i", self.mem, self._base(index), pid)
 
     def release(self, index: int, pool: Pool) -> None:
-        """Fold an exited worker's counters into the pool totals and free its record."""
+        """Fold an exited worker's counters into the pool totals and free its record, as one
+        change for readers (see `consistent`)."""
         slot = self.read(index)
         pool.requests_exited += slot.requests
         pool.accepted_exited += slot.accepted
         pool.duration_sum_exited += slot.duration_sum
         pool.histogram_exited = [a + b for a, b in zip(pool.histogram_exited, slot.histogram)]
+        self._bump()
+        self._pack_pool(pool)
         RECORD.pack_into(self.mem, self._base(index), 0, 0, SlotState.FREE, 0, 0, 0, 0.0, b"", b"",
                          0.0, 0.0, *([0] * NB))
+        self._bump()
         self._free.append(index)
 
     def write_pool(self, pool: Pool) -> None:
-        POOL.pack_into(self.mem, 0, pool.start_time, pool.manager_pid, pool.generation, pool.target,
+        self._bump()
+        self._pack_pool(pool)
+        self._bump()
+
+    def _pack_pool(self, pool: Pool) -> None:
+        POOL.pack_into(self.mem, _POOL_AT, pool.start_time, pool.manager_pid, pool.generation, pool.target,
                        PHASES.index(pool.phase) if pool.phase in PHASES else 0,
                        pool.reloads_ok, pool.reloads_failed, pool.requests_exited, pool.accepted_exited,
                        pool.listen_queue, pool.listen_queue_max, pool.backlog, pool.all_busy, pool.slow,
@@ -156,8 +183,21 @@ class Scoreboard:
         """The kept connections a worker holds (cheaper than read() for the balancer)."""
         return _U16.unpack_from(self.mem, self._base(index) + _OFF_CONNS)[0]
 
+    def consistent(self) -> tuple[Pool, list[Slot]]:
+        """The pool record and every worker record, read while the manager changed neither
+        (workers' own writes only ever raise their counters). Retried while a change is under
+        way; after CONSISTENT_TRIES the last reading is returned: a status page must answer."""
+        for _ in range(CONSISTENT_TRIES):
+            before = self._seq()
+            if before % 2 == 0:
+                pool, slots = self.read_pool(), self.slots()
+                if self._seq() == before:
+                    return pool, slots
+            time.sleep(0.001)  # the manager is between its two writes (maybe not running): wait
+        return self.read_pool(), self.slots()
+
     def read_pool(self) -> Pool:
-        values = POOL.unpack_from(self.mem, 0)
+        values = POOL.unpack_from(self.mem, _POOL_AT)
         head = list(values[:16])
         head[4] = PHASES[head[4]] if head[4] < len(PHASES) else "?"
         failure = values[16].rstrip(b"\0").decode("utf-8", "replace")

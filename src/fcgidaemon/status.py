@@ -30,8 +30,7 @@ def rss_bytes(pid: int) -> int:
 
 def snapshot(board: Scoreboard, app: str = "") -> dict[str, Any]:
     """Everything the pages show, read from shared memory (and /proc for RSS)."""
-    pool = board.read_pool()
-    slots = board.slots()
+    pool, slots = board.consistent()
     now = time.monotonic()
     histogram = list(pool.histogram_exited)
     for slot in slots:
@@ -188,6 +187,8 @@ def _allowed(environ: dict[str, Any], allow: list) -> bool:
         addr = ipaddress.ip_address(environ.get("REMOTE_ADDR", ""))
     except ValueError:
         return False
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped:  # a dual-stack front end's
+        addr = addr.ipv4_mapped  # ::ffff:127.0.0.1 is 127.0.0.1, as for --allow-from
     return any(addr in net for net in allow)
 
 

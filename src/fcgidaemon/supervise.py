@@ -27,8 +27,8 @@ class Supervision:
         """--slow-log: dump the stack once; --timeout: dump it, then kill the worker."""
         for rec in list(self.workers.values()):
             if rec.kill_at is not None:
-                if now >= rec.kill_at:
-                    rec.kill_at = None
+                if now >= rec.kill_at:  # killed: never again, and never counted again while its
+                    rec.kill_at = float("inf")  # record still says busy until it is reaped
                     self._kill(rec, signal.SIGKILL)
                 continue
             slot = self.board.read(rec.board_index)
@@ -57,6 +57,8 @@ class Supervision:
         queued = [q for q in (listenq.queue_length(lst.sock) for lst in self.listeners) if q]
         pool.listen_queue = sum(q[0] for q in queued)
         pool.listen_queue_max = max(pool.listen_queue_max, pool.listen_queue)
+        if queued:  # the kernel's: --backlog capped by net.core.somaxconn, or systemd's Backlog=
+            pool.backlog = sum(q[1] for q in queued)
         serving = [w for w in self.workers.values()
                    if w.generation == self.serving and w.state is WState.READY]
         busy = bool(serving) and all(self.board.read(w.board_index).state is SlotState.BUSY
@@ -75,12 +77,17 @@ class Supervision:
         serving = [w for w in self.workers.values()
                    if w.state is WState.READY and w.generation == self.serving and not w.replace]
         held = {w.pid: self.board.conns(w.board_index) for w in serving}
+        idle = {w.pid for w in serving if self.board.read(w.board_index).state is SlotState.IDLE}
         for rec in serving:
-            rec.adopting = 0  # what we passed it since the last turn shows in its count by now
+            if rec.pid in idle:  # what we passed an idle worker shows in its count by now; a
+                rec.adopting = 0  # busy one takes it in only after its request
         if len(serving) < 2:
             return
         most = max(serving, key=lambda w: held[w.pid])
-        lead = held[most.pid] - min(held.values())
+        # only towards an idle worker: a connection given to one stuck in a long request waits
+        # behind it (7 of 7 did, 5 s each, while the other worker idled)
+        takers = [held[w.pid] + w.adopting for w in serving if w is not most and w.pid in idle]
+        lead = held[most.pid] - min(takers, default=held[most.pid])
         if lead < 2 or now - most.balance_asked < BALANCE_PAUSE:
             return
         most.balance_asked = now
@@ -105,6 +112,7 @@ class Supervision:
             self.target += 1
             log.info("scaling up to %d workers (listen queue %d, %d idle)", self.target,
                      self.pool.listen_queue, len(idle))
+            self._title()
             return
         top = slots.get(self.target - 1)
         if self.target > low and top is not None and top[1].state is SlotState.IDLE:
@@ -115,6 +123,7 @@ class Supervision:
                 log.info("scaling down to %d workers (worker %d idle %.0fs)", self.target, rec.pid,
                          now - idle_since)
                 self._retire(rec)
+                self._title()
 
     def _check_memory(self) -> None:
         limit = self.config.max_memory * 1024 * 1024
