@@ -284,14 +284,20 @@ def test_a_passed_unix_socket_survives_the_service(sb, app):
 
 
 def test_template_instance_serves_its_own_unix_socket(sb, app):
+    """... beside fcgidaemon.service, which neither re-owns the instance's socket when it starts
+    nor deletes it when it stops (the instance's directory was under the service's own)."""
     sb.write("/etc/fcgidaemon/demo.toml", 'app = "liveapp"\npythonpath = ["/xchg/app"]\nworkers = 2\n')
-    unit, sock = "fcgidaemon@demo.service", "/run/fcgidaemon/demo/fcgi.sock"
+    unit, sock = "fcgidaemon@demo.service", "/run/fcgidaemon-demo/fcgi.sock"
     sb.systemctl("start", unit)
     assert version_of(sb, sock) == "v1"
-    assert sb.run("stat", "-c", "%F %U %G %a", sock).stdout.strip() == "socket fcgidaemon www-data 660"
+    owned = "socket fcgidaemon www-data 660"
+    assert sb.run("stat", "-c", "%F %U %G %a", sock).stdout.strip() == owned
+    sb.systemctl("start", SERVICE)
+    sb.systemctl("stop", SERVICE)
+    assert sb.run("stat", "-c", "%F %U %G %a", sock).stdout.strip() == owned
     app.write("v2")
     sb.systemctl("reload", unit)
     assert version_of(sb, sock) == "v2"
     assert sb.show(unit, "StatusText")["StatusText"] == "serving gen 2, 2/2 workers"
     sb.systemctl("stop", unit)
-    assert sb.run("test", "-e", "/run/fcgidaemon/demo", check=False).returncode != 0
+    assert sb.run("test", "-e", "/run/fcgidaemon-demo", check=False).returncode != 0
