@@ -110,8 +110,11 @@ def test_second_usr2_during_an_upgrade_is_refused(start_daemon, tmp_path):
     assert d.count(r"upgrade: started new manager") == 1
 
 
-def test_upgrade_keeps_the_unix_socket(start_daemon, tmp_path):
-    path = tmp_path / "up.sock"
+@pytest.mark.parametrize("name", ["up.sock", "my app.sock"])
+def test_upgrade_keeps_the_unix_socket(start_daemon, tmp_path, name):
+    """... and the new manager removes it at its exit, whatever its name (a path with a space
+    was cut at the space when the duty was handed over, and the file was left behind)."""
+    path = tmp_path / name
     d = start_daemon(bind=f"unix:{path}", workers=1)
     d.signal(signal.SIGUSR2)
     d.wait_log(r"handed over to manager (\d+)")

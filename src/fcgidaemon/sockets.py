@@ -58,7 +58,7 @@ def open_listeners(config: Config, owned_paths: set[str] = frozenset()) -> list[
     if passed:
         listeners = [validate_passed(sock) for sock in passed]
         for lst in listeners:
-            path = lst.name[5:].split(" ")[0] if lst.name.startswith("unix:") else None
+            path = unix_path(lst.sock)
             if path in owned_paths:
                 lst.takeover_path = path
         return listeners
@@ -90,6 +90,15 @@ def defer_accept(sock: socket.socket) -> None:
     worker that accepts can serve at once, and idle connections never reach a worker."""
     if sock.family in (socket.AF_INET, socket.AF_INET6):
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT, 1)
+
+
+def unix_path(sock: socket.socket) -> str | None:
+    """The filesystem path of a unix socket (None for any other, or an abstract one)."""
+    if sock.family != socket.AF_UNIX:
+        return None
+    addr = sock.getsockname()
+    path = addr if isinstance(addr, str) else addr.decode(errors="surrogateescape")
+    return path if path and not path.startswith("\0") else None
 
 
 def describe(sock: socket.socket) -> str:
