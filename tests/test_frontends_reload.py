@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import re
 import signal
 import threading
@@ -292,23 +293,32 @@ class Deployer(Hupper):
             settle(self.d, timeout=10)  # one deploy at a time: each must be counted
             n = self.sent + 1
             if n % 6 == 3:
-                self.path.write_text(self.good + "\ndef broken(:\n")
+                self._write(self.good + "\ndef broken(:\n")
                 self.broken += 1
             else:
                 # a 0.2 s import: the resizes below land in the middle of the reload
-                self.path.write_text("import time\ntime.sleep(0.2)\n"
-                                     + self.good.replace('VERSION = "v1"', f'VERSION = "v{n}"'))
+                self._write("import time\ntime.sleep(0.2)\n"
+                            + self.good.replace('VERSION = "v1"', f'VERSION = "v{n}"'))
             self.d.signal(signal.SIGHUP)
             self.sent = n
+            # started before the next write: settle() only sees a reload once it has begun
+            self.d.wait_log(rf"reload: starting generation {n + 1}")
             if n % 5 == 0:
-                self.d.wait_log(rf"reload: starting generation {n + 1}")
                 self.d.signal(signal.SIGTTIN if n % 10 else signal.SIGTTOU)
                 self.resized += 1
+
+    def _write(self, text: str) -> None:
+        """As a deploy should: whole or not at all. Written in place, a worker importing
+        meanwhile (a reload's, or one a resize started) could read half a file and fail a
+        good deploy (seen once in CI: "module 'liveapp' has no attribute 'application'")."""
+        tmp = self.path.with_name(self.path.name + ".new")
+        tmp.write_text(text)
+        os.replace(tmp, self.path)
 
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join(30)
-        self.path.write_text(self.good)
+        self._write(self.good)
 
 
 # ---------------------------------------------------------------------------- saturation, no reloads
