@@ -159,6 +159,19 @@ def parse_networks(text: str | Sequence[str]) -> list[ipaddress.IPv4Network | ip
     return nets
 
 
+def in_networks(host: str, networks: Sequence[ipaddress.IPv4Network | ipaddress.IPv6Network]) -> bool:
+    """Whether the address `host` lies in one of `networks` (--allow-from, --status-allow). An
+    IPv4-mapped IPv6 address (::ffff:a.b.c.d, from a dual-stack socket) is the IPv4 one; text
+    that is no address is in none."""
+    try:
+        addr = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped:
+        addr = addr.ipv4_mapped
+    return any(addr in net for net in networks)
+
+
 @dataclass(frozen=True)
 class Address:
     """Where to listen: a unix path, or a host (None = all IPv4) and a port."""

@@ -14,6 +14,7 @@ import os
 import time
 from typing import Any, Callable, Iterable
 
+from .config import in_networks
 from .scoreboard import BUCKETS, Scoreboard, Slot, SlotState
 
 WSGIApp = Callable[..., Iterable[bytes]]
@@ -183,13 +184,7 @@ def middleware(app: WSGIApp, board: Scoreboard, app_name: str, status_path: str 
 
 
 def _allowed(environ: dict[str, Any], allow: list) -> bool:
-    try:
-        addr = ipaddress.ip_address(environ.get("REMOTE_ADDR", ""))
-    except ValueError:
-        return False
-    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped:  # a dual-stack front end's
-        addr = addr.ipv4_mapped  # ::ffff:127.0.0.1 is 127.0.0.1, as for --allow-from
-    return any(addr in net for net in allow)
+    return in_networks(environ.get("REMOTE_ADDR", ""), allow)
 
 
 def _status(environ: dict[str, Any], start_response: Callable[..., Any], board: Scoreboard,

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import errno
 import faulthandler
-import ipaddress
 import logging
 import os
 import random
@@ -37,7 +36,7 @@ from enum import Enum
 from typing import NoReturn
 
 from . import accesslog, loader, logs, status, titles
-from .config import Config
+from .config import Config, in_networks
 from .scoreboard import Scoreboard, SlotState
 from .fastcgi import Connection, ConnectionLost, Limits, ProtocolError, RequestAborted, Server
 from .wsgi import make_handler
@@ -322,10 +321,7 @@ class Worker:
         if sock.family not in (socket.AF_INET, socket.AF_INET6):
             return True
         host = peer[0]  # (host, port[, flowinfo, scope_id])
-        addr = ipaddress.ip_address(host)
-        if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped:
-            addr = addr.ipv4_mapped
-        if any(addr in net for net in self.config.allow_from):
+        if in_networks(host, self.config.allow_from):
             return True
         log.warning("connection from %s refused (not in --allow-from)", host)
         sock.close()
