@@ -131,6 +131,43 @@ def test_max_requests_with_broken_code_on_disk_keeps_the_old_worker(start_daemon
     assert get(d.address, "/hello").body == f"hello v2 {new}".encode()
 
 
+@pytest.mark.parametrize("how,raised,last_line", [("exit", "SystemExit(3)", "SystemExit: 3"),
+                                                  ("interrupt", "KeyboardInterrupt", "KeyboardInterrupt")])
+def test_application_exit_answers_500_and_the_worker_is_replaced_losing_nothing(
+        start_daemon, how, raised, last_line):
+    """sys.exit() (or a KeyboardInterrupt raised by the code) inside a request: before, it ended
+    the worker at once, that request unanswered (the front end's 502) and every connection the
+    worker held dropped. Now that request gets the plain 500, and the worker leaves the way
+    --max-requests makes it leave: its replacement starts first, its kept connection is handed
+    over, and requests during the swap are all answered."""
+    d = start_daemon("testapp", workers=1)
+    old = d.wait_workers(1)[0]
+    with FCGIClient(d.address) as kept, \
+            FCGIChecker(d.address, keep_conn=False, uri_template="/id?id={uid}&sleep=0.01") as checker:
+        assert kept.request(make_params("GET", "/hello"), keep_conn=True).body == f"hello v1 {old}".encode()
+        load = threading.Thread(target=lambda: results.append(run_load(checker, clients=2, duration=2)))
+        results: list = []
+        load.start()
+        resp = kept.request(make_params("GET", f"/exit?how={how}"), keep_conn=True)
+        assert resp.status == 500 and resp.body == b"Internal Server Error"
+        d.wait_log(rf"the application raised {re.escape(raised)}; asking for a replacement")
+        d.wait_log(rf"worker {old} was asked to exit by its application; starting its replacement")
+        wait_for(lambda: not alive(old), 15, "the worker to leave once its replacement is ready")
+        load.join(30)
+        new = d.wait_workers(1)[0]
+        # the kept connection was handed to the replacement, not dropped
+        assert kept.request(make_params("GET", "/hello"), keep_conn=True).body == f"hello v1 {new}".encode()
+    result = results[0]
+    print(f"\n{result.summary()} during the swap; worker {old} -> {new}")
+    assert result.failures == 0, result.errors
+    assert result.requests > 10
+    assert new != old
+    assert d.count(rf"worker {old} \(slot 0, gen 1, retiring\) exited: exit 0") == 1
+    assert d.count(r"application error on GET /exit") == 1
+    assert d.count(rf"\n{last_line}\n") == 1  # the traceback's last line
+    assert d.count("worker crashed") == 0
+
+
 def test_out_of_descriptors_pauses_accepting_instead_of_spinning(start_daemon):
     """The worker's descriptor limit is reached (kept connections, or an application leaking
     files): accept() fails with EMFILE while the connection waits in the kernel's queue. The

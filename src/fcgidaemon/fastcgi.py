@@ -84,6 +84,7 @@ class Server:
     maxwrite: int = MAX_CONTENT - 7 + flup.FCGI_HEADER_LEN  # body chunks of 65528 bytes: no padding
     inputStreamShrinkThreshold: int = 102400 - 8192
     on_done: Callable[["Request"], None] | None = None  # bookkeeping before the response leaves
+    exit_asked: str = ""  # the application raised SystemExit or KeyboardInterrupt: which
 
     def capabilities(self) -> dict[bytes, bytes]:
         return {

@@ -316,6 +316,9 @@ class Manager(supervise.Supervision, control.ControlCommands, upgrade.Upgrading)
         elif msg == worker.MSG_QUOTA:
             if live:
                 self._mark_for_replacement(rec, "served its --max-requests")
+        elif msg == worker.MSG_EXIT_ASKED:
+            if live:
+                self._mark_for_replacement(rec, "was asked to exit by its application")
         else:
             log.warning("unknown message from worker %d: %r", rec.pid, msg[:40])
         for fd in fds:

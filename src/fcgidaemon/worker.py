@@ -53,6 +53,7 @@ MSG_HANDOFF = b"handoff"
 MSG_ADOPT = b"adopt"
 MSG_RETIRE = b"retire"
 MSG_QUOTA = b"quota"  # --max-requests reached: please start my replacement
+MSG_EXIT_ASKED = b"exit-asked"  # the application raised SystemExit: the same, for that reason
 MSG_BALANCE = b"balance"  # "balance N": hand N idle kept connections back (the manager evens them out)
 MAX_MESSAGE = 65536
 LISTENER_EVENTS = select.EPOLLIN | select.EPOLLEXCLUSIVE  # see Worker._register
@@ -104,6 +105,7 @@ class Worker:
         self.registered: set[int] = set()  # connection fds in the epoll set
         self.next_sweep = 0.0
         self.requests = 0
+        self.exit_reported = False  # MSG_EXIT_ASKED sent
         self.since = 0.0  # when the request in progress started (scoreboard clock); 0: none
         self.epoll = select.epoll()
         self.listener_fds = {sock.fileno(): sock for sock in spec.listeners}
@@ -392,6 +394,11 @@ class Worker:
             if self.quota and self.requests == self.quota:
                 log.info("served %d requests (--max-requests); asking for a replacement", self.requests)
                 self.spec.channel.send(MSG_QUOTA)
+            elif conn.server.exit_asked and not self.exit_reported:
+                self.exit_reported = True
+                log.warning("the application raised %s; asking for a replacement",
+                            conn.server.exit_asked)
+                self.spec.channel.send(MSG_EXIT_ASKED)
 
     def _request_done(self, req: object) -> None:
         self.requests += 1

@@ -258,14 +258,26 @@ def make_handler(app: Callable[..., Any]) -> Callable[[Request], int]:
             if fault is not None:
                 raise fault from None
             return application_failed(req, response, environ)
+        except APP_EXITS as exc:  # sys.exit() in a request: answered, then the worker is replaced
+            req._conn.server.exit_asked = exit_name(exc)
+            return application_failed(req, response, environ)
         finally:
-            close_result(result, environ)
+            close_result(result, req, environ)
             environ["wsgi.errors"].flush()
 
     return handle
 
 
 TRANSPORT_FAULTS = (ConnectionLost, RequestAborted, ProtocolError)
+# What an application raises to end its process (sys.exit(), or a KeyboardInterrupt it raised
+# itself: the worker's SIGINT handler exits without raising). Let through, it ended the worker
+# with its request unanswered and every connection the worker held dropped; the request gets a
+# 500 instead, and the worker leaves as --max-requests does, once its replacement is ready.
+APP_EXITS = (SystemExit, KeyboardInterrupt)
+
+
+def exit_name(exc: BaseException) -> str:
+    return f"{type(exc).__name__}({exc})" if str(exc) else type(exc).__name__
 
 
 def transport_fault(exc: BaseException | None) -> BaseException | None:
@@ -294,12 +306,14 @@ def application_failed(req: Request, response: Response, environ: dict[str, Any]
     return 1
 
 
-def close_result(result: Any, environ: dict[str, Any]) -> None:
+def close_result(result: Any, req: Request, environ: dict[str, Any]) -> None:
     close = getattr(result, "close", None)
     if close is None:
         return
     try:
         close()
-    except Exception:  # noqa: BLE001 - reported; the response is already decided
+    except (Exception, *APP_EXITS) as exc:  # noqa: BLE001 - reported; the response is decided
+        if isinstance(exc, APP_EXITS):
+            req._conn.server.exit_asked = exit_name(exc)
         log.error("application error in close() on %s", environ.get("REQUEST_URI", ""),
                   exc_info=True)

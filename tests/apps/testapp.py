@@ -56,6 +56,10 @@ def application(environ, start_response):
         return _text(start_response, b"latin1", headers=[("X-Name", "caf\u00e9 na\u00efve \u00ff")])
     if path.endswith("/error"):
         raise RuntimeError("boom before headers")
+    if path.endswith("/exit"):  # an application ending its process in a request
+        if q.get("how") == "interrupt":
+            raise KeyboardInterrupt
+        sys.exit(int(q.get("code", 3)))
     if path.endswith("/error-after"):
         def gen():
             yield b"partial"
