@@ -111,6 +111,20 @@ def test_max_requests_recycles_without_losing_capacity(start_daemon):
     assert d.count(r"worker \d+ \(slot \d, gen 1, retiring\) exited: exit 0") >= recycled - 2
 
 
+def test_max_requests_leaves_no_connection_waiting_in_the_queue(start_daemon):
+    """One client, one request after another, a worker recycled every 3: a connection that
+    arrived with the retire message woke the retiring worker alone (EPOLLEXCLUSIVE), which did
+    not take it, and no other worker heard of it: it waited in the queue until the next
+    connection came (the client's timeout here; about 1 in 120 requests before)."""
+    d = start_daemon("testapp", "--max-requests", "3", "--max-requests-jitter", "0", workers=1)
+    with FCGIChecker(d.address, keep_conn=False, uri_template="/id?id={uid}", timeout=2) as checker:
+        result = run_load(checker, clients=1, duration=6)
+    recycled = d.count(r"asking for a replacement")
+    print(f"{result.summary()}; {recycled} recycles")
+    assert result.failures == 0, result.errors
+    assert recycled >= 100
+
+
 def test_max_requests_with_broken_code_on_disk_keeps_the_old_worker(start_daemon, tmp_path):
     """Broken code on disk (a failed deploy, not yet rolled back): the replacement a worker asks
     for at --max-requests fails to import, so the old worker goes on serving past its quota;

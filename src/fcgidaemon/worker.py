@@ -252,7 +252,10 @@ class Worker:
     def _accept(self, listener: socket.socket) -> bool:
         """Accept one connection and serve it; False when there was none to take."""
         if self.stop_mode is not StopMode.NONE:
-            return False
+            return False  # _wind_down takes the one this wake-up may have been for
+        return self._take(listener)
+
+    def _take(self, listener: socket.socket) -> bool:
         try:
             # socket.socket.accept(), less its Python layer: that wraps the descriptor in the
             # Python subclass (an __init__, and family and type turned into enums: three enum
@@ -263,7 +266,7 @@ class Worker:
         except (BlockingIOError, InterruptedError):
             return False  # another worker took it
         except OSError as exc:
-            if exc.errno in OUT_OF_RESOURCES:
+            if exc.errno in OUT_OF_RESOURCES and listener.fileno() in self.listener_fds:
                 self._pause(listener, exc)
             else:
                 log.warning("accept failed: %s", exc)
@@ -278,7 +281,8 @@ class Worker:
         self._serve(conn, socket.MSG_DONTWAIT)
         if not conn.closed:
             self._watch(conn)
-            self._requeue(listener)
+            if listener.fileno() in self.listener_fds:  # not when _wind_down takes a last one
+                self._requeue(listener)
         return True
 
     def _pause(self, listener: socket.socket, exc: OSError) -> None:
@@ -455,10 +459,16 @@ class Worker:
     def _wind_down(self) -> bool:
         """Stop accepting and let go of idle connections; True when nothing is left."""
         for fd, sock in list(self.listener_fds.items()):
+            del self.listener_fds[fd]
             if self.paused.pop(fd, None) is None:  # a paused listener is not in the epoll set
                 self.epoll.unregister(fd)
+                if _readable(sock):
+                    # The wake-up for this connection may have come to this worker, alone
+                    # (EPOLLEXCLUSIVE), with the retire message: no other worker is woken for
+                    # it, and it waited in the queue until the next connection arrived (40 s
+                    # with one client at --max-requests 3). Take it; none is left waiting.
+                    self._take(sock)
             sock.close()
-            del self.listener_fds[fd]
         self._title("retiring")
         self.board.set_state(self.index, SlotState.RETIRING)
         for conn in list(self.conns.values()):
