@@ -350,6 +350,63 @@ def test_control_commands_report_missing_manager(tmp_path):
     assert out.returncode == 1 and "cannot read pid" in out.stderr
 
 
+def test_control_commands_never_signal_a_process_that_is_not_a_manager(tmp_path):
+    """A pidfile left behind names whatever process now has that pid: stop, reload and upgrade
+    sent it SIGTERM, SIGHUP, SIGUSR2 (a stranger's `sleep` died of each)."""
+    import subprocess
+    stranger = subprocess.Popen(["sleep", "60"])
+    try:
+        pidfile = tmp_path / "stale.pid"
+        pidfile.write_text(f"{stranger.pid}\n")
+        for command in (["stop"], ["reload"], ["upgrade"], ["stop", "--quick"], ["reload", "--wait"]):
+            out = run_cli([*command, "--pidfile", str(pidfile)], tmp_path)
+            assert out.returncode == 1, (command, out.stdout, out.stderr)
+            assert out.stderr == (f"fcgidaemon {command[0]}: process {stranger.pid} is not an "
+                                  f"fcgidaemon manager (no control socket)\n")
+            assert stranger.poll() is None, command  # not signalled
+    finally:
+        stranger.kill()
+        stranger.wait(5)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to act as another user")
+def test_control_commands_from_another_user_say_permission_denied(start_daemon):
+    """Only root and the manager's own user may steer it. Others got tracebacks: a KeyError from
+    `status`, a PermissionError from `stop` and `reload`. The commands run in a forked child of
+    this test that switched to nobody (the venv may not be readable by nobody)."""
+    import pwd
+
+    from fcgidaemon import commands
+    d = start_daemon(workers=1)
+    nobody = pwd.getpwnam("nobody")
+    for command in (["status"], ["stop"], ["reload"], ["upgrade"], ["status", "--json"]):
+        read_end, write_end = os.pipe()
+        child = os.fork()
+        if child == 0:
+            try:
+                os.setgid(nobody.pw_gid)
+                os.setuid(nobody.pw_uid)
+                os.dup2(write_end, 2)
+                os.dup2(write_end, 1)
+                code = commands.run(command[0], [*command[1:], "--pid", str(d.pid)])
+            except BaseException:  # noqa: BLE001 - the traceback is what the test looks for
+                import traceback
+                traceback.print_exc()
+                code = 99
+            sys.stderr.flush()
+            sys.stdout.flush()
+            os._exit(code)
+        os.close(write_end)
+        with os.fdopen(read_end) as fh:
+            output = fh.read()
+        _, status = os.waitpid(child, 0)
+        print(command, os.waitstatus_to_exitcode(status), output.strip())
+        assert os.waitstatus_to_exitcode(status) == 1, output
+        assert "Traceback" not in output
+        assert "permission denied" in output and output.count("\n") == 1
+    assert d.proc.poll() is None and get(d.address, "/hello").status == 200
+
+
 def test_readme_signal_table_is_generated_from_the_code():
     from fcgidaemon.manager import MANAGER_SIGNALS, SIGNAL_DOCS, signals_markdown
     assert signals_markdown() in (ROOT / "README.md").read_text()

@@ -18,7 +18,7 @@ import sys
 import traceback
 from typing import Sequence
 
-from . import commands, loader, logs, signals, upgrade
+from . import commands, control, loader, logs, signals, upgrade
 from .config import Config, ConfigError, log_level_number, resolve
 from .manager import MANAGER_SIGNALS, Manager
 from .sockets import open_listeners
@@ -95,6 +95,8 @@ def serve(config: Config) -> int:
     # Signals are recorded from here on, for the manager's loop: a SIGHUP during a slow preload
     # (the default action) killed the manager, and a SIGTERM left the pidfile and socket behind.
     queue = signals.SignalQueue(MANAGER_SIGNALS)
+    # bound before the pidfile names us: `fcgidaemon stop` checks that the pid has one
+    ctl = control.listen()
     try:
         try:
             write_pidfile(config.pidfile)
@@ -116,12 +118,13 @@ def serve(config: Config) -> int:
             return 0
         gc.collect()
         gc.freeze()  # preloaded objects stay shared copy-on-write across forks
-        manager = Manager(config, listeners, predecessor, queue)
+        manager = Manager(config, listeners, predecessor, queue, ctl)
         try:
             return manager.run()
         finally:
             manager.close()
     finally:
+        ctl.close()
         for lst in listeners:
             lst.close()
         if pidfile_written:

@@ -54,7 +54,7 @@ def run(command: str, argv: Sequence[str]) -> int:
 
 def reload(pid: int, args: argparse.Namespace) -> int:
     if not args.wait:
-        os.kill(pid, signal.SIGHUP)
+        control.send_signal(pid, signal.SIGHUP)
         print(f"sent SIGHUP to {pid}")
         return 0
     started = time.monotonic()
@@ -67,7 +67,7 @@ def reload(pid: int, args: argparse.Namespace) -> int:
 
 def upgrade(pid: int, args: argparse.Namespace) -> int:
     if not args.wait:
-        os.kill(pid, signal.SIGUSR2)
+        control.send_signal(pid, signal.SIGUSR2)
         print(f"sent SIGUSR2 to {pid}")
         return 0
     answer = control.ask(pid, "upgrade", args.timeout)
@@ -77,6 +77,9 @@ def upgrade(pid: int, args: argparse.Namespace) -> int:
 
 def status(pid: int, args: argparse.Namespace) -> int:
     answer = control.ask(pid, "status", args.timeout)
+    if not answer.get("ok"):  # e.g. permission denied: the manager answers, without a snapshot
+        print(f"fcgidaemon status: {answer.get('message', answer)}", file=sys.stderr)
+        return EXIT_FAILED
     if args.json:
         print(json.dumps(answer, indent=2))
     else:

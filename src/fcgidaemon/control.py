@@ -109,7 +109,28 @@ class Target:
                 raise ControlError(f"cannot read pid from {pidfile}: {exc}") from None
         if not alive(pid):
             raise ControlError(f"no process {pid}")
+        if not is_manager(pid):  # a pidfile left behind names whatever process has that pid now
+            raise ControlError(f"process {pid} is not an fcgidaemon manager (no control socket)")
         return cls(pid)
+
+
+def is_manager(pid: int) -> bool:
+    """Whether `pid` has bound a manager's control socket (from its first step, before the
+    preload). Read from /proc/net/unix, not by connecting: the manager reads a command from
+    each connection."""
+    name = " @" + address(pid)[1:].decode()
+    with open("/proc/net/unix") as fh:
+        return any(line.rstrip("\n").endswith(name) for line in fh)
+
+
+def send_signal(pid: int, signum: int) -> None:
+    try:
+        os.kill(pid, signum)
+    except PermissionError:
+        raise ControlError(f"permission denied to signal manager {pid} (run as root or as "
+                           f"its user)") from None
+    except ProcessLookupError:
+        raise ControlError(f"no process {pid}") from None
 
 
 def alive(pid: int) -> bool:
@@ -148,7 +169,7 @@ def ask(pid: int, command: str, timeout: float) -> dict[str, Any]:
 
 def stop(pid: int, timeout: float, quick: bool = False) -> None:
     """SIGTERM (or SIGQUIT) and wait, bounded, for the manager to exit."""
-    os.kill(pid, signal.SIGQUIT if quick else signal.SIGTERM)
+    send_signal(pid, signal.SIGQUIT if quick else signal.SIGTERM)
     deadline = time.monotonic() + timeout
     while alive(pid):
         if time.monotonic() > deadline:

@@ -62,7 +62,8 @@ def signals_markdown() -> str:
 
 class Manager(supervise.Supervision, control.ControlCommands, upgrade.Upgrading):
     def __init__(self, config: Config, listeners: list[Listener], predecessor: int | None = None,
-                 queue: signals.SignalQueue | None = None) -> None:
+                 queue: signals.SignalQueue | None = None,
+                 control_sock: socket.socket | None = None) -> None:
         self.config = config
         self.predecessor = predecessor  # the manager we replace (SIGUSR2), told once we are ready
         self.upgrade: upgrade.Upgrade | None = None  # our own successor, while one starts
@@ -89,7 +90,7 @@ class Manager(supervise.Supervision, control.ControlCommands, upgrade.Upgrading)
         self.board = Scoreboard()
         self.next_memory_check = 0.0
         self.reload_waiters: list[tuple[socket.socket, int]] = []  # (client, generation it waits for)
-        self.control = control.listen()
+        self.control = control_sock or control.listen()  # cli's: bound before the pidfile
         self.selector.register(self.control, selectors.EVENT_READ, "control")
 
     # ------------------------------------------------------------------ the loop
