@@ -162,6 +162,60 @@ def test_params_over_limit_close_connection(daemon):
     daemon.wait_log(r"protocol error: params larger than 65536 bytes")
 
 
+def test_a_second_begin_for_the_active_request_closes_the_connection(daemon):
+    """BEGIN_REQUEST again for the request id in progress, before its params ended: it was
+    "refused" with END_REQUEST(CANT_MPX_CONN) for that same id, which told the web server the
+    first request had ended, and the first request's params then reached the next request on
+    the connection (its HTTP_X_FIRST showed in the second's environ). A protocol error now."""
+    before = daemon.wait_workers(1)
+    first = encode_record(FCGI_PARAMS, 1, encode_params(make_params("GET", "/environ",
+                                                                    extra={"HTTP_X_FIRST": "1"})))
+    second = build_request(make_params("GET", "/environ"), keep_conn=True)
+    with FCGIClient(daemon.address, timeout=5) as client:
+        client.send_raw(BEGIN + first + second)
+        records = list(client.recv_records(timeout=3))
+    print(f"\nrecords answered: {[(r.type, r.request_id, r.content[:40]) for r in records]}")
+    assert records == []  # closed: nothing answered for either BEGIN
+    daemon.wait_log(r"protocol error: BEGIN_REQUEST for request 1, already active")
+    assert_worker_unharmed(daemon, before)
+
+
+def test_a_body_sent_before_the_end_of_the_params_is_bounded(daemon):
+    """FCGI_STDIN before the params have ended is buffered until the application runs; it had
+    no bound (400 MiB held a worker's memory). It counts against --max-params (64k here)."""
+    before = daemon.wait_workers(1)
+    head = BEGIN + encode_record(FCGI_PARAMS, 1, encode_params(make_params("POST", "/echo", 10**9)))
+    body = encode_record(FCGI_STDIN, 1, b"x" * 65000)
+    with FCGIClient(daemon.address, timeout=5) as client:
+        client.send_raw(head + body)
+        with pytest.raises(OSError):  # closed at the second record (a reset: unread input)
+            for _ in range(400):  # 26 MB, far beyond what the socket buffers hold
+                client.send_raw(body)
+    daemon.wait_log(r"protocol error: more than 65536 bytes of FCGI_STDIN before the end of the params")
+    assert_worker_unharmed(daemon, before)
+    # some of it is fine: a short body before the params' end is served
+    params = encode_record(FCGI_PARAMS, 1, encode_params(make_params("POST", "/echo", 5)))
+    with FCGIClient(daemon.address, timeout=5) as client:
+        client.send_raw(BEGIN + params + encode_record(FCGI_STDIN, 1, b"early") + encode_record(FCGI_PARAMS, 1)
+                        + encode_record(FCGI_STDIN, 1))
+        resp = client.read_response(1, keep_conn=True)
+    assert resp.status == 200 and resp.body == b"early"
+
+
+@pytest.mark.parametrize("length", ["12abc", "5.0", "0x10"])
+def test_a_content_length_that_is_no_number_gets_400_under_max_body(daemon, length):
+    """--max-body must judge the length before the application runs, and cannot: the request
+    is answered 400 and the connection closed (it was closed with no answer)."""
+    before = daemon.wait_workers(1)
+    params = make_params("POST", "/echo", extra={"CONTENT_LENGTH": length})
+    with FCGIClient(daemon.address, timeout=5) as client:
+        resp = client.request(params, b"abcde", keep_conn=True)
+        assert resp.status == 400 and resp.body == b"Content-Length not a number\n"
+        assert list(client.recv_records(timeout=2)) == []  # then closed
+    daemon.wait_log(rf"request with CONTENT_LENGTH '{length}' refused \(--max-body needs a number\)")
+    assert_worker_unharmed(daemon, before)
+
+
 def test_abort_while_the_app_reads_the_body(daemon):
     before = daemon.wait_workers(1)
     with FCGIClient(daemon.address, timeout=5) as client:

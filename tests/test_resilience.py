@@ -125,6 +125,24 @@ def test_max_requests_leaves_no_connection_waiting_in_the_queue(start_daemon):
     assert recycled >= 100
 
 
+def test_max_requests_counts_a_request_that_ended_before_it_ran(start_daemon):
+    """A request aborted before its params ended is counted (it ends outside the path that
+    runs the application). When that one reached the quota, the check (==) never saw the
+    count equal the quota again: the worker was never recycled."""
+    d = start_daemon("testapp", "--max-requests", "3", "--max-requests-jitter", "0", workers=1)
+    old = d.wait_workers(1)[0]
+    for _ in range(2):
+        assert get(d.address, "/hello").body == f"hello v1 {old}".encode()
+    with FCGIClient(d.address) as client:  # the third: begun, then aborted
+        client.send_raw(build_request(make_params("GET", "/hello"), keep_conn=True)[:16])
+        client.abort(1)
+        records = [(r.type, r.request_id, r.content) for r in client.recv_records(timeout=2)]
+    assert records == [(3, 1, bytes(8))]  # END_REQUEST(app status 0, REQUEST_COMPLETE) only
+    d.wait_log(r"served 3 requests \(--max-requests\); asking for a replacement")
+    wait_for(lambda: not alive(old), 15, "the worker to be replaced")
+    assert get(d.address, "/hello").body != f"hello v1 {old}".encode()
+
+
 def test_max_requests_with_broken_code_on_disk_keeps_the_old_worker(start_daemon, tmp_path):
     """Broken code on disk (a failed deploy, not yet rolled back): the replacement a worker asks
     for at --max-requests fails to import, so the old worker goes on serving past its quota;

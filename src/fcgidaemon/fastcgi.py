@@ -44,6 +44,8 @@ FLUSH_AT = 256 * 1024  # bytes of response buffered before a send
 RECV_BODY = 256 * 1024  # read size while the application streams a request body
 TOO_LARGE = (b"Status: 413 Content Too Large\r\nContent-Type: text/plain\r\nContent-Length: 24\r\n\r\n"
              b"Request body too large.\n")
+BAD_LENGTH = (b"Status: 400 Bad Request\r\nContent-Type: text/plain\r\nContent-Length: 28\r\n\r\n"
+              b"Content-Length not a number\n")
 
 
 # send() errors that mean the web server closed the connection (others are logged with theirs)
@@ -253,6 +255,7 @@ class Request(flup.Request):
         self.requestId, self.role, self.flags = request_id, role, flags
         self.aborted = False
         self.params_raw = bytearray()
+        self.early_input = 0  # bytes of FCGI_STDIN received before the end of the params
         self.runnable = False  # PARAMS complete: the application may start
 
     @property
@@ -411,6 +414,8 @@ class Connection:
         if rtype == flup.FCGI_PARAMS:
             self._params(req, content)
         elif rtype == flup.FCGI_STDIN:
+            if not req.runnable:
+                self._early_input(req, len(content))
             req.stdin.add_data(content)
         elif rtype == flup.FCGI_ABORT_REQUEST:
             req.aborted = True
@@ -438,6 +443,8 @@ class Connection:
             raise ProtocolError(f"BEGIN_REQUEST body of {len(content)} bytes")
         role, flags = BEGIN_BODY.unpack(content)
         if self.request is not None:
+            if request_id == self.request.requestId:  # refusing it would end the active one
+                raise ProtocolError(f"BEGIN_REQUEST for request {request_id}, already active")
             self._append(end_record(request_id, 0, flup.FCGI_CANT_MPX_CONN))
             self.flush()
             return
@@ -452,6 +459,14 @@ class Connection:
             self.end_request(req, 0, flup.FCGI_UNKNOWN_ROLE)
             return
         self.request = req
+
+    def _early_input(self, req: Request, size: int) -> None:
+        """Body sent before the end of the params is buffered until the application runs:
+        bounded by --max-params as the params are (400 MiB of it held a worker's memory)."""
+        req.early_input += size
+        if req.early_input > self.server.limits.max_params:
+            raise ProtocolError(f"more than {self.server.limits.max_params} bytes of FCGI_STDIN "
+                                f"before the end of the params")
 
     def _params(self, req: Request, content: bytes) -> None:
         if req.runnable:
@@ -486,14 +501,18 @@ class Connection:
             return False
         try:
             declared = int(req.params.get("CONTENT_LENGTH") or 0)
-        except ValueError:
-            raise ProtocolError(f"bad CONTENT_LENGTH {req.params.get('CONTENT_LENGTH')!r}") from None
-        if declared <= limit:
-            return False
-        log.warning("request body of %d bytes refused (--max-body %d): %s", declared, limit,
-                    req.params.get("REQUEST_URI", ""))
+        except ValueError:  # its size cannot be judged: refused, answered (not dropped)
+            log.warning("request with CONTENT_LENGTH %r refused (--max-body needs a number): %s",
+                        req.params.get("CONTENT_LENGTH"), req.params.get("REQUEST_URI", ""))
+            answer = BAD_LENGTH
+        else:
+            if declared <= limit:
+                return False
+            log.warning("request body of %d bytes refused (--max-body %d): %s", declared, limit,
+                        req.params.get("REQUEST_URI", ""))
+            answer = TOO_LARGE
         req.flags &= ~flup.FCGI_KEEP_CONN
-        req.stdout.write(TOO_LARGE)
+        req.stdout.write(answer)
         self.end_request(req, 0)
         return True
 
@@ -584,3 +603,7 @@ class Connection:
             self.sock.close()
         except OSError as exc:
             log.debug("close failed: %s", exc)
+        # a request and its connection refer to each other: without this, a dropped request's
+        # buffered input stayed until the cyclic garbage collector ran
+        self.request = None
+        self.inbuf = bytearray()

@@ -105,7 +105,7 @@ class Worker:
         self.registered: set[int] = set()  # connection fds in the epoll set
         self.next_sweep = 0.0
         self.requests = 0
-        self.exit_reported = False  # MSG_EXIT_ASKED sent
+        self.replacement_asked = False  # MSG_QUOTA or MSG_EXIT_ASKED sent
         self.since = 0.0  # when the request in progress started (scoreboard clock); 0: none
         self.epoll = select.epoll()
         self.listener_fds = {sock.fileno(): sock for sock in spec.listeners}
@@ -395,14 +395,20 @@ class Worker:
             if self.requests == counted:  # ended without a response (connection lost)
                 self._request_done(req)
             self.title.done()
-            if self.quota and self.requests == self.quota:
-                log.info("served %d requests (--max-requests); asking for a replacement", self.requests)
-                self.spec.channel.send(MSG_QUOTA)
-            elif conn.server.exit_asked and not self.exit_reported:
-                self.exit_reported = True
-                log.warning("the application raised %s; asking for a replacement",
-                            conn.server.exit_asked)
-                self.spec.channel.send(MSG_EXIT_ASKED)
+
+    def _ask_for_replacement(self, exit_asked: str) -> None:
+        """At --max-requests, or when the application raised SystemExit: the manager starts a
+        replacement, then retires us."""
+        if self.quota and self.requests >= self.quota:
+            log.info("served %d requests (--max-requests); asking for a replacement", self.requests)
+            message = MSG_QUOTA
+        elif exit_asked:
+            log.warning("the application raised %s; asking for a replacement", exit_asked)
+            message = MSG_EXIT_ASKED
+        else:
+            return
+        self.replacement_asked = True
+        self.spec.channel.send(message)
 
     def _request_done(self, req: object) -> None:
         self.requests += 1
@@ -410,6 +416,11 @@ class Worker:
         since, self.since = self.since or time.monotonic(), 0.0
         self.board.request_finished(self.index, self.requests, since, SlotState.IDLE
                                     if self.stop_mode is StopMode.NONE else SlotState.RETIRING)
+        # here, not after running the application: a request aborted or refused before it ran
+        # is counted too, and when such a one reached the quota the worker was never recycled
+        exit_asked = self.server.exit_asked if self.server is not None else ""
+        if (self.quota and self.requests >= self.quota or exit_asked) and not self.replacement_asked:
+            self._ask_for_replacement(exit_asked)
 
     # ------------------------------------------------------------------ manager channel
 
