@@ -338,6 +338,35 @@ def test_a_kept_connection_handed_over_in_a_reload_stays_kept(start_daemon):
     assert d.count(r"no complete request within") == 0
 
 
+def test_requests_waiting_on_kept_connections_go_to_the_new_generation(start_daemon):
+    """One worker, four kept connections: a 2 s request runs on the first while requests wait
+    on the other three, then a reload. The retiring worker served the waiting ones itself, one
+    after another, and was killed at --graceful-timeout (3 s) in the middle of them: 1 or 2 of
+    4 answered while the new generation idled (nginx: 502s, or a GET run twice after its retry).
+    Now they are handed over with their requests still unread."""
+    d = start_daemon("testapp", "--graceful-timeout", "3", workers=1)
+    (old,) = d.wait_workers(1)
+    clients = [FCGIClient(d.address, timeout=20) for _ in range(4)]
+    try:
+        for i, client in enumerate(clients):
+            assert client.request(make_params("GET", f"/id?id=w{i}"), keep_conn=True).status == 200
+        clients[0].send_raw(build_request(make_params("GET", "/id?id=r0&sleep=2"), keep_conn=True))
+        _wait_busy(d)
+        for i in (1, 2, 3):  # in the kernel's buffers of the worker's sockets once sent
+            clients[i].send_raw(build_request(make_params("GET", f"/id?id=r{i}&sleep=1"), keep_conn=True))
+        d.reload(2)
+        answers = [client.read_response(1, keep_conn=True) for client in clients]
+    finally:
+        for client in clients:
+            client.close()
+    bodies = [a.body.decode() for a in answers]
+    print("\n" + "\n".join(bodies))
+    assert [b.split()[0] for b in bodies] == ["id=r0", "id=r1", "id=r2", "id=r3"]
+    assert bodies[0].endswith(f"pid={old}")  # in flight at the reload: finished by the old worker
+    assert not any(b.endswith(f"pid={old}") for b in bodies[1:])  # waiting: handed over
+    assert d.count(r"still busy after") == 0
+
+
 def test_kept_connections_are_not_moved_onto_a_busy_worker(start_daemon):
     """Worker A is stuck in a 4 s request, worker B holds 8 idle kept connections: the balancer
     used to move half of B's lead to A, where their next requests waited for A's request to

@@ -230,6 +230,7 @@ class Worker:
             # behind nginx with fastcgi_keep_conn).
             ready: list[Connection] = []
             listener = None
+            mode = self.stop_mode
             for fd, _ in events:
                 conn = self.conns.get(fd)
                 if conn is not None:
@@ -240,6 +241,8 @@ class Worker:
                     _drain(self._wake_r)
                 elif fd == self.spec.channel.fileno():
                     self._channel_message()
+            if self.stop_mode is not mode:
+                continue  # told to retire in this wake-up: _wind_down decides what to serve first
             for conn in ready:
                 if self.conns.get(conn.fd) is conn:  # not handed off or closed meanwhile
                     self._serve(conn)
@@ -485,11 +488,13 @@ class Worker:
         for conn in list(self.conns.values()):
             if conn.has_partial_input:
                 continue  # half-received: serve it first
-            if not conn.last_call and _readable(conn.sock):
-                conn.last_call = True  # a request is already waiting here: serve it, we are idle
-                continue
             if self.stop_mode is StopMode.HANDOFF:
+                # A request waiting in the kernel goes with the connection, to the generation
+                # that is ready and idle. Served here, one after another, the last ones were cut
+                # off at --graceful-timeout (1 of 4 answered, 3 waiting behind a 2 s request).
                 self._hand_off(conn)
+            elif not conn.last_call and _readable(conn.sock):
+                conn.last_call = True  # stopping: a request already waiting here is served once
             elif conn.between_requests and not _readable(conn.sock):
                 self._drop(conn)
         return not self.conns
