@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from daemon import APPS, alive, run_cli, wait_for
+from fcgiclient import FCGIClient, make_params
 from load import FCGIChecker, run_load
 from test_lifecycle import _wait_busy, app_copy, get, set_version
 
@@ -243,6 +244,57 @@ def test_an_upgrade_that_cannot_fork_keeps_the_pidfile_and_says_why(start_daemon
         assert d.workers() == workers and get(d.address, "/hello").status == 200
     finally:
         shutil.rmtree(appdir)
+
+
+def test_an_upgrade_is_refused_while_the_previous_manager_still_retires(start_daemon, tmp_path):
+    """Manager 1 upgraded to 2, which was upgraded to 3 while 1's worker still finished a slow
+    request: 2 handed over and exited, and 1's worker then handed its kept connections to a
+    manager that was gone, so they were closed (8 requests lost of 8,628 under load). Manager 2
+    now refuses until 1 is gone; then the upgrade goes through. A SIGHUP to the retired
+    manager 1 said nothing; now it says where to send it."""
+    pidfile = tmp_path / "m.pid"
+    d = start_daemon("testapp", "--pidfile", str(pidfile), workers=1)
+    (old_worker,) = d.wait_workers(1)
+    out: dict = {}
+
+    def slow() -> None:
+        out["slow"] = get(d.address, "/sleep?s=3", timeout=15).status
+
+    thread = threading.Thread(target=slow)
+    managers = [d.pid]
+    try:
+        with FCGIClient(d.address, timeout=10) as kept:
+            assert kept.request(make_params("GET", "/id?id=a"), keep_conn=True).body.endswith(
+                f"pid={old_worker}".encode())
+            thread.start()
+            _wait_busy(d)
+            first = run_cli(["upgrade", "--wait", "--pidfile", str(pidfile)], tmp_path)
+            assert first.returncode == 0, first.stderr
+            managers.append(int(pidfile.read_text()))
+            d.signal(signal.SIGHUP)
+            d.wait_log(rf"reload refused: this manager handed over to manager {managers[1]}; "
+                       "signal that one")
+            second = run_cli(["upgrade", "--wait", "--pidfile", str(pidfile)], tmp_path)
+            print(f"\nsecond upgrade while manager {d.pid} retires: {second.returncode} "
+                  f"{second.stderr.strip()}")
+            assert second.returncode == 1
+            assert f"upgrade refused: the previous manager {d.pid} is still retiring" in second.stderr
+            thread.join(15)
+            assert out["slow"] == 200
+            wait_for(lambda: d.proc.poll() is not None, 10, "the first manager to exit")
+            # the kept connection went to manager 2's worker, and is still open
+            reply = kept.request(make_params("GET", "/id?id=b"), keep_conn=True)
+            assert reply.body.split()[0] == b"id=b" and not reply.body.endswith(f"pid={old_worker}".encode())
+        third = run_cli(["upgrade", "--wait", "--pidfile", str(pidfile)], tmp_path)
+        assert third.returncode == 0, third.stderr
+        managers.append(int(pidfile.read_text()))
+        assert len(set(managers)) == 3
+    finally:
+        for pid in managers[1:]:
+            if alive(pid):
+                os.kill(pid, signal.SIGTERM)
+        for pid in managers[1:]:
+            wait_for(lambda: not alive(pid), 15, f"manager {pid} to stop")
 
 
 def test_a_quick_stop_of_the_old_manager_after_an_upgrade_is_quick(start_daemon, tmp_path):

@@ -50,7 +50,8 @@ SIGNAL_DOCS: dict[signal.Signals, str] = {
                     "sockets; once its workers are ready, this manager's workers hand their "
                     "connections over and it exits. If the new manager fails, this one keeps "
                     "serving. Refused (one log line) while the manager is starting, reloading or "
-                    "stopping, or an upgrade is in progress",
+                    "stopping, or an upgrade is in progress (including the one that started this "
+                    "manager, until the previous manager has exited)",
 }
 
 
@@ -162,6 +163,11 @@ class Manager(supervise.Supervision, control.ControlCommands, upgrade.Upgrading)
 
     def request_reload(self) -> None:
         if self.phase in ENDING:
+            if self.phase is Phase.RETIRED and self.upgrade is not None:
+                log.warning("reload refused: this manager handed over to manager %d; signal that "
+                            "one", self.upgrade.pid)
+            else:
+                log.warning("reload refused: the manager is %s", self.phase.value)
             return
         if self.upgrade is not None:
             log.warning("reload refused: an upgrade to manager %d is in progress", self.upgrade.pid)

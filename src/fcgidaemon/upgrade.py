@@ -152,6 +152,10 @@ class Upgrading:
             refusal = f"upgrade refused: an upgrade to manager {self.upgrade.pid} is in progress"
         elif self.phase is not Phase.RUNNING:
             refusal = f"upgrade refused: the manager is {self.phase.value}"
+        elif self.predecessor is not None and control.alive(self.predecessor):
+            # its workers still hand their kept connections to us when their last requests end:
+            # upgraded again, we would be gone, and it closed them (8 requests lost of 8,628)
+            refusal = f"upgrade refused: the previous manager {self.predecessor} is still retiring"
         if refusal:
             log.warning("%s", refusal)
             if waiter is not None:
