@@ -125,6 +125,16 @@ def test_non_finite_numbers_from_environment_and_file_are_one_line(tmp_path):
             assert "finite" in lines[0], lines
 
 
+def test_an_access_log_that_cannot_be_opened_is_a_startup_error(tmp_path):
+    """It was opened by each worker only: every worker crashed with a traceback and was
+    respawned every 10 s, forever, with no exit status for systemd or the operator."""
+    log = tmp_path / "no-such-dir" / "access.log"
+    out = run_cli(["testapp", "--pythonpath", str(APPS), "--bind", f"127.0.0.1:{free_port()}",
+                   "--workers", "1", "--access-log", str(log)], tmp_path)
+    assert out.returncode == 2, out.stderr
+    assert out.stderr == f"fcgidaemon: --access-log {log}: No such file or directory\n"
+
+
 def test_error_after_binding_is_the_only_line(start_daemon, tmp_path):
     """An error writing the pidfile (or switching user) comes after binding: it is the one line
     on stderr, with no 'listening on' logged before it for an address that is closed again."""

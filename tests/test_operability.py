@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import signal
 import socket
 import threading
@@ -224,6 +225,28 @@ def test_access_log(start_daemon, tmp_path):
     line = log.read_text().strip()
     assert re.fullmatch(rf'127\.0\.0\.1 - - \[[^]]+\] "GET /id\?id=1 HTTP/1\.1" 200 \d+ "http://r/" '
                         rf'"probe/1\.0" \d+ {pid}', line), line
+
+
+def test_a_reload_whose_access_log_cannot_be_opened_fails_safely(start_daemon, tmp_path):
+    """The access log's directory removed since the start: the new generation cannot open it.
+    That reload fails with the reason and the old generation serves on (its workers crashed
+    with a traceback each, as if the code were broken); once it is back, the reload works."""
+    logdir = tmp_path / "logs"
+    logdir.mkdir()
+    d = start_daemon("testapp", "--access-log", str(logdir / "access.log"), workers=2)
+    old = d.wait_workers(2)
+    shutil.rmtree(logdir)
+    out = run_cli(["reload", "--wait", "--pid", str(d.pid)], tmp_path)
+    print(f"\n{out.returncode} {out.stderr.strip()}")
+    assert out.returncode == 1
+    assert f"cannot open --access-log {logdir / 'access.log'}: No such file or directory" in out.stderr
+    assert d.workers() == old and get(d.address, "/hello").status == 200
+    assert d.count("worker crashed") == 0
+    logdir.mkdir()
+    d.reload(3)
+    assert get(d.address, "/hello").status == 200
+    wait_for(lambda: (logdir / "access.log").exists() and "GET /hello" in (logdir / "access.log").read_text(),
+             5, "the new generation's access log line")
 
 
 def test_the_access_log_says_what_the_client_got(start_daemon, tmp_path):

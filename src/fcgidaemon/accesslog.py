@@ -34,12 +34,12 @@ class AccessLog:
 
     def __init__(self, target: str) -> None:
         self.path = None if target == "-" else target
-        self.fd = os.dup(1) if self.path is None else self._open(self.path)
+        self.fd = os.dup(1) if self.path is None else self.open(self.path)
         self.identity = _identity(self.fd)
         self.failures = Throttle(60.0)
 
     @staticmethod
-    def _open(path: str) -> int:
+    def open(path: str) -> int:
         return os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
 
     def reopen_if_moved(self) -> None:
@@ -52,7 +52,7 @@ class AccessLog:
         except FileNotFoundError:
             pass  # removed: a new one is created
         try:
-            fd = self._open(self.path)
+            fd = self.open(self.path)
         except OSError as exc:  # lines keep going to the file we have, said once a minute
             count = self.failures.due()
             if count:

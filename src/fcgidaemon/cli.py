@@ -18,7 +18,7 @@ import sys
 import traceback
 from typing import Sequence
 
-from . import commands, control, loader, logs, signals, upgrade
+from . import accesslog, commands, control, loader, logs, signals, upgrade
 from .config import Config, ConfigError, log_level_number, resolve
 from .manager import MANAGER_SIGNALS, Manager
 from .sockets import open_listeners
@@ -84,6 +84,15 @@ def drop_privileges(config: Config) -> None:
         os.setuid(uid)
 
 
+def check_access_log(path: str) -> None:
+    """Open it once before any worker starts: a path that cannot be opened is a bad option,
+    not a crash in every worker (respawned every 10 s, forever)."""
+    try:
+        os.close(accesslog.AccessLog.open(path))
+    except OSError as exc:
+        raise ConfigError(f"--access-log {path}: {exc.strerror or exc}") from None
+
+
 def serve(config: Config) -> int:
     logs.setup(log_level_number(config))
     predecessor = upgrade.parent_pid()
@@ -102,6 +111,10 @@ def serve(config: Config) -> int:
             write_pidfile(config.pidfile)
             pidfile_written = bool(config.pidfile)
             drop_privileges(config)
+            if config.access_log and config.access_log != "-":  # the workers open it as this user
+                check_access_log(config.access_log)
+        except ConfigError as exc:
+            return usage_error(exc)
         except OSError as exc:
             return usage_error(ConfigError(f"cannot start: {exc}"))
         # only now: a startup error above is then the one line on stderr, not the second

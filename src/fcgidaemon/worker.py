@@ -139,7 +139,12 @@ class Worker:
             if failure:
                 self.spec.channel.send((MSG_IMPORT_FAILED + b"\n" + failure.encode())[:MAX_MESSAGE])
                 return EXIT_IMPORT_FAILED
-        app = self._wrap(app)
+        try:
+            app = self._wrap(app)
+        except OSError as exc:  # the access log, since removed or made unwritable: a failed start
+            reason = f"cannot open --access-log {self.config.access_log}: {exc.strerror or exc}"
+            self.spec.channel.send((MSG_IMPORT_FAILED + b"\n" + reason.encode())[:MAX_MESSAGE])
+            return EXIT_IMPORT_FAILED
         limits = Limits(read_timeout=self.config.read_timeout, max_params=self.config.max_params,
                         max_body=self.config.max_body)
         self.server = Server(make_handler(app), limits, max_conns=self.config.workers * 64,
