@@ -135,6 +135,17 @@ def test_an_access_log_that_cannot_be_opened_is_a_startup_error(tmp_path):
     assert out.stderr == f"fcgidaemon: --access-log {log}: No such file or directory\n"
 
 
+def test_a_preload_that_raises_exits_1_not_2(tmp_path):
+    """Exit 2 is a configuration error, which the systemd unit does not restart (the same
+    error every time); a preloaded module that is found but raises (a database down at import)
+    exited 2 too, so it was never retried. Now 1, with the traceback in the log."""
+    (tmp_path / "badpre.py").write_text("raise RuntimeError('database down')\n")
+    out = run_cli(["testapp", "--pythonpath", f"{APPS},{tmp_path}", "--preload", "badpre",
+                   "--bind", f"127.0.0.1:{free_port()}", "--workers", "1"], tmp_path)
+    assert out.returncode == 1, out.stderr
+    assert "RuntimeError: database down" in out.stderr and "preload failed" in out.stderr
+
+
 def test_error_after_binding_is_the_only_line(start_daemon, tmp_path):
     """An error writing the pidfile (or switching user) comes after binding: it is the one line
     on stderr, with no 'listening on' logged before it for an address that is closed again."""

@@ -25,7 +25,8 @@ from .sockets import open_listeners
 
 log = logging.getLogger("fcgidaemon")
 
-EXIT_USAGE = 2
+EXIT_FAILED = 1  # the application or a preloaded module failed to import or start
+EXIT_USAGE = 2  # a bad option or configuration: the same error every time
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT)
 
 
@@ -122,9 +123,10 @@ def serve(config: Config) -> int:
             log.info("listening on %s", lst.name)
         try:
             loader.preload(config.preload)
-        except loader.AppImportError as exc:
+        except loader.AppImportError as exc:  # found, but raised: not a configuration error,
+            # so exit 1, which systemd's Restart=on-failure retries (a database down at import)
             log.error("preload failed:\n%s", exc.text.rstrip())
-            return usage_error(exc)
+            return EXIT_FAILED
         stop = [signum for signum in queue.pending() if signum in STOP_SIGNALS]
         if stop:  # asked to stop while preloading: no worker is started
             log.info("%s during startup; exiting", signals.name(stop[0]))
