@@ -121,7 +121,8 @@ def test_non_finite_numbers_from_environment_and_file_are_one_line(tmp_path):
             out = run_cli(cmd, tmp_path, env=env)
             assert out.returncode == 2, (cmd, env, out.stdout, out.stderr)
             lines = out.stderr.strip().splitlines()
-            assert len(lines) == 1 and lines[0].startswith(f"fcgidaemon: {option} ({where}"), lines
+            command = "fcgidaemon check" if cmd[0] == "check" else "fcgidaemon"
+            assert len(lines) == 1 and lines[0].startswith(f"{command}: {option} ({where}"), lines
             assert "finite" in lines[0], lines
 
 
@@ -221,7 +222,8 @@ def test_toml_keys_outside_the_fcgidaemon_table_are_an_error(tmp_path):
             out = run_cli([*prefix, "testapp", "--pythonpath", str(APPS), "--config", str(conf)],
                           tmp_path)
             assert out.returncode == 2, (prefix, out.stdout, out.stderr)
-            assert out.stderr.strip() == (f"fcgidaemon: config file {conf}: {key!r} is outside the "
+            command = "fcgidaemon check" if prefix else "fcgidaemon"
+            assert out.stderr.strip() == (f"{command}: config file {conf}: {key!r} is outside the "
                                           f"[fcgidaemon] table (keys go in the table, or all at the "
                                           f"top level)"), out.stderr
     conf.write_text("[fcgidaemon]\nworkers = 3\n[fcgidaemon.extra]\n")  # inside the table: as before
@@ -407,8 +409,7 @@ def test_control_commands_from_another_user_say_permission_denied(start_daemon):
             try:
                 os.setgid(nobody.pw_gid)
                 os.setuid(nobody.pw_uid)
-                os.dup2(write_end, 2)
-                os.dup2(write_end, 1)
+                sys.stdout = sys.stderr = os.fdopen(write_end, "w")  # not pytest's capture
                 code = commands.run(command[0], [*command[1:], "--pid", str(d.pid)])
             except BaseException:  # noqa: BLE001 - the traceback is what the test looks for
                 import traceback
@@ -426,6 +427,23 @@ def test_control_commands_from_another_user_say_permission_denied(start_daemon):
         assert "Traceback" not in output
         assert "permission denied" in output and output.count("\n") == 1
     assert d.proc.poll() is None and get(d.address, "/hello").status == 200
+
+
+def test_command_usage_errors_are_one_line_and_help_lists_the_commands(tmp_path):
+    """A usage error of a command printed argparse's usage and the error (three lines); the
+    rule is one line and exit 2. `fcgidaemon --help` did not name the commands, and `check
+    --help` showed itself as the daemon."""
+    for argv, line in ((["status"], "fcgidaemon status: one of the arguments --pid --pidfile is required"),
+                       (["reload", "--pid", "abc"], "fcgidaemon reload: argument --pid: invalid int value: 'abc'"),
+                       (["check", "--bogus", "x"], "fcgidaemon check: unrecognized arguments: --bogus")):
+        out = run_cli(argv, tmp_path)
+        assert (out.returncode, out.stderr) == (2, line + "\n"), (argv, out.stderr)
+    text = run_cli(["--help"], tmp_path, env={"COLUMNS": "100"}).stdout
+    for command in ("reload", "upgrade", "status", "stop", "check"):
+        assert re.search(rf"^  {command} ", text, re.M), command
+    out = run_cli(["check", "--help"], tmp_path, env={"COLUMNS": "100"})
+    assert out.returncode == 0 and out.stdout.startswith("usage: fcgidaemon check ")
+    assert "exit 0 if it imports, 1 if it fails, 2 if it is not found" in " ".join(out.stdout.split())
 
 
 def test_readme_signal_table_is_generated_from_the_code():

@@ -173,10 +173,11 @@ def remove_pidfile(path: str | None) -> None:
 def check(argv: Sequence[str]) -> int:
     """Import the application here, in a fresh process, and report."""
     try:
-        config = resolve(argv)
+        config = resolve(argv, prog="fcgidaemon check")
         prepare(config)
     except ConfigError as exc:
-        return usage_error(exc)
+        print(f"fcgidaemon check: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     try:
         loader.preload(config.preload)
         app = loader.load_app(config.app)

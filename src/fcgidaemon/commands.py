@@ -16,6 +16,7 @@ import time
 from typing import Any, Sequence
 
 from . import control
+from .config import ConfigError, ErrorParser
 
 COMMANDS = ("reload", "upgrade", "status", "stop")
 EXIT_FAILED = 1
@@ -23,7 +24,7 @@ EXIT_USAGE = 2
 
 
 def parser(command: str) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=f"fcgidaemon {command}")
+    p = ErrorParser(prog=f"fcgidaemon {command}")  # an error is one line, not usage + error
     target = p.add_mutually_exclusive_group(required=True)
     target.add_argument("--pid", type=int, help="the manager's pid")
     target.add_argument("--pidfile", help="file holding the manager's pid")
@@ -41,7 +42,10 @@ def parser(command: str) -> argparse.ArgumentParser:
 def run(command: str, argv: Sequence[str]) -> int:
     try:
         args = parser(command).parse_args(list(argv))
-    except SystemExit as exc:
+    except ConfigError as exc:
+        print(f"fcgidaemon {command}: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except SystemExit as exc:  # --help
         return EXIT_USAGE if exc.code else 0
     try:
         target = control.Target.from_args(args.pid, args.pidfile)

@@ -396,10 +396,23 @@ assert {f.name for f in dataclasses.fields(Config)} == {o.name for o in OPTIONS}
 # --------------------------------------------------------------------------- resolution
 
 
+COMMANDS_HELP = """\
+commands, as fcgidaemon COMMAND (--pid PID | --pidfile FILE), each with its own --help:
+  reload   SIGHUP: deploy new code (--wait: until it serves, exit 1 if it failed)
+  upgrade  SIGUSR2: a new manager (--wait: until it serves)
+  status   manager, generation, every worker (--json)
+  stop     graceful stop, waiting for the exit (--quick: SIGQUIT)
+  check    fcgidaemon check APP [options]: import the application in a fresh process"""
+
+
 def build_parser(prog: str = "fcgidaemon") -> argparse.ArgumentParser:
-    parser = _ErrorParser(
+    daemon = prog == "fcgidaemon"
+    parser = ErrorParser(
         prog=prog,
-        description="Preforking FastCGI daemon for WSGI applications.",
+        description="Preforking FastCGI daemon for WSGI applications." if daemon else
+        "Import the application (and --preload) in a fresh process, as a worker would: exit 0 "
+        "if it imports, 1 if it fails, 2 if it is not found or an option is wrong.",
+        epilog=COMMANDS_HELP if daemon else None,
         argument_default=argparse.SUPPRESS,
         formatter_class=_Formatter,
     )
@@ -425,6 +438,14 @@ class _Formatter(argparse.HelpFormatter):
     def __init__(self, prog: str) -> None:
         super().__init__(prog, width=terminal_width())
 
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        """Each line of the description and epilog wrapped on its own (argparse joins them)."""
+        import textwrap
+
+        return "\n".join(textwrap.fill(line, width, initial_indent=indent,  # under the text
+                                        subsequent_indent=indent + " " * (11 if line[:1] == " " else 0))
+                         for line in text.splitlines())
+
 
 def terminal_width() -> int:
     """COLUMNS, else the terminal's width, else 80; what shutil.get_terminal_size() gives, less 2."""
@@ -440,7 +461,7 @@ def terminal_width() -> int:
     return max(columns - 2, 20)
 
 
-class _ErrorParser(argparse.ArgumentParser):
+class ErrorParser(argparse.ArgumentParser):
     """argparse that raises instead of printing usage, so every error is one line."""
 
     def error(self, message: str) -> None:  # type: ignore[override]
@@ -476,10 +497,11 @@ def read_toml(path: str) -> dict[str, Any]:
     return {k.replace("-", "_"): v for k, v in table.items()}
 
 
-def resolve(argv: Sequence[str], environ: Mapping[str, str] | None = None) -> Config:
+def resolve(argv: Sequence[str], environ: Mapping[str, str] | None = None,
+            prog: str = "fcgidaemon") -> Config:
     """Turn argv (without the program name) and the environment into a Config."""
     environ = os.environ if environ is None else environ
-    given = vars(build_parser().parse_args(list(argv)))
+    given = vars(build_parser(prog).parse_args(list(argv)))
     config_file = given.pop("config_file", None)
     from_file = read_toml(config_file) if config_file else {}
     values: dict[str, Any] = {}
