@@ -76,6 +76,7 @@ def test_busy_request_shows_in_text_json_and_openmetrics(start_daemon):
     assert "secret" not in json.dumps(full)  # no query strings on the status page
     text = get(d.address, "/fcgi-status?full").body.decode()
     assert re.search(r"^request_uri: +/sleep$", text, re.M)
+    assert re.search(r"^last_request_duration: +[\d.]+$", text, re.M)  # ran into its value before
     assert re.search(r"^busy workers: +2$", text, re.M)
     metrics = {}
     raw = get(d.address, "/fcgi-status?openmetrics").body.decode()

@@ -91,7 +91,7 @@ def render_text(snap: dict[str, Any], full: bool = False) -> str:
         for proc in snap["processes"]:
             out.append("")
             out.append("*" * 30)
-            out += [f"{name + ':':<22}{value}" for name, value in proc.items()]
+            out += [f"{name + ':':<24}{value}" for name, value in proc.items()]  # the longest: 22
     return "\n".join(out) + "\n"
 
 
