@@ -243,6 +243,23 @@ def test_control_characters_in_a_header_value_are_an_application_error(daemon):
     daemon.wait_log(r"ValueError: bad value for response header X-Value", count=4)
 
 
+def test_the_response_leaves_before_an_unread_body_has_arrived(daemon):
+    """An application that answers without reading the body: its response waited until the
+    web server had sent the whole body (the input is drained before END_REQUEST), so a slow
+    upload's client waited for nothing. The response goes out at once; END_REQUEST follows
+    the body's end."""
+    params = make_params("POST", "/hello", body_len=1000)
+    head = build_request(params, b"", keep_conn=True)
+    head = head[: head.rindex(encode_record(FCGI_STDIN, 1))]  # BEGIN, PARAMS: no body yet
+    with FCGIClient(daemon.address, timeout=10) as client:
+        client.send_raw(head + encode_record(FCGI_STDIN, 1, b"a" * 100))
+        first = client.read_record(time.monotonic() + 5)  # the body is 900 bytes short
+        assert first is not None and first.type == FCGI_STDOUT and first.content.startswith(b"Status: 200")
+        client.send_raw(encode_record(FCGI_STDIN, 1, b"b" * 900) + encode_record(FCGI_STDIN, 1))
+        rest = [r.type for r in client.recv_records(timeout=2)]
+    assert rest[-1] == FCGI_END_REQUEST, rest
+
+
 def test_a_content_length_that_is_no_number_reaches_the_application(daemon):
     """Without --max-body nothing here needs the length, so a CONTENT_LENGTH that is not a
     number is the application's to judge (it may answer 400); it used to drop the connection."""

@@ -218,6 +218,8 @@ class InputStream(flup.InputStream):
         """Read and drop what the application left unread, so the next record lines up."""
         if self._eof and not self._avail:
             return  # the common GET: an empty stdin, already complete
+        if not self._eof:  # the response is ready: the web server need not wait for the rest
+            self._conn.flush()
         while not self._eof:
             self._bufList.clear()
             self._conn.process_input()
