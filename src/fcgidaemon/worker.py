@@ -286,6 +286,9 @@ class Worker:
         # not take the next connection, so another idle worker accepts it. Only a connection
         # still open afterwards (kept, or its request not complete yet) joins the epoll set.
         conn = self._adopt(sock, register=False)
+        if self.stop_mode is StopMode.HANDOFF:  # _wind_down's: new code serves it (a reload)
+            self._hand_off(conn)
+            return True
         self._serve(conn, socket.MSG_DONTWAIT)
         if not conn.closed:
             self._watch(conn)
