@@ -154,5 +154,13 @@ def run_cli(args: Sequence[str], tmp_path: Path, timeout: float = 20.0,
     """Run `python -m fcgidaemon ARGS` to completion (for bad-config and check tests)."""
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("FCGI")}
     full_env.update(env or {})
-    return subprocess.run([sys.executable, "-m", "fcgidaemon", *args], capture_output=True, text=True,
-                          timeout=timeout, cwd=tmp_path, env=full_env, start_new_session=True)
+    proc = subprocess.Popen([sys.executable, "-m", "fcgidaemon", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=tmp_path, env=full_env,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:  # a daemon that should have exited: its whole group goes
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)

@@ -110,6 +110,12 @@ def _SAME_SITE(front: FrontEnd) -> dict[str, str]:
     return {"Referer": front.url(MANAGER)}
 
 
+def _wait_elected(front: FrontEnd, members: list, count: int, what: str) -> None:
+    """Poll the balancer manager until Apache has sent `count` requests to every member."""
+    wait_for(lambda: all(int(manager_rows(front)[m.url]["Elected"]) >= count for m in members),
+             20, what, interval=0.1)
+
+
 def manager_rows(front: FrontEnd) -> dict[str, dict[str, str]]:
     """The member table of /balancer-manager: {worker url: {column: value}}."""
     _, _, page = front.request("GET", MANAGER, headers=_SAME_SITE(front))
@@ -239,7 +245,7 @@ def test_rolling_deploy_across_members_loses_nothing(tmp_path: Path) -> None:
         t0 = time.monotonic()
         thread, out = load_in_background(front, "/app/id?id={uid}&sleep=0.05", duration,
                                          exact_id_check(versions))
-        time.sleep(2.0)  # the load is running on all three
+        _wait_elected(front, members, 40, "the load to run on all three members")
         steps = []
         for member in members:
             begin = time.monotonic()
@@ -294,7 +300,7 @@ def test_killing_a_member_costs_at_most_its_requests_in_flight(tmp_path: Path) -
         timeline = Timeline()
         thread, out = load_in_background(front, "/app/id?id={uid}&sleep=0.2", duration,
                                          exact_id_check(versions), timeline)
-        time.sleep(3.0)
+        _wait_elected(front, members, 60, "the load to run on all three members")
         # Right before the kill: what the victim is serving, by its own scoreboard
         # (less the status request itself) and by Apache's count.
         snap = json.loads(victim.get("/fcgi-status?json").body)

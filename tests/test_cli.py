@@ -165,7 +165,7 @@ def test_error_after_binding_is_the_only_line(start_daemon, tmp_path):
 
 
 def test_unknown_app_module(tmp_path):
-    out = run_cli(["no_such_app_xyz:application", "--bind", "127.0.0.1:1"], tmp_path)
+    out = run_cli(["no_such_app_xyz:application", "--bind", f"127.0.0.1:{free_port()}"], tmp_path)
     assert out.returncode == 2
     assert out.stderr.strip() == "fcgidaemon: application module not found: no_such_app_xyz"
 
@@ -174,7 +174,8 @@ def test_unknown_dotted_module_is_found_without_importing_the_package(tmp_path):
     pkg = tmp_path / "pkg"
     pkg.mkdir()
     (pkg / "__init__.py").write_text("raise SystemExit('the manager must not import the app package')\n")
-    out = run_cli(["pkg.nope", "--pythonpath", str(tmp_path)], tmp_path)
+    out = run_cli(["pkg.nope", "--pythonpath", str(tmp_path), "--bind", f"127.0.0.1:{free_port()}"],
+                  tmp_path)
     assert out.returncode == 2 and "application module not found: pkg.nope" in out.stderr
 
 
@@ -203,10 +204,11 @@ def test_unix_socket_in_use_is_refused(start_daemon, tmp_path):
 def test_bad_toml(tmp_path):
     conf = tmp_path / "bad.toml"
     conf.write_text("workers = [unclosed\n")
-    out = run_cli(["testapp", "--config", str(conf)], tmp_path)
+    bind = ["--bind", f"127.0.0.1:{free_port()}"]  # not the default port, should it start
+    out = run_cli(["testapp", "--config", str(conf), *bind], tmp_path)
     assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1
     conf.write_text("wrokers = 3\n")
-    out = run_cli(["testapp", "--config", str(conf)], tmp_path)
+    out = run_cli(["testapp", "--config", str(conf), *bind], tmp_path)
     assert out.returncode == 2 and "unknown option 'wrokers'" in out.stderr
 
 
@@ -367,8 +369,11 @@ def _reading_a_command(pid: int) -> bool:
 
 
 def test_control_commands_report_missing_manager(tmp_path):
-    out = run_cli(["reload", "--wait", "--pid", "999999"], tmp_path)
-    assert out.returncode == 1 and "no process 999999" in out.stderr
+    import subprocess
+    gone = subprocess.Popen(["true"])
+    gone.wait(5)  # reaped: its pid names no process (until the kernel reuses it)
+    out = run_cli(["reload", "--wait", "--pid", str(gone.pid)], tmp_path)
+    assert out.returncode == 1 and f"no process {gone.pid}" in out.stderr
     out = run_cli(["status", "--pidfile", str(tmp_path / "none.pid")], tmp_path)
     assert out.returncode == 1 and "cannot read pid" in out.stderr
 

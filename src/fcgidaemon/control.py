@@ -147,7 +147,10 @@ def ask(pid: int, command: str, timeout: float) -> dict[str, Any]:
     sock.settimeout(timeout)
     try:
         sock.connect(address(pid))
-        sock.sendall(command.encode(ENCODING) + b"\n")
+        try:
+            sock.sendall(command.encode(ENCODING) + b"\n")
+        except BrokenPipeError:  # refused at once ("permission denied") and closed: the answer
+            pass  # is still there to read
         data = b""
         while not data.endswith(b"\n"):
             chunk = sock.recv(65536)
