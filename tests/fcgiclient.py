@@ -427,6 +427,10 @@ class FCGIClient:
                         proto_status, raw, closed[FCGI_STDOUT])
 
     def _expect_close(self) -> None:
+        # bytes that came in the same recv() as END_REQUEST are already buffered: asking
+        # _fill for one byte more than the buffer holds would only look at later arrivals
+        if self._buf:
+            raise ProtocolError(f"data after END_REQUEST: {bytes(self._buf[:40])!r}")
         try:
             more = self._fill(len(self._buf) + 1, None)
         except ResponseTimeout:

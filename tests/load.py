@@ -9,6 +9,7 @@ to catch crosstalk between concurrent requests.
 from __future__ import annotations
 
 import http.client
+import re
 import threading
 import time
 from dataclasses import dataclass, field
@@ -130,10 +131,17 @@ def run_load(make_request: Callable[[int, int], object], clients: int,
                           result.elapsed, list(result.latencies), result.stuck)
 
 
+def id_token(uid: str) -> re.Pattern[bytes]:
+    """``id=<uid>`` as a whole token: the test app's ``/id`` answers ``id=<uid> version=...``,
+    an echo of the query string or path ends ``?id=<uid>`` or ``&id=<uid>``. A plain substring
+    test let uid ``1-2`` match a body for ``11-2`` or ``1-23`` (crosstalk unseen)."""
+    return re.compile(rb"(?:^|[\s?&])id=" + re.escape(uid.encode()) + rb"(?:$|[\s&])")
+
+
 def default_check(resp: Response, uid: str) -> None:
-    """Status 200 and the request's unique id present in the body."""
+    """Status 200 and the request's unique id in the body, exactly (``id=<uid>`` as a token)."""
     assert resp.status == 200, f"{uid}: status {resp.status}: {resp.body[:200]!r}"
-    assert uid.encode() in resp.body, f"{uid}: id missing from body {resp.body[:200]!r}"
+    assert id_token(uid).search(resp.body), f"{uid}: id missing from body {resp.body[:200]!r}"
 
 
 class _PerClient:

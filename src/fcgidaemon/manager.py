@@ -472,7 +472,7 @@ class Manager(supervise.Supervision, control.ControlCommands, upgrade.Upgrading)
             self._abort_reload(reason, rec.failure)
             return
         if rec.state is WState.STARTING and self.phase is Phase.STARTING and rec.failure:
-            log.error("application failed to import: %s", rec.failure.rstrip())
+            log.error("application failed to start: %s", rec.failure.rstrip())  # import, timeout
             self.exit_code = 1
             # graceful: workers already ready may be serving (beside an old manager, in an
             # upgrade); those still importing leave at once on SIGTERM (worker._on_stop_signal)

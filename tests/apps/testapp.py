@@ -119,6 +119,19 @@ def application(environ, start_response):
         return _text(start_response, f"child {child}".encode())
     if path.endswith("/uid"):
         return _text(start_response, f"{os.getuid()} {os.getgid()}".encode())
+    if path.endswith("/wsgi-errors"):  # two lines to environ['wsgi.errors'], each with the marker
+        marker = q.get("marker", "")
+        environ["wsgi.errors"].write(f"wsgi.errors line one {marker}\nwsgi.errors line two {marker}\n")
+        return _text(start_response, f"logged {marker}".encode())
+    if path.endswith("/late-exc-info"):  # a block sent, then an error page asked for (PEP 3333)
+        write = start_response("200 OK", [("Content-Type", "text/plain")])
+        write(b"first block\n")
+        try:
+            raise RuntimeError(f"late failure {q.get('marker', '')}")
+        except RuntimeError:
+            # the server must re-raise: the status line is gone, no error page can replace it
+            start_response("500 Internal Server Error", [("Content-Type", "text/plain")], sys.exc_info())
+        return [b"error page after the headers\n"]
     return _text(start_response, f"hello {VERSION} {os.getpid()}".encode())
 
 

@@ -1,0 +1,288 @@
+"""Guards for behaviours a mutation-testing review found untested (a mutant survived each).
+
+Each test names the defect it guards against; each was seen to fail with that defect put
+into a copy of the source (PYTHONPATH=copy: the daemon subprocesses inherit it).
+"""
+
+from __future__ import annotations
+
+import signal
+import socket
+import struct
+import threading
+import time
+
+import pytest
+
+from daemon import alive, run_cli, wait_for
+from fcgiclient import (FCGI_END_REQUEST, FCGI_STDOUT, FCGIClient, ProtocolError, build_request,
+                        encode_record, make_params)
+from load import default_check
+from test_lifecycle import _wait_busy, app_copy, get, set_version
+from test_operability import manager_status
+
+
+def _pid_of(body: bytes) -> int:
+    return int(body.rpartition(b"pid=")[2])
+
+
+# ---------------------------------------------------------------- kept connections
+
+
+def test_sigterm_closes_an_idle_kept_connection_at_once(start_daemon):
+    """SIGTERM with a kept connection open and idle: the worker closes it and the daemon exits
+    at once. Not closing it (worker._wind_down) makes the stop wait for --keep-conn-idle or
+    --graceful-timeout (30 s each here), then SIGKILL."""
+    d = start_daemon("testapp", "--keep-conn-idle", "30", "--graceful-timeout", "30", workers=1)
+    (pid,) = d.wait_workers(1)
+    with FCGIClient(d.address, timeout=10) as client:
+        resp = client.request(make_params("GET", "/id?id=k1"), keep_conn=True)
+        assert resp.body == f"id=k1 version=v1 pid={pid}".encode()
+        t0 = time.monotonic()
+        d.signal(signal.SIGTERM)
+        code = d.wait_exit(10)
+        took = time.monotonic() - t0
+        eof = client.read_record(time.monotonic() + 5)  # None: EOF at a record boundary
+    print(f"\nstop with an idle kept connection: exit {code} in {took:.2f}s (--keep-conn-idle 30)")
+    assert code == 0
+    assert eof is None
+    assert took < 3
+    assert not alive(pid) and d.count(r"did not stop in time") == 0
+
+
+def test_idle_kept_connection_is_closed_after_keep_conn_idle(start_daemon):
+    """An idle kept connection is closed after --keep-conn-idle (1 s): not before, not never.
+    Without it (worker._sweep) a web server's idle connections pile up until file descriptors
+    run out."""
+    d = start_daemon("testapp", "--keep-conn-idle", "1", workers=1)
+    (pid,) = d.wait_workers(1)
+    with FCGIClient(d.address, timeout=10) as client:
+        resp = client.request(make_params("GET", "/id?id=i1"), keep_conn=True)
+        t0 = time.monotonic()
+        assert resp.body == f"id=i1 version=v1 pid={pid}".encode()
+        eof = client.read_record(t0 + 5)  # ResponseTimeout if still open after 5 s
+        took = time.monotonic() - t0
+    print(f"\nidle kept connection closed after {took:.2f}s (--keep-conn-idle 1)")
+    assert eof is None
+    assert 0.95 <= took < 2.5  # idle from the END_REQUEST; swept every 0.25 s, waits at most 1 s
+    assert d.workers() == [pid]
+    assert get(d.address, "/id?id=i2").body == f"id=i2 version=v1 pid={pid}".encode()
+
+
+def test_413_on_a_kept_connection_closes_it(start_daemon):
+    """A body over --max-body is answered 413 without being read, so the connection must be
+    closed after the answer even though the web server asked to keep it: the unread body would
+    otherwise be parsed as the next request's records (fastcgi._too_large clears KEEP_CONN)."""
+    d = start_daemon("testapp", "--max-body", "100k", workers=1)
+    (pid,) = d.wait_workers(1)
+    params = make_params("POST", "/echo", extra={"CONTENT_LENGTH": "200000",
+                                                   "CONTENT_TYPE": "application/octet-stream"})
+    with FCGIClient(d.address, timeout=3) as client:
+        client.send_raw(build_request(params, b"x" * 1000, keep_conn=True))
+        # keep_conn=False: read_response then requires EOF after END_REQUEST (ProtocolError
+        # "server kept the connection open without FCGI_KEEP_CONN" after 3 s otherwise)
+        resp = client.read_response(1, keep_conn=False)
+    assert resp.status == 413
+    assert resp.app_status == 0
+    d.wait_log(r"request body of 200000 bytes refused \(--max-body 102400\): /echo")
+    assert d.workers() == [pid]
+    assert get(d.address, "/hello").body == f"hello v1 {pid}".encode()
+
+
+# ---------------------------------------------------------------- reloads
+
+
+def test_reload_kills_a_retiring_worker_still_busy_at_graceful_timeout(start_daemon):
+    """A reload (SIGHUP, not SIGTERM) while the old worker is stuck in a 20 s request: the
+    retiring worker is killed at --graceful-timeout (1 s), so old code does not linger for as
+    long as its slowest request (or forever, for a hung one)."""
+    d = start_daemon("testapp", "--graceful-timeout", "1", workers=1)
+    (old,) = d.wait_workers(1)
+    out: dict = {}
+
+    def slow():
+        try:
+            out["resp"] = get(d.address, "/sleep?s=20", timeout=30)
+        except Exception as exc:  # noqa: BLE001 - the assertion reports it
+            out["error"] = exc
+
+    thread = threading.Thread(target=slow)
+    thread.start()
+    try:
+        _wait_busy(d)
+        d.reload(2)
+        t0 = time.monotonic()
+        d.wait_log(rf"worker {old} still busy after 1s; killing it", timeout=5)
+        wait_for(lambda: not alive(old), 3, f"retiring worker {old} to be killed")
+        took = time.monotonic() - t0
+        d.wait_log(rf"worker {old} \(slot 0, gen 1, retiring\) exited: killed by SIGKILL")
+    finally:
+        thread.join(30)
+    (new,) = d.wait_workers(1)
+    print(f"\nretiring worker {old} gone {took:.2f}s after the reload completed; new worker {new}")
+    assert new != old
+    assert "resp" not in out  # the stuck request was cut off, not answered
+    assert get(d.address, "/id?id=after").body == f"id=after version=v1 pid={new}".encode()
+    assert d.count(r"still busy after") == 1
+
+
+def test_reload_whose_import_outlasts_ready_timeout_fails(start_daemon, tmp_path):
+    """--ready-timeout (1 s) is enforced: a reload whose import takes 4 s is aborted, `reload
+    --wait` exits 1 with the reason, and the old generation serves on, its pid unchanged. Not
+    enforced, the reload waited out any import, however long (or hung)."""
+    src = app_copy(tmp_path)
+    d = start_daemon("liveapp", "--ready-timeout", "1", workers=1, pythonpath=[src])
+    (old,) = d.wait_workers(1)
+    set_version(src, "v2")
+    app = src / "liveapp.py"
+    app.write_text("import time\ntime.sleep(4)  # longer than --ready-timeout\n" + app.read_text())
+    t0 = time.monotonic()
+    out = run_cli(["reload", "--wait", "--pid", str(d.pid), "--timeout", "20"], tmp_path, timeout=30)
+    took = time.monotonic() - t0
+    print(f"\nreload --wait: exit {out.returncode} after {took:.2f}s: {out.stderr.strip()}")
+    assert out.returncode == 1, (out.stdout, out.stderr)
+    assert "reload failed: not ready within 1s; still serving generation 1" in out.stderr
+    assert took < 3.5
+    assert d.count(r"reload to generation 2 failed: not ready within 1s; still serving generation 1") == 1
+    assert d.count(r"worker \d+ not ready after 1s; killing it") == 1
+    assert d.wait_workers(1) == [old]
+    assert get(d.address, "/hello").body == f"hello v1 {old}".encode()
+    assert d.count(r"reload complete") == 0
+
+
+# ---------------------------------------------------------------- exits, status, worker count
+
+
+def test_startup_import_failure_exits_1(start_daemon, tmp_path):
+    """The daemon (not `check`) started with an application that raises at import: it logs the
+    traceback and exits 1, so systemd and scripts see a failed start (0 read as a clean stop)."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "raising.py").write_text("raise RuntimeError('config missing at import')\n")
+    d = start_daemon("raising", workers=2, pythonpath=[src], wait=False)
+    code = d.wait_exit(15)
+    print(f"\nstartup import failure: exit {code}")
+    assert code == 1
+    assert d.count(r"application failed to start: RuntimeError in .*raising\.py:1: "
+                   r"config missing at import") == 1
+    assert d.count(r"manager exiting with status 1") == 1
+
+
+def test_timeout_kill_is_counted_in_the_status(start_daemon, tmp_path):
+    """A request killed at --timeout shows as timeouts == 1 in `fcgidaemon status --json`
+    (and the status page): the one number that tells an operator requests are being killed."""
+    d = start_daemon("testapp", "--timeout", "1", workers=1)
+    assert manager_status(d, tmp_path)["timeouts"] == 0
+    with pytest.raises(ProtocolError):
+        get(d.address, "/sleep?s=30", timeout=15)
+    d.wait_log(r"worker \d+ timed out: busy 1\.\ds on GET /sleep")
+    snap = wait_for(lambda: (s := manager_status(d, tmp_path))["timeouts"] and s, 5,
+                    "the timeout to be counted")
+    print(f"\nstatus after one --timeout kill: timeouts={snap['timeouts']}")
+    assert snap["timeouts"] == 1
+    assert snap["slow_requests"] == 0
+
+
+def test_sigttou_never_goes_below_one_worker(start_daemon):
+    """SIGTTOU with one worker keeps that worker: same pid, still serving, and one log line
+    saying so. Allowing 0 retires the last worker and the site answers nothing."""
+    d = start_daemon(workers=1)
+    (pid,) = d.wait_workers(1)
+    d.signal(signal.SIGTTOU)
+    d.wait_log(r"worker count stays 1", timeout=5)
+    assert d.count(r"worker count 1 -> 0") == 0
+    assert d.workers() == [pid]
+    assert get(d.address, "/hello").body == f"hello v1 {pid}".encode()
+    assert d.workers() == [pid]
+
+
+# ---------------------------------------------------------------- WSGI
+
+
+def test_wsgi_errors_lines_reach_the_log(start_daemon):
+    """What the application writes to environ['wsgi.errors'] appears in the daemon's log, each
+    line once (PEP 3333's error stream; dropped, the application's own diagnostics vanish)."""
+    d = start_daemon("testapp", workers=1)
+    marker = f"m{time.monotonic_ns()}"
+    resp = get(d.address, f"/wsgi-errors?marker={marker}")
+    assert resp.status == 200 and resp.body == f"logged {marker}".encode()
+    d.wait_log(rf"wsgi\.errors line two {marker}\n", timeout=5)
+    assert d.count(rf"wsgi\.errors line one {marker}\n") == 1
+    assert d.count(rf"wsgi\.errors line two {marker}\n") == 1
+
+
+def test_start_response_with_exc_info_after_the_headers_reraises(start_daemon):
+    """start_response(status, headers, exc_info) after a block was sent must re-raise exc_info
+    (PEP 3333): the status already went out, so the server cannot send the error page as if it
+    were part of a 200. The application's error propagates and the connection is dropped
+    without END_REQUEST, so the web server knows the response is incomplete."""
+    d = start_daemon("testapp", workers=1)
+    (pid,) = d.wait_workers(1)
+    marker = f"x{time.monotonic_ns()}"
+    with FCGIClient(d.address, timeout=5) as client:
+        client.send_raw(build_request(make_params("GET", f"/late-exc-info?marker={marker}"), keep_conn=True))
+        records = list(client.recv_records(timeout=5))
+        eof = client._eof
+    stdout = b"".join(r.content for r in records if r.type == FCGI_STDOUT)
+    print(f"\n{len(records)} records, stdout {stdout!r}, EOF {eof}")
+    assert [r.type for r in records if r.type != FCGI_STDOUT] == []  # no END_REQUEST
+    assert stdout == b"Status: 200 OK\r\nContent-Type: text/plain\r\n\r\nfirst block\n"
+    assert eof  # closed by the daemon, not a client timeout
+    d.wait_log(r"connection closed: application failed after sending headers; response dropped")
+    assert d.count(r"application error on GET /late-exc-info") == 1
+    assert d.count(rf"\nRuntimeError: late failure {marker}\n") == 1
+    assert d.workers() == [pid]
+
+
+# ---------------------------------------------------------------- the test helpers themselves
+
+
+@pytest.mark.parametrize("junk", [b"", b"JUNK"], ids=["clean", "stray-bytes"])
+def test_fcgiclient_sees_bytes_buffered_after_end_request(junk):
+    """fcgiclient's close check after a response without FCGI_KEEP_CONN: bytes that arrived in
+    the same recv() as END_REQUEST were already buffered, and it only looked at later ones, so
+    stray bytes after END_REQUEST went unseen. A raw loopback responder sends a response, then
+    `junk`, in one send, and closes before the client reads any of it."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(5)
+    sent = threading.Event()
+
+    def serve():
+        conn, _ = listener.accept()
+        with conn:
+            conn.recv(65536)
+            out = encode_record(FCGI_STDOUT, 1, b"Content-Type: text/plain\r\n\r\nhi")
+            out += encode_record(FCGI_STDOUT, 1) + encode_record(FCGI_END_REQUEST, 1, struct.pack("!IB3x", 0, 0))
+            conn.sendall(out + junk)
+        sent.set()
+
+    thread = threading.Thread(target=serve)
+    thread.start()
+    try:
+        with FCGIClient(listener.getsockname(), timeout=3) as client:
+            client.send_raw(build_request(make_params("GET", "/")))
+            assert sent.wait(5)  # all of it in the client's receive buffer: one recv() takes it
+            if junk:
+                with pytest.raises(ProtocolError, match=r"data after END_REQUEST: b'JUNK'"):
+                    client.read_response(1, keep_conn=False)
+            else:
+                assert client.read_response(1, keep_conn=False).body == b"hi"
+    finally:
+        thread.join(5)
+        listener.close()
+
+
+def test_default_check_matches_the_id_exactly():
+    """load.default_check tested `uid in body`: uid "1-2" passed for the body of "11-2" or
+    "1-23", so crosstalk between those two requests went unseen."""
+    from fcgiclient import Response
+
+    def body(text: str) -> Response:
+        return Response(200, [], text.encode())
+
+    default_check(body("id=1-2 version=v1 pid=7"), "1-2")  # the test app's /id
+    default_check(body("id=1-2"), "1-2")  # an echo of the query string
+    default_check(body("/?id=1-2"), "1-2")  # an echo of the path
+    for other in ("id=11-2 version=v1 pid=7", "id=1-23 version=v1 pid=7", "/?id=1-23", "xid=1-2"):
+        with pytest.raises(AssertionError, match="id missing"):
+            default_check(body(other), "1-2")
