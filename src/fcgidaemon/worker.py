@@ -286,10 +286,6 @@ class Worker:
         # not take the next connection, so another idle worker accepts it. Only a connection
         # still open afterwards (kept, or its request not complete yet) joins the epoll set.
         conn = self._adopt(sock, register=False)
-        if self.stop_mode is StopMode.HANDOFF:  # _wind_down's: new code serves it (a reload)
-            self._hand_off(conn)
-            if conn.closed:
-                return True  # else the hand-off failed (we now stop with CLOSE): serve it
         self._serve(conn, socket.MSG_DONTWAIT)
         if not conn.closed:
             self._watch(conn)
@@ -489,8 +485,9 @@ class Worker:
                     # The wake-up for this connection may have come to this worker, alone
                     # (EPOLLEXCLUSIVE), with the retire message: no other worker is woken for
                     # it, and it waited in the queue until the next connection arrived (40 s
-                    # with one client at --max-requests 3). Take it (in a reload, to hand it
-                    # over to the new generation): none is left waiting.
+                    # with one client at --max-requests 3). Take it and serve it: none is left
+                    # waiting. (Not handed over: the worker the manager picks may have just
+                    # taken another connection, and this one then waited for its request.)
                     self._take(sock)
             sock.close()
         self._title("retiring")
