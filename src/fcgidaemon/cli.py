@@ -105,8 +105,13 @@ def serve(config: Config) -> int:
     # Signals are recorded from here on, for the manager's loop: a SIGHUP during a slow preload
     # (the default action) killed the manager, and a SIGTERM left the pidfile and socket behind.
     queue = signals.SignalQueue(MANAGER_SIGNALS)
-    # bound before the pidfile names us: `fcgidaemon stop` checks that the pid has one
-    ctl = control.listen()
+    try:
+        # bound before the pidfile names us: `fcgidaemon stop` checks that the pid has one
+        ctl = control.listen()
+    except OSError as exc:
+        for lst in listeners:
+            lst.close()
+        return usage_error(ConfigError(f"cannot start: control socket: {exc}"))
     try:
         try:
             write_pidfile(config.pidfile)
@@ -184,9 +189,9 @@ def check(argv: Sequence[str]) -> int:
     except loader.AppImportError as exc:
         print(exc.text, end="", file=sys.stderr)
         print(f"fcgidaemon check: FAILED: {exc}", file=sys.stderr)
-        return 1
+        return EXIT_FAILED
     except Exception:  # noqa: BLE001 - anything else is a failure to report too
         traceback.print_exc()
-        return 1
+        return EXIT_FAILED
     print(f"fcgidaemon check: OK: {config.app} is {type(app).__name__} {getattr(app, '__qualname__', '')}")
     return 0

@@ -289,10 +289,11 @@ OPTIONS: tuple[Option, ...] = (
     Option("max_memory", "--max-memory", "FCGIDAEMON_MAX_MEMORY", "0", parse_int_min(0),
            "a worker whose RSS exceeds this many MB is replaced the same way (0: no limit)", "MB"),
     Option("max_body", "--max-body", "FCGIDAEMON_MAX_BODY", "0", parse_size,
-           "largest request body accepted (bytes, or with k/M/G); larger requests get 413 "
-           "(0: no limit)", "SIZE"),
+           "largest request body accepted (bytes, or with k/M/G); larger requests get 413, a "
+           "CONTENT_LENGTH that is not a number 400 (0: no limit)", "SIZE"),
     Option("max_params", "--max-params", "FCGIDAEMON_MAX_PARAMS", "1M", parse_size,
-           "largest FCGI_PARAMS stream (request headers and CGI variables) accepted", "SIZE"),
+           "largest FCGI_PARAMS stream (request headers and CGI variables) accepted, and the "
+           "most request body taken before the params end; more closes the connection", "SIZE"),
     Option("allow_from", "--allow-from", "FCGI_WEB_SERVER_ADDRS", "", parse_networks,
            "client addresses or networks allowed to connect over TCP (comma-separated, may repeat; "
            "empty: any); others are closed and logged", "ADDRS", repeat=True),
@@ -315,7 +316,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("access_log", "--access-log", "FCGIDAEMON_ACCESS_LOG", "", parse_optional_str,
            "write an access log (combined format, then request time in us and worker pid) to "
            "FILE or `-` for stdout (off by default); a FILE moved or removed (logrotate) is "
-           "reopened within a second, no signal needed", "FILE"),
+           "reopened within a second, no signal needed; one that cannot be opened stops the "
+           "start (exit 2) or fails the reload", "FILE"),
     Option("reload_check", "--reload-check", "FCGIDAEMON_RELOAD_CHECK", "", parse_optional_str,
            "a new worker first serves one GET of this path in-process and must answer 2xx before "
            "it counts as ready; otherwise the reload is aborted like an import error", "PATH"),

@@ -119,8 +119,11 @@ def is_manager(pid: int) -> bool:
     preload). Read from /proc/net/unix, not by connecting: the manager reads a command from
     each connection."""
     name = " @" + address(pid)[1:].decode()
-    with open("/proc/net/unix") as fh:
-        return any(line.rstrip("\n").endswith(name) for line in fh)
+    try:
+        with open("/proc/net/unix") as fh:  # this network namespace's sockets (as the control
+            return any(line.rstrip("\n").endswith(name) for line in fh)  # channel itself)
+    except OSError as exc:
+        raise ControlError(f"cannot tell whether {pid} is a manager: {exc}") from None
 
 
 def send_signal(pid: int, signum: int) -> None:

@@ -86,7 +86,9 @@ class Server:
     maxwrite: int = MAX_CONTENT - 7 + flup.FCGI_HEADER_LEN  # body chunks of 65528 bytes: no padding
     inputStreamShrinkThreshold: int = 102400 - 8192
     on_done: Callable[["Request"], None] | None = None  # bookkeeping before the response leaves
-    exit_asked: str = ""  # the application raised SystemExit or KeyboardInterrupt: which
+    # the application raised SystemExit or KeyboardInterrupt (which, as text): the worker asks
+    # for its replacement
+    on_exit_asked: Callable[[str], None] | None = None
 
     def capabilities(self) -> dict[bytes, bytes]:
         return {
@@ -218,8 +220,6 @@ class InputStream(flup.InputStream):
         """Read and drop what the application left unread, so the next record lines up."""
         if self._eof and not self._avail:
             return  # the common GET: an empty stdin, already complete
-        if not self._eof:  # the response is ready: the web server need not wait for the rest
-            self._conn.flush()
         while not self._eof:
             self._bufList.clear()
             self._conn.process_input()
@@ -333,6 +333,9 @@ class Connection:
                 data = self.sock.recv(RECV_BODY)
                 break
             except BlockingIOError:
+                # What is ready of the response leaves before we wait: an application that
+                # answers without reading the body had it held until the whole body was in.
+                self.flush()
                 self._wait(select.POLLIN, "no input")
             except OSError as exc:
                 raise ConnectionLost(f"receive failed: {exc.strerror or exc}") from None
@@ -608,4 +611,4 @@ class Connection:
         # a request and its connection refer to each other: without this, a dropped request's
         # buffered input stayed until the cyclic garbage collector ran
         self.request = None
-        self.inbuf = bytearray()
+        self.inbuf.clear()

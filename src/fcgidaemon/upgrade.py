@@ -152,7 +152,7 @@ class Upgrading:
             refusal = f"upgrade refused: an upgrade to manager {self.upgrade.pid} is in progress"
         elif self.phase is not Phase.RUNNING:
             refusal = f"upgrade refused: the manager is {self.phase.value}"
-        elif self.predecessor is not None and control.alive(self.predecessor):
+        elif self.predecessor is not None and self._predecessor_retiring():
             # its workers still hand their kept connections to us when their last requests end:
             # upgraded again, we would be gone, and it closed them (8 requests lost of 8,628)
             refusal = f"upgrade refused: the previous manager {self.predecessor} is still retiring"
@@ -174,6 +174,18 @@ class Upgrading:
         if waiter is not None:
             self.upgrade.waiters.append(waiter)
         systemd.notify(f"STATUS=upgrading: new manager {self.upgrade.pid} starting")
+
+    def _predecessor_retiring(self) -> bool:
+        """Whether the manager we replaced still runs (its control socket: a pid alone may
+        have been reused by now); forgotten once it is gone."""
+        try:
+            running = control.is_manager(self.predecessor or 0)
+        except control.ControlError as exc:
+            log.warning("%s; taking it as gone", exc)
+            running = False
+        if not running:
+            self.predecessor = None
+        return running
 
     def _announce_to_predecessor(self) -> None:
         """We replace an old manager: tell it (it retires) and tell systemd we are the main pid."""

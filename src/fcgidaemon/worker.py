@@ -11,8 +11,9 @@ Stopping never loses accepted work:
 
 * ``retire`` (a message from the manager during a reload): stop accepting,
   finish the request in progress, serve what is half-received, and hand every
-  idle connection to the manager over the channel (SCM_RIGHTS), which passes it
-  to a worker of the new generation; bytes still in the kernel travel with it;
+  other connection (idle, or with a next request waiting in the kernel) to the
+  manager over the channel (SCM_RIGHTS), which passes it to a worker of the new
+  generation; bytes still in the kernel travel with it;
 * SIGTERM / SIGHUP (a stop): the same, but idle kept connections are closed,
   and a connection that has not sent its first request yet is still served;
 * SIGINT / SIGQUIT: exit at once.
@@ -118,8 +119,9 @@ class Worker:
         self.board = spec.board or Scoreboard(1)
         self.index = spec.board_index if spec.board else 0
         self.title = titles.BusyTitle(f"worker {spec.slot} gen {spec.generation}")
-        self.quota = (self.config.max_requests + random.randint(0, self.config.max_requests_jitter)
-                      if self.config.max_requests else 0)
+        quota = (self.config.max_requests + random.randint(0, self.config.max_requests_jitter)
+                 if self.config.max_requests else 0)
+        self.replace_at = quota or sys.maxsize  # --max-requests: this many requests, then replaced
         self.paused: dict[int, float] = {}  # listener fd -> when to watch it again (_pause)
         self.accept_failures = logs.Throttle(10.0)  # for want of descriptors or memory
 
@@ -131,24 +133,23 @@ class Worker:
             app = loader.load_app(self.config.app)
         except loader.AppImportError as exc:
             log.debug("import failed: %s", exc.summary)
-            message = MSG_IMPORT_FAILED + b"\n" + f"{exc.summary}\n{exc.text}".encode()
-            self.spec.channel.send(message[:MAX_MESSAGE])
-            return EXIT_IMPORT_FAILED
+            return self._failed_start(f"{exc.summary}\n{exc.text}")
         if self.config.reload_check:
             failure = loader.self_check(app, self.config.reload_check)
             if failure:
-                self.spec.channel.send((MSG_IMPORT_FAILED + b"\n" + failure.encode())[:MAX_MESSAGE])
-                return EXIT_IMPORT_FAILED
-        try:
-            app = self._wrap(app)
-        except OSError as exc:  # the access log, since removed or made unwritable: a failed start
-            reason = f"cannot open --access-log {self.config.access_log}: {exc.strerror or exc}"
-            self.spec.channel.send((MSG_IMPORT_FAILED + b"\n" + reason.encode())[:MAX_MESSAGE])
-            return EXIT_IMPORT_FAILED
+                return self._failed_start(failure)
+        if self.config.access_log:
+            try:
+                self.access_log = accesslog.AccessLog(self.config.access_log)
+            except OSError as exc:  # removed or made unwritable since the manager checked it
+                return self._failed_start(f"cannot open --access-log {self.config.access_log}: "
+                                          f"{exc.strerror or exc}")
+        app = self._wrap(app)
         limits = Limits(read_timeout=self.config.read_timeout, max_params=self.config.max_params,
                         max_body=self.config.max_body)
         self.server = Server(make_handler(app), limits, max_conns=self.config.workers * 64,
-                             max_reqs=self.config.workers, on_done=self._request_done)
+                             max_reqs=self.config.workers, on_done=self._request_done,
+                             on_exit_asked=self._on_exit_asked)
         self._register()
         self.board.set_state(self.index, SlotState.IDLE)
         self.spec.channel.send(MSG_READY)
@@ -156,11 +157,15 @@ class Worker:
         self._loop()
         return EXIT_OK
 
+    def _failed_start(self, reason: str) -> int:
+        """Tell the manager why we cannot serve (a reload then fails with this reason)."""
+        self.spec.channel.send((MSG_IMPORT_FAILED + b"\n" + reason.encode())[:MAX_MESSAGE])
+        return EXIT_IMPORT_FAILED
+
     def _wrap(self, app: loader.WSGIApp) -> loader.WSGIApp:
         """Our own pages and the access log sit in front of the application."""
         config = self.config
-        if config.access_log:
-            self.access_log = accesslog.AccessLog(config.access_log)
+        if self.access_log is not None:
             app = accesslog.middleware(app, self.access_log)
         if config.status_path or config.ping_path:
             app = status.middleware(app, self.board, config.app, config.status_path, config.ping_path,
@@ -198,8 +203,9 @@ class Worker:
         # (or hang: a stop would wait out --graceful-timeout for a worker with nothing to do)
         if not self.accepting:
             os._exit(EXIT_OK)
-        if self.stop_mode is StopMode.NONE:
-            self.stop_mode = StopMode.CLOSE
+        # a retiring worker too: the stop that follows a reload has no generation to hand to,
+        # so what waits on its connections is served, then they are closed
+        self.stop_mode = StopMode.CLOSE
 
     def _register(self) -> None:
         self.accepting = True
@@ -247,7 +253,7 @@ class Worker:
                 elif fd == self.spec.channel.fileno():
                     self._channel_message()
             if self.stop_mode is not mode:
-                continue  # told to retire in this wake-up: _wind_down decides what to serve first
+                continue  # a stop or retire began in this wake-up: _wind_down decides first
             for conn in ready:
                 if self.conns.get(conn.fd) is conn:  # not handed off or closed meanwhile
                     self._serve(conn)
@@ -404,19 +410,21 @@ class Worker:
                 self._request_done(req)
             self.title.done()
 
-    def _ask_for_replacement(self, exit_asked: str) -> None:
-        """At --max-requests, or when the application raised SystemExit: the manager starts a
-        replacement, then retires us."""
-        if self.quota and self.requests >= self.quota:
-            log.info("served %d requests (--max-requests); asking for a replacement", self.requests)
-            message = MSG_QUOTA
-        elif exit_asked:
-            log.warning("the application raised %s; asking for a replacement", exit_asked)
-            message = MSG_EXIT_ASKED
-        else:
-            return
+    def _on_exit_asked(self, what: str) -> None:
+        """The application raised SystemExit (or KeyboardInterrupt) in a request (wsgi.handle,
+        through Server.on_exit_asked): that request is answered 500, then we are replaced."""
+        if not self.replacement_asked:
+            log.warning("the application raised %s; asking for a replacement", what)
+            self._ask_for_replacement(MSG_EXIT_ASKED)
+
+    def _ask_for_replacement(self, message: bytes) -> None:
+        """The manager starts a replacement, then retires us (as in a reload)."""
         self.replacement_asked = True
-        self.spec.channel.send(message)
+        try:
+            self.spec.channel.send(message)
+        except OSError as exc:  # the manager is gone (our sweep notices and stops us): this
+            # runs as a response is finished, which must not fail for it
+            log.warning("cannot ask the manager for a replacement: %s", exc)
 
     def _request_done(self, req: object) -> None:
         self.requests += 1
@@ -426,9 +434,9 @@ class Worker:
                                     if self.stop_mode is StopMode.NONE else SlotState.RETIRING)
         # here, not after running the application: a request aborted or refused before it ran
         # is counted too, and when such a one reached the quota the worker was never recycled
-        exit_asked = self.server.exit_asked if self.server is not None else ""
-        if (self.quota and self.requests >= self.quota or exit_asked) and not self.replacement_asked:
-            self._ask_for_replacement(exit_asked)
+        if self.requests >= self.replace_at and not self.replacement_asked:
+            log.info("served %d requests (--max-requests); asking for a replacement", self.requests)
+            self._ask_for_replacement(MSG_QUOTA)
 
     # ------------------------------------------------------------------ manager channel
 
@@ -477,18 +485,14 @@ class Worker:
 
     def _wind_down(self) -> bool:
         """Stop accepting and let go of idle connections; True when nothing is left."""
+        waiting = []
         for fd, sock in list(self.listener_fds.items()):
             del self.listener_fds[fd]
             if self.paused.pop(fd, None) is None:  # a paused listener is not in the epoll set
                 self.epoll.unregister(fd)
                 if _readable(sock):
-                    # The wake-up for this connection may have come to this worker, alone
-                    # (EPOLLEXCLUSIVE), with the retire message: no other worker is woken for
-                    # it, and it waited in the queue until the next connection arrived (40 s
-                    # with one client at --max-requests 3). Take it and serve it: none is left
-                    # waiting. (Not handed over: the worker the manager picks may have just
-                    # taken another connection, and this one then waited for its request.)
-                    self._take(sock)
+                    waiting.append(sock)
+                    continue
             sock.close()
         self._title("retiring")
         self.board.set_state(self.index, SlotState.RETIRING)
@@ -501,9 +505,19 @@ class Worker:
                 # off at --graceful-timeout (1 of 4 answered, 3 waiting behind a 2 s request).
                 self._hand_off(conn)
             elif not conn.last_call and _readable(conn.sock):
-                conn.last_call = True  # stopping: a request already waiting here is served once
+                conn.last_call = True  # stopping: what already waits here is served first
             elif conn.between_requests and not _readable(conn.sock):
                 self._drop(conn)
+        for sock in waiting:
+            # The wake-up for this connection may have come to this worker, alone
+            # (EPOLLEXCLUSIVE), with the retire message: no other worker is woken for it, and
+            # it waited in the queue until the next connection arrived (40 s with one client
+            # at --max-requests 3). Taken and served here, after the hand-overs above (what
+            # waits there must not wait behind it); not handed over itself: the worker the
+            # manager picks may have just taken another connection, and this one then waited
+            # for that request. A kept one is handed over at the next pass.
+            self._take(sock)
+            sock.close()
         return not self.conns
 
     def _hand_off(self, conn: Connection) -> None:

@@ -259,7 +259,7 @@ def make_handler(app: Callable[..., Any]) -> Callable[[Request], int]:
                 raise fault from None
             return application_failed(req, response, environ)
         except APP_EXITS as exc:  # sys.exit() in a request: answered, then the worker is replaced
-            req._conn.server.exit_asked = exit_name(exc)
+            exit_asked(req, exc)
             return application_failed(req, response, environ)
         finally:
             close_result(result, req, environ)
@@ -276,8 +276,9 @@ TRANSPORT_FAULTS = (ConnectionLost, RequestAborted, ProtocolError)
 APP_EXITS = (SystemExit, KeyboardInterrupt)
 
 
-def exit_name(exc: BaseException) -> str:
-    return f"{type(exc).__name__}({exc})" if str(exc) else type(exc).__name__
+def exit_asked(req: Request, exc: BaseException) -> None:
+    if req.server.on_exit_asked is not None:
+        req.server.on_exit_asked(f"{type(exc).__name__}({exc})" if str(exc) else type(exc).__name__)
 
 
 def transport_fault(exc: BaseException | None) -> BaseException | None:
@@ -314,6 +315,6 @@ def close_result(result: Any, req: Request, environ: dict[str, Any]) -> None:
         close()
     except (Exception, *APP_EXITS) as exc:  # noqa: BLE001 - reported; the response is decided
         if isinstance(exc, APP_EXITS):
-            req._conn.server.exit_asked = exit_name(exc)
+            exit_asked(req, exc)
         log.error("application error in close() on %s", environ.get("REQUEST_URI", ""),
                   exc_info=True)
