@@ -6,6 +6,7 @@ into a copy of the source (PYTHONPATH=copy: the daemon subprocesses inherit it).
 
 from __future__ import annotations
 
+import os
 import signal
 import socket
 import struct
@@ -286,3 +287,56 @@ def test_default_check_matches_the_id_exactly():
     for other in ("id=11-2 version=v1 pid=7", "id=1-23 version=v1 pid=7", "/?id=1-23", "xid=1-2"):
         with pytest.raises(AssertionError, match="id missing"):
             default_check(body(other), "1-2")
+
+
+def test_scoreboard_totals_never_go_backwards_while_workers_are_folded():
+    """The manager folds an exited worker's counters into the pool and frees its record in two
+    writes, bracketed by a sequence number a reader checks (Scoreboard.consistent). Without the
+    bracket a reader between the two writes counted that worker twice, and the next read went
+    backwards (which Prometheus takes for a counter reset). Real shared memory, two processes:
+    a reader in its own process polls the totals while this one plays the manager for 2 s,
+    allocating a record, writing a request to it as a worker would, and folding it."""
+    from fcgidaemon.scoreboard import Pool, Scoreboard
+
+    board, pool = Scoreboard(4), Pool()
+    board.write_pool(pool)
+    go_r, go_w = os.pipe()
+    reader = os.fork()
+    if reader == 0:  # the reader: exit 0 if the totals never decreased, 1 otherwise
+        code, reads, last = 0, 0, (0, 0)
+        try:
+            os.close(go_w)
+            os.set_blocking(go_r, False)
+            while True:
+                try:
+                    if os.read(go_r, 1) == b"":
+                        break  # the manager side is done
+                except BlockingIOError:
+                    pass
+                p, slots = board.consistent()
+                now = (p.requests_exited + sum(s.requests for s in slots),
+                       sum(p.histogram_exited) + sum(sum(s.histogram) for s in slots))
+                reads += 1
+                if now[0] < last[0] or now[1] < last[1]:
+                    code = 1
+                    break
+                last = now
+        finally:
+            os._exit(code if reads > 100 else 2)
+    os.close(go_r)
+    folds, end = 0, time.monotonic() + 2.0  # the measured interval: 2 s of folding
+    try:
+        while time.monotonic() < end:
+            index = board.allocate(1, 1)
+            board.request_finished(index, 1, time.monotonic())  # as the worker does
+            board.release(index, pool)
+            folds += 1
+            pause = time.perf_counter() + 50e-6  # room for whole reads between folds (a real
+            while time.perf_counter() < pause:   # manager folds far less often)
+                pass
+    finally:
+        os.close(go_w)
+        _, status = os.waitpid(reader, 0)
+    print(f"\n{folds} folds in 2 s; reader exit {os.waitstatus_to_exitcode(status)}")
+    assert pool.requests_exited == folds and sum(pool.histogram_exited) == folds
+    assert os.waitstatus_to_exitcode(status) == 0  # 1: a total went backwards; 2: too few reads
