@@ -14,19 +14,19 @@ import logging
 import os
 import pwd
 import signal
+import socket
 import sys
 import traceback
 from typing import Sequence
 
 from . import accesslog, commands, control, loader, logs, signals, upgrade
+from .commands import EXIT_FAILED, EXIT_USAGE
 from .config import Config, ConfigError, log_level_number, resolve
 from .manager import MANAGER_SIGNALS, Manager
 from .sockets import open_listeners
 
 log = logging.getLogger("fcgidaemon")
 
-EXIT_FAILED = 1  # the application or a preloaded module failed to import or start
-EXIT_USAGE = 2  # a bad option or configuration: the same error every time
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT)
 
 
@@ -44,8 +44,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     return serve(config)
 
 
-def usage_error(exc: Exception) -> int:
-    print(f"fcgidaemon: {exc}", file=sys.stderr)
+def usage_error(exc: Exception, prog: str = "fcgidaemon") -> int:
+    print(f"{prog}: {exc}", file=sys.stderr)
     return EXIT_USAGE
 
 
@@ -105,15 +105,11 @@ def serve(config: Config) -> int:
     # Signals are recorded from here on, for the manager's loop: a SIGHUP during a slow preload
     # (the default action) killed the manager, and a SIGTERM left the pidfile and socket behind.
     queue = signals.SignalQueue(MANAGER_SIGNALS)
-    try:
-        # bound before the pidfile names us: `fcgidaemon stop` checks that the pid has one
-        ctl = control.listen()
-    except OSError as exc:
-        for lst in listeners:
-            lst.close()
-        return usage_error(ConfigError(f"cannot start: control socket: {exc}"))
+    ctl: socket.socket | None = None
     try:
         try:
+            # bound before the pidfile names us: `fcgidaemon stop` checks that the pid has one
+            ctl = control.listen()
             write_pidfile(config.pidfile)
             pidfile_written = bool(config.pidfile)
             drop_privileges(config)
@@ -144,7 +140,8 @@ def serve(config: Config) -> int:
         finally:
             manager.close()
     finally:
-        ctl.close()
+        if ctl is not None:
+            ctl.close()
         for lst in listeners:
             lst.close()
         if pidfile_written:
@@ -181,8 +178,7 @@ def check(argv: Sequence[str]) -> int:
         config = resolve(argv, prog="fcgidaemon check")
         prepare(config)
     except ConfigError as exc:
-        print(f"fcgidaemon check: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+        return usage_error(exc, "fcgidaemon check")
     try:
         loader.preload(config.preload)
         app = loader.load_app(config.app)

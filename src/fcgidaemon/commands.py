@@ -18,8 +18,8 @@ from . import control
 from .config import ConfigError, ErrorParser
 
 COMMANDS = ("reload", "upgrade", "status", "stop")
-EXIT_FAILED = 1
-EXIT_USAGE = 2
+EXIT_FAILED = 1  # the application or a preloaded module failed to import or start; a command failed
+EXIT_USAGE = 2  # a bad option or configuration: the same error every time
 
 
 def parser(command: str) -> argparse.ArgumentParser:
