@@ -100,6 +100,19 @@ def parse_optional_str(text: str) -> str | None:
     return text if text else None
 
 
+SWITCH = {"yes": True, "on": True, "true": True, "1": True, "no": False, "off": False, "false": False,
+          "0": False}
+
+
+def parse_switch(value: str | bool) -> bool:
+    if isinstance(value, bool):  # a TOML true/false
+        return value
+    try:
+        return SWITCH[str(value).strip().lower()]
+    except KeyError:
+        raise ConfigError(f"expected yes or no, not {value!r}") from None
+
+
 def parse_list(text: str | Sequence[str]) -> list[str]:
     """Comma-separated (or a TOML list); empty items are dropped."""
     items = text if isinstance(text, (list, tuple)) else [text]
@@ -260,6 +273,10 @@ OPTIONS: tuple[Option, ...] = (
     Option("preload", "--preload", "FCGIDAEMON_PRELOAD", "", parse_list,
            "modules imported once in the manager before forking (comma-separated, may repeat); "
            "never reloaded by SIGHUP", "MODS", repeat=True),
+    Option("share_stdlib", "--share-stdlib", "FCGIDAEMON_SHARE_STDLIB", "yes", parse_switch,
+           "the manager imports the standard-library modules its workers imported (never the "
+           "application's or third-party code), so workers it starts later (the next reload, "
+           "replacements) share them instead of each holding a copy", "yes|no"),
     Option("chdir", "--chdir", "FCGIDAEMON_CHDIR", None, parse_optional_str,
            "change to this directory before importing anything", "DIR"),
     Option("pythonpath", "--pythonpath", "FCGIDAEMON_PYTHONPATH", "", parse_list,
@@ -349,6 +366,7 @@ class Config:
     backlog: int
     workers: int
     preload: list[str] = field(default_factory=list)
+    share_stdlib: bool = True
     chdir: str | None = None
     pythonpath: list[str] = field(default_factory=list)
     graceful_timeout: float = 30.0
@@ -542,7 +560,8 @@ def _pick(opt: Option, given: dict[str, Any], from_file: dict[str, Any],
         return "command line", given[opt.name]
     if opt.name in from_file:
         value = from_file[opt.name]
-        if isinstance(value, bool) or not isinstance(value, (str, int, float, list)):
+        if (isinstance(value, bool) and opt.parse is not parse_switch) or \
+                not isinstance(value, (str, int, float, list)):
             raise ConfigError(f"config file {config_file}: bad value for {opt.toml_key}")
         return f"config file {config_file}", value
     if opt.env and environ.get(opt.env, "") != "":

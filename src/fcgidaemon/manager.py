@@ -16,7 +16,7 @@ import signal
 import socket
 import time
 
-from . import control, logs, signals, supervise, systemd, titles, upgrade, worker
+from . import control, logs, sharing, signals, supervise, systemd, titles, upgrade, worker
 from .config import Config
 from .scoreboard import Pool, Scoreboard, SlotState
 from .states import ENDING, TRANSITIONS, Phase, WorkerRecord, WState  # noqa: F401 - re-exported
@@ -61,7 +61,8 @@ def signals_markdown() -> str:
     return "\n".join(rows)
 
 
-class Manager(supervise.Supervision, control.ControlCommands, upgrade.Upgrading):
+class Manager(supervise.Supervision, control.ControlCommands, upgrade.Upgrading,
+              sharing.StdlibSharing):
     def __init__(self, config: Config, listeners: list[Listener], predecessor: int | None = None,
                  queue: signals.SignalQueue | None = None,
                  control_sock: socket.socket | None = None) -> None:
@@ -93,6 +94,7 @@ class Manager(supervise.Supervision, control.ControlCommands, upgrade.Upgrading)
         self.reload_waiters: list[tuple[socket.socket, int]] = []  # (client, generation it waits for)
         self.control = control_sock or control.listen()  # cli's: bound before the pidfile
         self.selector.register(self.control, selectors.EVENT_READ, "control")
+        self._init_sharing()
 
     # ------------------------------------------------------------------ the loop
 
@@ -137,6 +139,8 @@ class Manager(supervise.Supervision, control.ControlCommands, upgrade.Upgrading)
             moments.append(self.upgrade.deadline)
         if self.watchdog:
             moments.append(self.next_watchdog)
+        if self._sharing_due:
+            return 0.0
         longest = 0.1 if (self.config.timeout or self.config.slow_log or self.config.dynamic) else 0.25
         if not moments:
             return longest
@@ -326,6 +330,8 @@ class Manager(supervise.Supervision, control.ControlCommands, upgrade.Upgrading)
         elif msg == worker.MSG_EXIT_ASKED:
             if live:
                 self._mark_for_replacement(rec, "was asked to exit by its application")
+        elif msg.startswith(worker.MSG_STDLIB + b"\n"):
+            self._on_stdlib_report(msg.decode(errors="replace").split("\n")[1:])
         else:
             log.warning("unknown message from worker %d: %r", rec.pid, msg[:40])
         for fd in fds:
@@ -537,6 +543,8 @@ class Manager(supervise.Supervision, control.ControlCommands, upgrade.Upgrading)
         self._publish()
         if self.phase is Phase.RUNNING:
             self._balance(now)
+        if self._sharing_due:
+            self._share_stdlib()
         if self.config.dynamic and self.phase is Phase.RUNNING:
             self._scale(now)
         if self.phase in (Phase.RUNNING, Phase.STARTING, Phase.RELOADING):

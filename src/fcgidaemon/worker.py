@@ -55,6 +55,7 @@ MSG_ADOPT = b"adopt"
 MSG_RETIRE = b"retire"
 MSG_QUOTA = b"quota"  # --max-requests reached: please start my replacement
 MSG_EXIT_ASKED = b"exit-asked"  # the application raised SystemExit: the same, for that reason
+MSG_STDLIB = b"stdlib"  # "stdlib\nNAME\nNAME...": standard-library modules we imported (--share-stdlib)
 MSG_BALANCE = b"balance"  # "balance N": hand N idle kept connections back (the manager evens them out)
 MAX_MESSAGE = 65536
 LISTENER_EVENTS = select.EPOLLIN | select.EPOLLEXCLUSIVE  # see Worker._register
@@ -124,6 +125,7 @@ class Worker:
         self.replace_at = quota or sys.maxsize  # --max-requests: this many requests, then replaced
         self.paused: dict[int, float] = {}  # listener fd -> when to watch it again (_pause)
         self.accept_failures = logs.Throttle(10.0)  # for want of descriptors or memory
+        self.modules_seen = set(sys.modules)  # the manager's, then those reported (_report_stdlib)
 
     # ------------------------------------------------------------------ start
 
@@ -152,6 +154,7 @@ class Worker:
                              on_exit_asked=self._on_exit_asked)
         self._register()
         self.board.set_state(self.index, SlotState.IDLE)
+        self._report_stdlib()
         self.spec.channel.send(MSG_READY)
         self._title("idle")
         self._loop()
@@ -417,6 +420,26 @@ class Worker:
             log.warning("the application raised %s; asking for a replacement", what)
             self._ask_for_replacement(MSG_EXIT_ASKED)
 
+    def _report_stdlib(self) -> None:
+        """--share-stdlib: name the standard-library modules imported here since the last
+        report (the application's, then those it imported while serving) to the manager, which
+        imports them so the workers it starts later share them (sharing.py)."""
+        if not self.config.share_stdlib:
+            return
+        names = loader.stdlib_imported(self.modules_seen)
+        self.modules_seen.update(sys.modules)
+        message = MSG_STDLIB
+        for name in names:
+            if len(message) + len(name) + 1 > MAX_MESSAGE:
+                break
+            message += b"\n" + name.encode()
+        if message == MSG_STDLIB:
+            return
+        try:
+            self.spec.channel.send(message)
+        except OSError as exc:  # the manager is gone: our sweep notices and stops us
+            log.debug("cannot report standard-library modules: %s", exc)
+
     def _ask_for_replacement(self, message: bytes) -> None:
         """The manager starts a replacement, then retires us (as in a reload)."""
         self.replacement_asked = True
@@ -454,6 +477,7 @@ class Worker:
             for fd in fds:
                 self._adopt(socket.socket(fileno=fd)).adopted = True
         elif msg == MSG_RETIRE:
+            self._report_stdlib()  # what serving made us import: the next generation shares it
             self._begin_stop(StopMode.HANDOFF)
         elif msg.startswith(MSG_BALANCE + b" ") and msg[len(MSG_BALANCE) + 1:].isdigit():
             self._give_back(int(msg[len(MSG_BALANCE) + 1:]))
