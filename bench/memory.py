@@ -25,12 +25,15 @@ does, instead of in each worker after it.
 from __future__ import annotations
 
 import collections
+import re
 import statistics
 import threading
+import time
 from pathlib import Path
 from typing import Any, Callable
 
 import fcgiclient
+import reload
 import servers
 from procs import LoadMeter, Proc, children, free_port, smaps_rollup
 
@@ -93,6 +96,53 @@ def footprint(names: tuple[str, ...], workers: int, requests: int, workdir: Path
         progress(f"footprint {name:12} worker PSS median {after['worker_pss_mb']['median']:.1f} MB, "
                  f"USS {after['worker_uss_mb']['median']:.1f} MB, answers {answers}")
     return out
+
+
+SHARING_APP = "stdapp:application"  # imports 30 common standard-library modules
+SHARED_RE = re.compile(r"imported \d+ standard-library modules the workers use")
+
+
+def sharing(workers: int, requests: int, workdir: Path,
+            progress: Callable[[str], None]) -> dict[str, Any]:
+    """--share-stdlib yes and no, for an application importing a web framework's usual share of
+    the standard library: worker memory in the generation the daemon started with (which
+    imported it all itself), then in the next one, after a SIGHUP (which, with yes, finds it
+    imported by the manager)."""
+    out: dict[str, Any] = {"workers": workers, "requests": requests, "app": SHARING_APP, "variants": {}}
+    for share in ("yes", "no"):
+        spec = servers.BackendSpec("fcgidaemon", free_port(), workers, app=SHARING_APP,
+                                   extra=("--share-stdlib", share))
+        proc = servers.start(spec, workdir / "logs", ready_timeout=120)
+        try:
+            meter = LoadMeter([proc.pid])
+            first_answers = drive(spec.port, requests, uri="/", key=lambda status, body: str(status))
+            if share == "yes":  # the manager imports what the workers reported, between reloads
+                reload.wait_line(proc.log_path, 0, SHARED_RE, proc, 60)
+            first = snapshot(proc)
+            old = set(children(proc.pid))
+            reload.reload_once(proc, 2, timeout=120)
+            _wait_gone(proc, old)
+            second_answers = drive(spec.port, requests, uri="/", key=lambda status, body: str(status))
+            other = meter.other_cores()
+            second = snapshot(proc)
+        finally:
+            proc.stop()
+        out["variants"][share] = {"first": first, "second": second, "other_cores": other,
+                                  "answers": [first_answers, second_answers]}
+        progress(f"sharing --share-stdlib {share}: worker USS {first['worker_uss_mb']['median']:.1f}"
+                 f" -> {second['worker_uss_mb']['median']:.1f} MB after SIGHUP, total PSS "
+                 f"{first['total_pss_mb']:.1f} -> {second['total_pss_mb']:.1f} MB")
+    return out
+
+
+
+def _wait_gone(proc: Proc, pids: set[int], timeout: float = 60) -> None:
+    """Until the retired generation has exited (its memory would count in the manager's shares)."""
+    deadline = time.monotonic() + timeout
+    while set(children(proc.pid)) & pids:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"old workers still running after {timeout:g}s")
+        time.sleep(0.05)
 
 
 def _pid_of(status: int, body: bytes) -> str:

@@ -49,7 +49,7 @@ def run(workers: int, rounds: int, modules: int, workdir: Path,
                                        app=f"{heavy.APP_MODULE}:application", pythonpath=(root,),
                                        extra=(*extra, "--ready-timeout", str(int(timeout))))
             proc = servers.start(spec, workdir / "logs", ready_timeout=timeout)
-            _wait_line(proc.log_path, 0, SERVING_RE, proc, timeout)
+            wait_line(proc.log_path, 0, SERVING_RE, proc, timeout)
             daemons[name] = proc
             out["variants"][name] = {"first_start_s": round(time.monotonic() - started, 3),
                                      "first_start_other_cores": meter.other_cores(),
@@ -74,14 +74,14 @@ def reload_once(proc: Proc, generation: int, timeout: float) -> dict[str, Any]:
     offset = proc.log_path.stat().st_size
     meter, t0 = LoadMeter([proc.pid]), time.monotonic()
     os.kill(proc.pid, signal.SIGHUP)
-    match, text = _wait_line(proc.log_path, offset, COMPLETE_RE, proc, timeout, generation)
+    match, text = wait_line(proc.log_path, offset, COMPLETE_RE, proc, timeout, generation)
     elapsed = time.monotonic() - t0
     return {"generation": generation, "sighup_to_complete_s": round(elapsed, 4),
             "other_cores": meter.other_cores(),
             "logged_s": float(match.group(2)), "spawn_s": _spawn_times(text, generation)}
 
 
-def _wait_line(log_path: Path, offset: int, pattern: re.Pattern[str], proc: Proc,
+def wait_line(log_path: Path, offset: int, pattern: re.Pattern[str], proc: Proc,
                timeout: float, generation: int | None = None) -> tuple[re.Match[str], str]:
     """Poll the log from `offset` until `pattern` (for `generation`, if given) appears."""
     deadline = time.monotonic() + timeout

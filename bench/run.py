@@ -122,6 +122,8 @@ def run_sections(sections: tuple[str, ...], plan: throughput.Plan, quick: bool,
                                                workdir=work, progress=progress)
                 results["memory"]["footprint"] = memory.footprint(
                     servers.BACKENDS, plan.workers, 2000 if quick else 10_000, work, progress)
+                results["memory"]["sharing"] = memory.sharing(
+                    plan.workers, 2000 if quick else 10_000, work, progress)
             elif section == "micro":
                 results["micro"] = run_micro(0.1 if quick else 1.0, 1 if quick else 3)
         except Exception as exc:  # noqa: BLE001 - one failed section must not lose the others

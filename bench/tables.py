@@ -131,6 +131,8 @@ def memory(section: dict[str, Any]) -> str:
                      f"| {_num(data.get('other_cores'), 2)} |")
     if "footprint" in section:
         lines += ["", footprint(section["footprint"])]
+    if "sharing" in section:
+        lines += ["", sharing(section["sharing"])]
     return "\n".join(lines) + "\n"
 
 
@@ -148,6 +150,22 @@ def footprint(section: dict[str, Any]) -> str:
         lines.append(f"| {name} | {_mmm(a['worker_pss_mb'])} | {_mmm(a['worker_uss_mb'])} "
                      f"| {_med(a['worker_rss_mb'], 1)} | {_num(a['manager']['pss'])} "
                      f"| {_num(a['total_pss_mb'])} | {answers} | {_num(data.get('other_cores'), 2)} |")
+    return "\n".join(lines)
+
+
+def sharing(section: dict[str, Any]) -> str:
+    lines = _table(f"### --share-stdlib: {section['app']} (30 standard-library modules), "
+                   f"{section['workers']} workers, {section['requests']:,} requests per generation; "
+                   "the generation started with the daemon, then the next (SIGHUP)\n",
+                   ["--share-stdlib", "generation", "worker USS MB>", "worker PSS MB>",
+                    "manager PSS MB>", "total PSS MB>", "answers", "other load>"])
+    for share, data in section["variants"].items():
+        for label, snap, answers in (("first", data["first"], data["answers"][0]),
+                                     ("after SIGHUP", data["second"], data["answers"][1])):
+            told = ", ".join(f"{n:,} × {k}" for k, n in answers.items())
+            lines.append(f"| {share} | {label} | {_mmm(snap['worker_uss_mb'])} "
+                         f"| {_mmm(snap['worker_pss_mb'])} | {_num(snap['manager']['pss'])} "
+                         f"| {_num(snap['total_pss_mb'])} | {told} | {_num(data.get('other_cores'), 2)} |")
     return "\n".join(lines)
 
 
