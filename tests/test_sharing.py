@@ -1,15 +1,17 @@
 """--share-stdlib: the standard-library modules an application imports are imported once in the
 manager, after its workers report them, and every worker it forks afterwards shares them; never a
-module of the application's own, even one named like a standard one."""
+module of the application's own, even one named like a standard one, and never at the cost of a
+worker or the manager."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
-from fcgidaemon import loader
+from fcgidaemon import sharing
 from test_lifecycle import get
 
 APP = '''\
@@ -28,24 +30,33 @@ def application(environ, start_response):
     start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", str(len(body)))])
     return [body]
 '''
+# an application module named like a standard one: says who imported it, and which version
 SHADOW = '''\
 import os
+VERSION = "{version}"
 with open(os.environ["SHADOW_MARKER"], "a") as fh:
-    fh.write(f"{os.getpid()}\\n")
+    fh.write(f"{{os.getpid()}}\\n")
 '''
 SHARED_LOG = r"imported \d+ standard-library modules the workers use"
 
 
-def _app(tmp_path: Path) -> Path:
+def _app(tmp_path: Path, text: str = APP, shadow: str | None = "colorsys") -> Path:
     src = tmp_path / "shareapp"
     src.mkdir()
-    (src / "shareapp.py").write_text(APP)
-    (src / "colorsys.py").write_text(SHADOW)
+    (src / "shareapp.py").write_text(text)
+    if shadow:
+        (src / f"{shadow}.py").write_text(SHADOW.format(version="v1"))
     return src
 
 
-def _inherited(d) -> str:
-    return get(d.address, "/").body.decode()
+def _answer(d, path: str = "/") -> str:
+    resp = get(d.address, path)
+    assert resp.status == 200, resp
+    return resp.body.decode()
+
+
+def _importers(marker: Path) -> list[int]:
+    return [int(line) for line in marker.read_text().split()]
 
 
 def test_workers_started_later_share_the_standard_library_the_app_imports(start_daemon, tmp_path):
@@ -53,17 +64,16 @@ def test_workers_started_later_share_the_standard_library_the_app_imports(start_
     d = start_daemon("shareapp:application", workers=1, pythonpath=[_app(tmp_path)],
                      env={"SHADOW_MARKER": str(marker)})
     d.wait_serving(1)
-    assert _inherited(d) == ""  # the first generation imported everything itself
+    assert _answer(d) == ""  # the first generation imported everything itself
     d.wait_log(SHARED_LOG)
-    assert get(d.address, "/late").status == 200  # this worker now has wave too
+    assert _answer(d, "/late") == ""  # this worker now has wave too
     d.reload(2)
-    assert _inherited(d) == "decimal email.message http.cookies"
+    assert _answer(d) == "decimal email.message http.cookies"
     d.wait_log(SHARED_LOG, count=2)  # what generation 1 imported while serving, told as it retired
     d.reload(3)
-    assert _inherited(d) == "decimal email.message http.cookies wave"
-    importers = [int(line) for line in marker.read_text().split()]
-    print(f"app's colorsys imported by pids {importers}; manager {d.pid}")
-    assert len(importers) == 3 and d.pid not in importers  # once per worker, never the manager
+    assert _answer(d) == "decimal email.message http.cookies wave"
+    print(f"app's colorsys imported by pids {_importers(marker)}; manager {d.pid}")
+    assert len(_importers(marker)) == 3 and d.pid not in _importers(marker)  # per worker, never the manager
 
 
 def test_share_stdlib_no_keeps_the_manager_as_it_started(start_daemon, tmp_path):
@@ -71,37 +81,137 @@ def test_share_stdlib_no_keeps_the_manager_as_it_started(start_daemon, tmp_path)
                      pythonpath=[_app(tmp_path)], env={"SHADOW_MARKER": str(tmp_path / "m")})
     d.wait_serving(1)
     d.reload(2)
-    assert _inherited(d) == ""
+    assert _answer(d) == ""
     assert d.count(SHARED_LOG) == 0
 
 
-def test_the_manager_checks_each_name_itself(tmp_path):
-    """What a worker reports is checked again where it is imported: an application's module named
-    like a standard one, a module with side effects, one that does not exist and a third-party
-    one are refused; a package's module is imported with its package."""
-    (tmp_path / "colorsys.py").write_text("raise SystemExit('the application module was imported')\n")
-    code = (f"import sys, time; sys.path.insert(0, {str(tmp_path)!r})\n"
-            "from fcgidaemon import loader\n"
-            "names = sorted(['colorsys', 'this', 'no_such_module', 'flup', 'flup.server', 'email',\n"
-            "                'email.message', 'wave'])\n"
-            "print(loader.share_stdlib(names, time.monotonic() + 30))\n")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
-                         env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+CALENDAR_APP = '''\
+import calendar  # the application's own calendar.py
+import email.message  # whose email._parseaddr imports "calendar" too
+
+
+def application(environ, start_response):
+    body = calendar.VERSION.encode()
+    start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", str(len(body)))])
+    return [body]
+'''
+
+
+def test_a_standard_module_that_imports_an_application_module_is_not_shared(start_daemon, tmp_path):
+    """email.message imports calendar; this application has a calendar.py of its own. Imported
+    in the manager, email.message ran that file there, and the manager's copy then replaced the
+    deployed one in every later generation (v1 served after v2 was deployed)."""
+    marker = tmp_path / "calendar-importers"
+    src = _app(tmp_path, CALENDAR_APP, shadow="calendar")
+    d = start_daemon("shareapp:application", workers=1, pythonpath=[src],
+                     env={"SHADOW_MARKER": str(marker)})
+    d.wait_serving(1)
+    assert _answer(d) == "v1"
+    d.wait_log(SHARED_LOG)
+    (src / "calendar.py").write_text(SHADOW.format(version="v2"))
+    d.reload(2)
+    assert _answer(d) == "v2"
+    print(f"the app's calendar.py imported by pids {_importers(marker)}; manager {d.pid}")
+    assert d.pid not in _importers(marker)
+    assert "not sharing email._parseaddr: calendar: not reported by a worker" in d.log()
+
+
+DEPLOY_APP = '''\
+import colorsys  # the standard one, until a deploy brings a colorsys.py of the application's
+
+
+def application(environ, start_response):
+    body = getattr(colorsys, "VERSION", "standard").encode()
+    start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", str(len(body)))])
+    return [body]
+'''
+
+
+def test_a_deploy_may_add_a_module_named_like_a_shared_one(start_daemon, tmp_path):
+    """The manager shares the standard colorsys; then a deploy adds the application's own: the
+    next generation imports the application's, as it would without sharing."""
+    src = _app(tmp_path, DEPLOY_APP, shadow=None)
+    d = start_daemon("shareapp:application", workers=1, pythonpath=[src],
+                     env={"SHADOW_MARKER": str(tmp_path / "m")})
+    d.wait_serving(1)
+    assert _answer(d) == "standard"
+    d.wait_log(SHARED_LOG)
+    d.reload(2)
+    assert _answer(d) == "standard"  # shared now, and still the standard one
+    (src / "colorsys.py").write_text(SHADOW.format(version="deployed"))
+    d.reload(3)
+    assert _answer(d) == "deployed"
+
+
+LAZY_APP = '''\
+import importlib.util, sys
+
+spec = importlib.util.find_spec("gpu")  # optional: loaded on first use, which may never come
+gpu = importlib.util.module_from_spec(spec)
+spec.loader = importlib.util.LazyLoader(spec.loader)
+sys.modules["gpu"] = gpu
+spec.loader.exec_module(gpu)
+
+
+def application(environ, start_response):
+    start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", "2")])
+    return [b"ok"]
+'''
+
+
+def test_a_lazily_imported_module_stays_unloaded(start_daemon, tmp_path):
+    """Listing the modules for the report asked each one for its __spec__: that loads a lazy
+    module, and this one raises, so every worker crashed before it was ready."""
+    src = _app(tmp_path, LAZY_APP, shadow=None)
+    (src / "gpu.py").write_text("raise RuntimeError('no GPU driver on this host')\n")
+    d = start_daemon("shareapp:application", workers=1, pythonpath=[src])
+    d.wait_serving(1)
+    assert _answer(d) == "ok"
+    assert "crashed" not in d.log() and "no GPU driver" not in d.log()
+
+
+def _report(*modules: str) -> list[str]:
+    """What a worker would report after importing `modules`: asked of a fresh interpreter."""
+    code = ("import sys; before = set(sys.modules)\n"
+            f"for m in {list(modules)!r}: __import__(m)\n"
+            "from fcgidaemon import sharing; import json\n"
+            "print(json.dumps(sharing.stdlib_imported(before)))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
-    imported, refused, rest = eval(out.stdout)  # noqa: S307 - our own subprocess's repr
-    assert imported == ["email", "email.message", "wave"]
-    assert refused == ["colorsys", "flup", "flup.server", "no_such_module", "this"]
+    return json.loads(out.stdout)
+
+
+def test_the_manager_checks_each_name_itself(tmp_path):
+    """What a worker reports is checked again where it is imported, by the manager's own search:
+    an application's module named like a standard one, a module with side effects, one that does
+    not exist, a third-party one and one that exits when imported are refused, and the manager
+    goes on."""
+    (tmp_path / "colorsys.py").write_text("raise SystemExit('the application module was imported')\n")
+    names = sorted({*_report("email.message", "wave", "unittest"), "colorsys", "this", "no_such_module",
+                    "flup", "flup.server", "unittest.__main__"})
+    code = (f"import sys, time; sys.path.insert(0, {str(tmp_path)!r})\n"
+            "from fcgidaemon import sharing\n"
+            f"print(sharing.share_stdlib({names!r}, time.monotonic() + 30))\n"
+            "print('still here')\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and out.stdout.endswith("still here\n"), out.stdout + out.stderr
+    imported, refused, rest = eval(out.stdout.splitlines()[0])  # noqa: S307 - our own subprocess's repr
+    assert {"email.message", "wave", "unittest"} <= set(imported)
+    assert refused == ["colorsys", "flup", "flup.server", "no_such_module", "this", "unittest.__main__"]
     assert rest == [] and out.stderr == ""
 
 
 def test_only_the_interpreters_own_library_counts():
-    lib = loader.STDLIB_DIR
-    assert loader.is_stdlib("json", f"{lib}/json/__init__.py")
-    assert loader.is_stdlib("_socket", f"{lib}/lib-dynload/_socket.cpython-311-x86_64-linux-gnu.so")
-    assert loader.is_stdlib("sys", "built-in") and loader.is_stdlib("zipimport", "frozen")
+    lib = sharing.STDLIB_DIR
+    assert sharing.is_stdlib("json", f"{lib}/json/__init__.py")
+    assert sharing.is_stdlib("_socket", f"{lib}/lib-dynload/_socket.cpython-311-x86_64-linux-gnu.so")
+    assert sharing.is_stdlib("sys", "built-in") and sharing.is_stdlib("zipimport", "frozen")
     # a package named like a standard module, installed where a Python outside a venv keeps them
-    assert not loader.is_stdlib("json", f"{lib}/site-packages/json/__init__.py")
-    assert not loader.is_stdlib("json", "/srv/app/json.py")  # the application's own
-    assert not loader.is_stdlib("flup", f"{lib}/flup/__init__.py")  # no standard name
-    assert not loader.is_stdlib("this", f"{lib}/this.py")  # a standard name, never shared
-    assert not loader.is_stdlib("json", None)
+    assert not sharing.is_stdlib("json", f"{lib}/site-packages/json/__init__.py")
+    assert not sharing.is_stdlib("json", "/srv/app/json.py")  # the application's own
+    assert not sharing.is_stdlib("flup", f"{lib}/flup/__init__.py")  # no standard name
+    assert not sharing.is_stdlib("this", f"{lib}/this.py")  # a standard name, never shared
+    assert not sharing.is_stdlib("unittest.__main__", f"{lib}/unittest/__main__.py")  # runs tests
+    assert not sharing.is_stdlib("ctypes.test", f"{lib}/ctypes/test/__init__.py")
+    assert not sharing.is_stdlib("json.\0x", f"{lib}/json/x.py")
+    assert not sharing.is_stdlib("json", None)

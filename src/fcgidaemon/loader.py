@@ -9,16 +9,12 @@ from __future__ import annotations
 import importlib
 import importlib.machinery
 import importlib.util
-import logging
 import os
 import sys
-import time
 import traceback
 from typing import Any, Callable, Iterable
 
 WSGIApp = Callable[..., Any]
-
-log = logging.getLogger("fcgidaemon")
 
 
 class AppImportError(Exception):
@@ -71,70 +67,6 @@ def load_app(spec: str) -> WSGIApp:
     if not callable(obj):
         raise AppImportError(f"application {spec}", f"{attr} is not callable", f"{spec} is {obj!r}\n")
     return obj
-
-
-# Standard-library modules with effects beyond being imported (printing, a browser, the
-# terminal, a GUI): a worker's application may import them; the manager never does.
-NEVER_SHARED = frozenset({"__main__", "__mp_main__", "antigravity", "this", "readline", "rlcompleter",
-                          "tkinter", "turtle", "turtledemo", "idlelib", "test", "site",
-                          "sitecustomize", "usercustomize", "_tkinter"})
-STDLIB_DIR = os.path.dirname(os.path.realpath(os.__file__))  # lib-dynload lies inside it
-THIRD_PARTY = ("site-packages", "dist-packages")  # inside STDLIB_DIR when Python is not a venv's
-
-
-def is_stdlib(name: str, origin: str | None) -> bool:
-    """Whether module `name`, loaded from `origin`, is the standard library's own: its name is
-    one, and it is built in or comes from the interpreter's library directory (not an app's
-    file that shadows a standard name, nor a third-party package, which a deploy may change)."""
-    top = name.partition(".")[0]
-    if top not in sys.stdlib_module_names or top in NEVER_SHARED:
-        return False
-    if origin in ("built-in", "frozen"):
-        return True
-    path = os.path.realpath(origin) if origin else ""
-    return path.startswith(STDLIB_DIR + os.sep) and \
-        path[len(STDLIB_DIR) + 1:].partition(os.sep)[0] not in THIRD_PARTY
-
-
-def stdlib_imported(since: set[str]) -> list[str]:
-    """The standard-library modules this process has imported that are not in `since`."""
-    names = []
-    for name, module in list(sys.modules.items()):
-        if name not in since and module is not None:
-            spec = getattr(module, "__spec__", None)
-            if is_stdlib(name, getattr(spec, "origin", None)):
-                names.append(name)
-    return sorted(names)
-
-
-def share_stdlib(names: list[str], deadline: float) -> tuple[list[str], list[str], list[str]]:
-    """In the manager: import the standard-library modules `names` (sorted: a package before
-    its modules) that its workers reported, until `deadline`. Every worker forked afterwards
-    finds them imported and shares their pages, instead of importing a copy of its own.
-
-    Each is checked here too: the manager imports it only if its own search finds the standard
-    library's file. Returns (imported, refused, not reached before the deadline)."""
-    imported: list[str] = []
-    refused: list[str] = []
-    for i, name in enumerate(names):
-        if time.monotonic() >= deadline:
-            return imported, refused, names[i:]
-        if name in sys.modules:
-            continue
-        parent = name.rpartition(".")[0]
-        try:
-            if parent and parent not in sys.modules:
-                raise ImportError(f"package {parent} not shared")
-            spec = importlib.util.find_spec(name)
-            if spec is None or not is_stdlib(name, spec.origin):
-                raise ImportError(f"found at {spec.origin if spec else None}, not the standard library")
-            importlib.import_module(name)
-        except Exception as exc:  # noqa: BLE001 - a module this process cannot or should not import
-            log.debug("not sharing %s: %s", name, exc)
-            refused.append(name)
-        else:
-            imported.append(name)
-    return imported, refused, []
 
 
 def module_exists(name: str) -> bool:

@@ -264,7 +264,8 @@ class Manager(supervise.Supervision, control.ControlCommands, upgrade.Upgrading,
             try:
                 worker.run(worker.WorkerSpec(self.config, slot, generation,
                                              [lst.sock for lst in self.listeners], child_end,
-                                             os.getppid(), self.board, index, close_fds, old_mask))
+                                             os.getppid(), self.board, index, close_fds, old_mask,
+                                             frozenset(self.stdlib_shared)))
             finally:
                 os._exit(worker.EXIT_CRASH)
         signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)

@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import NoReturn
 
-from . import accesslog, loader, logs, status, titles
+from . import accesslog, loader, logs, sharing, status, titles
 from .config import Config, in_networks
 from .scoreboard import Scoreboard, SlotState
 from .fastcgi import Connection, ConnectionLost, Limits, ProtocolError, RequestAborted, Server
@@ -83,6 +83,7 @@ class WorkerSpec:
     board_index: int = 0
     close_fds: list[int] = field(default_factory=list)
     sigmask: set[int] | None = None  # the mask to restore once our handlers are in place
+    shared: frozenset[str] = frozenset()  # standard modules the manager imported for us (sharing.py)
 
 
 def run(spec: WorkerSpec) -> NoReturn:
@@ -131,6 +132,8 @@ class Worker:
 
     def run(self) -> int:
         self._setup_process()
+        for name in sharing.unshadow(self.spec.shared):
+            log.debug("the application has a module of its own named %s: not the shared one", name)
         try:
             app = loader.load_app(self.config.app)
         except loader.AppImportError as exc:
@@ -426,7 +429,11 @@ class Worker:
         imports them so the workers it starts later share them (sharing.py)."""
         if not self.config.share_stdlib:
             return
-        names = loader.stdlib_imported(self.modules_seen)
+        try:  # whatever an application put in sys.modules, this must not stop the worker
+            names = sharing.stdlib_imported(self.modules_seen)
+        except Exception:  # noqa: BLE001 - logged; the workers after us import their own
+            log.warning("cannot list the standard-library modules imported", exc_info=True)
+            return
         self.modules_seen.update(sys.modules)
         message = MSG_STDLIB
         for name in names:
