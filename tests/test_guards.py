@@ -340,3 +340,59 @@ def test_scoreboard_totals_never_go_backwards_while_workers_are_folded():
     print(f"\n{folds} folds in 2 s; reader exit {os.waitstatus_to_exitcode(status)}")
     assert pool.requests_exited == folds and sum(pool.histogram_exited) == folds
     assert os.waitstatus_to_exitcode(status) == 0  # 1: a total went backwards; 2: too few reads
+
+
+def test_status_reads_stay_whole_while_the_manager_writes_often():
+    """A manager replacing workers every few requests changes the board (folds, and its pool
+    record on every turn of its loop) more often than a status page could read a thousand
+    records in place: every attempt of consistent() failed, the last reading was taken across a
+    fold and counted a worker twice, and the next read went backwards (test_operability's
+    status counter test failed 4 times in 16 runs, with and without this stop's other changes).
+    consistent() now copies the board between two reads of the sequence number. Real shared
+    memory of the manager's capacity, a reader in its own process; this process writes as such
+    a manager does, for 2 s."""
+    from fcgidaemon.scoreboard import Pool, Scoreboard
+
+    board, pool = Scoreboard(), Pool()
+    board.write_pool(pool)
+    go_r, go_w = os.pipe()
+    reader = os.fork()
+    if reader == 0:  # the reader: exit 0 if the totals never decreased, 1 otherwise
+        code, reads, last = 0, 0, (0, 0)
+        try:
+            os.close(go_w)
+            os.set_blocking(go_r, False)
+            while True:
+                try:
+                    if os.read(go_r, 1) == b"":
+                        break
+                except BlockingIOError:
+                    pass
+                p, slots = board.consistent()
+                now = (p.requests_exited + sum(s.requests for s in slots), p.listen_queue)
+                reads += 1
+                if now[0] < last[0] or now[1] < last[1]:
+                    code = 1
+                    break
+                last = now
+        finally:
+            os._exit(code if reads > 100 else 2)
+    os.close(go_r)
+    writes, end = 0, time.monotonic() + 2.0
+    try:
+        while time.monotonic() < end:
+            index = board.allocate(1, 1)
+            board.request_finished(index, 1, time.monotonic())  # as the worker does
+            board.release(index, pool)
+            pool.listen_queue += 1  # a change for the pool record the loop writes next
+            board.write_pool(pool)
+            writes += 1
+            pause = time.perf_counter() + 200e-6  # one turn of a busy manager's loop
+            while time.perf_counter() < pause:
+                pass
+    finally:
+        os.close(go_w)
+        _, status = os.waitpid(reader, 0)
+    print(f"\n{writes} folds and pool writes in 2 s; reader exit {os.waitstatus_to_exitcode(status)}")
+    assert pool.requests_exited == writes
+    assert os.waitstatus_to_exitcode(status) == 0  # 1: a total went backwards; 2: too few reads
