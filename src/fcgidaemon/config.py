@@ -276,7 +276,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("share_stdlib", "--share-stdlib", "FCGIDAEMON_SHARE_STDLIB", "yes", parse_switch,
            "the manager imports the standard-library modules its workers imported (never the "
            "application's or third-party code), so workers it starts later (the next reload, "
-           "replacements) share them instead of each holding a copy", "yes|no"),
+           "replacements) share them instead of each holding a copy", "yes/no"),
     Option("chdir", "--chdir", "FCGIDAEMON_CHDIR", None, parse_optional_str,
            "change to this directory before importing anything", "DIR"),
     Option("pythonpath", "--pythonpath", "FCGIDAEMON_PYTHONPATH", "", parse_list,

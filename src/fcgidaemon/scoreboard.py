@@ -95,6 +95,7 @@ class Pool:
 
 PHASES = ("starting", "running", "reloading", "stopping", "quitting", "retired")
 
+
 def _pool_bytes(pool: Pool) -> bytes:
     return POOL.pack(pool.start_time, pool.manager_pid, pool.generation, pool.target,
                      PHASES.index(pool.phase) if pool.phase in PHASES else 0,
