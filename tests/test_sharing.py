@@ -172,10 +172,10 @@ def test_a_lazily_imported_module_stays_unloaded(start_daemon, tmp_path):
 
 def _report(*modules: str) -> list[str]:
     """What a worker would report after importing `modules`: asked of a fresh interpreter."""
-    code = ("import sys; before = set(sys.modules)\n"
+    code = ("from fcgidaemon import sharing; import json\n"
+            "mark = sharing.newest_module()\n"
             f"for m in {list(modules)!r}: __import__(m)\n"
-            "from fcgidaemon import sharing; import json\n"
-            "print(json.dumps(sharing.stdlib_imported(before)))\n")
+            "print(json.dumps(sharing.stdlib_imported(mark)))\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     return json.loads(out.stdout)

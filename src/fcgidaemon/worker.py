@@ -126,7 +126,7 @@ class Worker:
         self.replace_at = quota or sys.maxsize  # --max-requests: this many requests, then replaced
         self.paused: dict[int, float] = {}  # listener fd -> when to watch it again (_pause)
         self.accept_failures = logs.Throttle(10.0)  # for want of descriptors or memory
-        self.modules_seen = set(sys.modules)  # the manager's, then those reported (_report_stdlib)
+        self.modules_mark = sharing.newest_module()  # the manager's last, then the last reported
 
     # ------------------------------------------------------------------ start
 
@@ -430,11 +430,11 @@ class Worker:
         if not self.config.share_stdlib:
             return
         try:  # whatever an application put in sys.modules, this must not stop the worker
-            names = sharing.stdlib_imported(self.modules_seen)
+            names = sharing.stdlib_imported(self.modules_mark)
+            self.modules_mark = sharing.newest_module()
         except Exception:  # noqa: BLE001 - logged; the workers after us import their own
             log.warning("cannot list the standard-library modules imported", exc_info=True)
             return
-        self.modules_seen.update(sys.modules)
         message = MSG_STDLIB
         for name in names:
             if len(message) + len(name) + 1 > MAX_MESSAGE:
