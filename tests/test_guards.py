@@ -289,6 +289,35 @@ def test_default_check_matches_the_id_exactly():
             default_check(body(other), "1-2")
 
 
+def _totals_reader(board, totals) -> tuple[int, int]:
+    """Fork a reader that polls board.consistent() until the returned pipe end is closed. It
+    exits 0 if no element of totals(pool, slots) ever decreased, 1 if one did, 2 if it read
+    100 times or fewer."""
+    go_r, go_w = os.pipe()
+    reader = os.fork()
+    if reader == 0:
+        code, reads, last = 0, 0, None
+        try:
+            os.close(go_w)
+            os.set_blocking(go_r, False)
+            while True:
+                try:
+                    if os.read(go_r, 1) == b"":
+                        break  # the manager side is done
+                except BlockingIOError:
+                    pass
+                now = totals(*board.consistent())
+                reads += 1
+                if last is not None and any(a < b for a, b in zip(now, last)):
+                    code = 1
+                    break
+                last = now
+        finally:
+            os._exit(code if reads > 100 else 2)
+    os.close(go_r)
+    return reader, go_w
+
+
 def test_scoreboard_totals_never_go_backwards_while_workers_are_folded():
     """The manager folds an exited worker's counters into the pool and frees its record in two
     writes, bracketed by a sequence number a reader checks (Scoreboard.consistent). Without the
@@ -300,30 +329,9 @@ def test_scoreboard_totals_never_go_backwards_while_workers_are_folded():
 
     board, pool = Scoreboard(4), Pool()
     board.write_pool(pool)
-    go_r, go_w = os.pipe()
-    reader = os.fork()
-    if reader == 0:  # the reader: exit 0 if the totals never decreased, 1 otherwise
-        code, reads, last = 0, 0, (0, 0)
-        try:
-            os.close(go_w)
-            os.set_blocking(go_r, False)
-            while True:
-                try:
-                    if os.read(go_r, 1) == b"":
-                        break  # the manager side is done
-                except BlockingIOError:
-                    pass
-                p, slots = board.consistent()
-                now = (p.requests_exited + sum(s.requests for s in slots),
-                       sum(p.histogram_exited) + sum(sum(s.histogram) for s in slots))
-                reads += 1
-                if now[0] < last[0] or now[1] < last[1]:
-                    code = 1
-                    break
-                last = now
-        finally:
-            os._exit(code if reads > 100 else 2)
-    os.close(go_r)
+    reader, go_w = _totals_reader(board, lambda p, slots: (
+        p.requests_exited + sum(s.requests for s in slots),
+        sum(p.histogram_exited) + sum(sum(s.histogram) for s in slots)))
     folds, end = 0, time.monotonic() + 2.0  # the measured interval: 2 s of folding
     try:
         while time.monotonic() < end:
@@ -355,29 +363,8 @@ def test_status_reads_stay_whole_while_the_manager_writes_often():
 
     board, pool = Scoreboard(), Pool()
     board.write_pool(pool)
-    go_r, go_w = os.pipe()
-    reader = os.fork()
-    if reader == 0:  # the reader: exit 0 if the totals never decreased, 1 otherwise
-        code, reads, last = 0, 0, (0, 0)
-        try:
-            os.close(go_w)
-            os.set_blocking(go_r, False)
-            while True:
-                try:
-                    if os.read(go_r, 1) == b"":
-                        break
-                except BlockingIOError:
-                    pass
-                p, slots = board.consistent()
-                now = (p.requests_exited + sum(s.requests for s in slots), p.listen_queue)
-                reads += 1
-                if now[0] < last[0] or now[1] < last[1]:
-                    code = 1
-                    break
-                last = now
-        finally:
-            os._exit(code if reads > 100 else 2)
-    os.close(go_r)
+    reader, go_w = _totals_reader(board, lambda p, slots: (
+        p.requests_exited + sum(s.requests for s in slots), p.listen_queue))
     writes, end = 0, time.monotonic() + 2.0
     try:
         while time.monotonic() < end:
