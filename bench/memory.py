@@ -87,7 +87,7 @@ def footprint(names: tuple[str, ...], workers: int, requests: int, workdir: Path
         proc = servers.start(spec, workdir / "logs", ready_timeout=120)
         try:
             meter = LoadMeter([proc.pid])
-            answers = drive(spec.port, requests, uri="/hello", key=lambda status, body: str(status))
+            answers = drive(spec.port, requests, uri="/hello", key=_status_of)
             other = meter.other_cores()
             after = snapshot(proc)
         finally:
@@ -115,14 +115,14 @@ def sharing(workers: int, requests: int, workdir: Path,
         proc = servers.start(spec, workdir / "logs", ready_timeout=120)
         try:
             meter = LoadMeter([proc.pid])
-            first_answers = drive(spec.port, requests, uri="/", key=lambda status, body: str(status))
+            first_answers = drive(spec.port, requests, uri="/", key=_status_of)
             if share == "yes":  # the manager imports what the workers reported, between reloads
                 reload.wait_line(proc.log_path, 0, SHARED_RE, proc, 60)
             first = snapshot(proc)
             old = set(children(proc.pid))
             reload.reload_once(proc, 2, timeout=120)
             _wait_gone(proc, old)
-            second_answers = drive(spec.port, requests, uri="/", key=lambda status, body: str(status))
+            second_answers = drive(spec.port, requests, uri="/", key=_status_of)
             other = meter.other_cores()
             second = snapshot(proc)
         finally:
@@ -135,7 +135,6 @@ def sharing(workers: int, requests: int, workdir: Path,
     return out
 
 
-
 def _wait_gone(proc: Proc, pids: set[int], timeout: float = 60) -> None:
     """Until the retired generation has exited (its memory would count in the manager's shares)."""
     deadline = time.monotonic() + timeout
@@ -143,6 +142,10 @@ def _wait_gone(proc: Proc, pids: set[int], timeout: float = 60) -> None:
         if time.monotonic() > deadline:
             raise RuntimeError(f"old workers still running after {timeout:g}s")
         time.sleep(0.05)
+
+
+def _status_of(status: int, body: bytes) -> str:
+    return str(status)
 
 
 def _pid_of(status: int, body: bytes) -> str:

@@ -82,7 +82,7 @@ def reload_once(proc: Proc, generation: int, timeout: float) -> dict[str, Any]:
 
 
 def wait_line(log_path: Path, offset: int, pattern: re.Pattern[str], proc: Proc,
-               timeout: float, generation: int | None = None) -> tuple[re.Match[str], str]:
+              timeout: float, generation: int | None = None) -> tuple[re.Match[str], str]:
     """Poll the log from `offset` until `pattern` (for `generation`, if given) appears."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

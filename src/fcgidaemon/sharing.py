@@ -174,8 +174,9 @@ class StdlibSharing:
         self.stdlib_shared = set()
 
     def _on_stdlib_report(self, names: list[str]) -> None:
-        if self.config.share_stdlib and self.phase not in ENDING:
-            self.stdlib_wanted.update(name for name in names if name not in self.stdlib_known)
+        if self.config.share_stdlib and self.phase not in ENDING:  # what it has is not wanted
+            self.stdlib_wanted.update(name for name in names
+                                      if name not in self.stdlib_known and name not in sys.modules)
 
     @property
     def _sharing_due(self) -> bool:
@@ -190,12 +191,13 @@ class StdlibSharing:
         self.stdlib_counts[1] += len(refused)
         if rest:
             return
-        gc.collect()
-        # as at start: the collector never writes to what the workers share. What else is alive
-        # now is frozen too; a freeze comes only with names not seen before, so that stays bounded
-        gc.freeze()
         done, skipped = self.stdlib_counts
         self.stdlib_counts = [0, 0]
+        if done:
+            gc.collect()
+            # as at start: the collector never writes to what the workers share. What else is
+            # alive now is frozen too; a freeze comes only with modules new here: bounded
+            gc.freeze()
         if done or skipped:
             log.info("imported %d standard-library modules the workers use; workers started from "
                      "now on share them (%d not shared; %d in all)", done, skipped,
