@@ -383,3 +383,36 @@ def test_status_reads_stay_whole_while_the_manager_writes_often():
     print(f"\n{writes} folds and pool writes in 2 s; reader exit {os.waitstatus_to_exitcode(status)}")
     assert pool.requests_exited == writes
     assert os.waitstatus_to_exitcode(status) == 0  # 1: a total went backwards; 2: too few reads
+
+
+def test_a_workers_counter_writes_are_never_read_as_zero():
+    """A worker writes its own counters with no lock while any worker's status page copies the
+    board. struct.pack_into clears the bytes it packs into before it writes them, so a copy
+    taken in between saw a counter (requests, accepted, a histogram bucket) as 0 for a moment,
+    and the status totals went backwards (test_operability's status counter test failed 3 times
+    in 17 runs on a quiet machine: accepted 25 -> 0 for one live worker, its other fields whole).
+    The worker's writes are now single stores of whole, aligned fields. Real shared memory, a
+    reader in its own process; this process writes as a busy worker does, for 2 s."""
+    from fcgidaemon.scoreboard import Pool, Scoreboard
+
+    board = Scoreboard(4)
+    board.write_pool(Pool())
+    index = board.allocate(1, 1)
+    reader, go_w = _totals_reader(board, lambda p, slots: (
+        sum(s.requests for s in slots), sum(s.accepted for s in slots),
+        sum(sum(s.histogram) for s in slots), sum(s.duration_sum for s in slots)))
+    requests, end = 0, time.monotonic() + 2.0
+    try:
+        while time.monotonic() < end:
+            board.connection_accepted(index)
+            since = board.request_started(index, "GET", "/hello")
+            requests += 1
+            board.request_finished(index, requests, since)
+            board.set_conns(index, requests % 3)
+    finally:
+        os.close(go_w)
+        _, status = os.waitpid(reader, 0)
+    slot = board.read(index)
+    print(f"\n{requests} requests written in 2 s; reader exit {os.waitstatus_to_exitcode(status)}")
+    assert slot.requests == slot.accepted == sum(slot.histogram) == requests
+    assert os.waitstatus_to_exitcode(status) == 0  # 1: a counter went backwards; 2: too few reads

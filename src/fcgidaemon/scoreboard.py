@@ -31,14 +31,16 @@ BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)  # + I
 NB = len(BUCKETS) + 1
 
 # pid, generation, state, kept connections, requests, accepted, busy_since, method, uri,
-# last_duration, duration_sum, histogram counts
-RECORD = struct.Struct(f"=iiBxHQQd8s96sdd{NB}Q")
+# last_duration, duration_sum, histogram counts; every 8-byte field at a multiple of 8 (see
+# _Fields), 256 bytes in all
+RECORD = struct.Struct(f"=iiBxH4xQQd8s96sdd{NB}Q")
 CAPACITY = 1024
 
 # start_time(unix), manager_pid, generation, target, phase, reloads_ok, reloads_failed, requests of
 # exited workers, accepted of exited workers, listen_queue, listen_queue_max, backlog, all_busy,
-# slow, timeouts, duration_sum of exited workers, last_failure, histogram of exited workers
-POOL = struct.Struct(f"=diiiIIIQQIIIQQQd200s{NB}Q")
+# slow, timeouts, duration_sum of exited workers, last_failure, histogram of exited workers;
+# padded so that the records after it start at a multiple of 8
+POOL = struct.Struct(f"=diiiIIIQQIIIQQQd200s{NB}Q4x")
 
 
 class SlotState(IntEnum):
@@ -108,21 +110,35 @@ def _pool_bytes(pool: Pool) -> bytes:
 # offsets inside a worker record, for the small writes on the request path
 _OFF_STATE = 8
 _OFF_CONNS = 10
-_OFF_REQUESTS = 12
-_OFF_ACCEPTED = 20
-_OFF_BUSY = 28  # busy_since, method and uri are contiguous: one pack per request start
-_OFF_LAST = 140  # last_duration, duration_sum
-_OFF_HIST = 156
-_BUSY = struct.Struct("=d8s96s")
-_U64 = struct.Struct("=Q")
-_U16 = struct.Struct("=H")
-_F64 = struct.Struct("=d")
-_DONE = struct.Struct("=dd")
+_OFF_REQUESTS = 16
+_OFF_ACCEPTED = 24
+_OFF_BUSY = 32
+_OFF_METHOD = 40
+_OFF_URI = 48
+_OFF_LAST = 144
+_OFF_SUM = 152
+_OFF_HIST = 160
 
 
 SEQ = struct.Struct("=Q")  # at offset 0; the pool record follows, then the worker records
 _POOL_AT = SEQ.size
 CONSISTENT_TRIES = 100  # at 1 ms apart
+assert RECORD.size % 8 == 0 and (_POOL_AT + POOL.size) % 8 == 0, "8-byte fields must stay aligned"
+
+
+class _Fields:
+    """The board seen as arrays of 8-byte unsigned ints, 8-byte floats and 2-byte unsigned ints,
+    for a worker's writes to its own record: `q[i] = n` is one store of the whole field.
+    struct.pack_into, which these replace, clears the bytes it packs into before writing them,
+    so a status page copying the board in between read a live worker's counter as 0 and the
+    totals went backwards; an 8-byte field at an address that is a multiple of 8 is also never
+    split between two cache lines, so a copy sees it old or new, never half of each."""
+
+    def __init__(self, mem: mmap.mmap) -> None:
+        whole = memoryview(mem)
+        self.q = whole.cast("Q")
+        self.d = whole.cast("d")
+        self.h = whole.cast("H")
 
 
 class Scoreboard:
@@ -130,6 +146,7 @@ class Scoreboard:
         self.capacity = capacity
         size = _POOL_AT + POOL.size + RECORD.size * capacity
         self.mem = mmap.mmap(-1, size, flags=mmap.MAP_SHARED | mmap.MAP_ANONYMOUS)
+        self._fields = _Fields(self.mem)  # the mmap can no longer be closed: it lives as long as we do
         self._free = list(range(capacity - 1, -1, -1))
 
     def _base(self, index: int) -> int:
@@ -187,7 +204,7 @@ class Scoreboard:
 
     def conns(self, index: int) -> int:
         """The kept connections a worker holds (cheaper than read() for the balancer)."""
-        return _U16.unpack_from(self.mem, self._base(index) + _OFF_CONNS)[0]
+        return self._fields.h[(self._base(index) + _OFF_CONNS) // 2]
 
     def consistent(self) -> tuple[Pool, list[Slot]]:
         """The pool record and every worker record as they were at one moment when the manager
@@ -230,30 +247,31 @@ class Scoreboard:
         self.mem[self._base(index) + _OFF_STATE] = state
 
     def set_conns(self, index: int, conns: int) -> None:
-        _U16.pack_into(self.mem, self._base(index) + _OFF_CONNS, min(conns, 0xFFFF))
+        self._fields.h[(self._base(index) + _OFF_CONNS) // 2] = min(conns, 0xFFFF)
 
     def request_started(self, index: int, method: str, uri: str) -> float:
         """Mark the worker busy with this request; returns the start time it recorded."""
         base = self._base(index)
+        mem = self.mem
         now = time.monotonic()
-        _BUSY.pack_into(self.mem, base + _OFF_BUSY, now,
-                        method.encode("latin-1", "replace")[:8], uri.encode("latin-1", "replace")[:96])
-        self.mem[base + _OFF_STATE] = SlotState.BUSY
+        self._fields.d[(base + _OFF_BUSY) // 8] = now
+        # text, for people: a copy taken while it changes may show a mix of two requests' names
+        mem[base + _OFF_METHOD:base + _OFF_URI] = method.encode("latin-1", "replace")[:8].ljust(8, b"\0")
+        mem[base + _OFF_URI:base + _OFF_LAST] = uri.encode("latin-1", "replace")[:96].ljust(96, b"\0")
+        mem[base + _OFF_STATE] = SlotState.BUSY
         return now
 
     def request_finished(self, index: int, requests: int, since: float,
                          state: SlotState = SlotState.IDLE) -> None:
         """`since`: what request_started returned (not read back: this is the request path)."""
         base = self._base(index)
-        mem = self.mem
+        q, d = self._fields.q, self._fields.d
         took = time.monotonic() - since
-        total = _F64.unpack_from(mem, base + _OFF_LAST + 8)[0]
-        _DONE.pack_into(mem, base + _OFF_LAST, took, total + took)
-        bucket = base + _OFF_HIST + 8 * bisect.bisect_left(BUCKETS, took)
-        _U64.pack_into(mem, bucket, _U64.unpack_from(mem, bucket)[0] + 1)
-        _U64.pack_into(mem, base + _OFF_REQUESTS, requests)
-        mem[base + _OFF_STATE] = state
+        d[(base + _OFF_LAST) // 8] = took
+        d[(base + _OFF_SUM) // 8] += took
+        q[(base + _OFF_HIST) // 8 + bisect.bisect_left(BUCKETS, took)] += 1
+        q[(base + _OFF_REQUESTS) // 8] = requests
+        self.mem[base + _OFF_STATE] = state
 
     def connection_accepted(self, index: int) -> None:
-        base = self._base(index) + _OFF_ACCEPTED
-        _U64.pack_into(self.mem, base, _U64.unpack_from(self.mem, base)[0] + 1)
+        self._fields.q[(self._base(index) + _OFF_ACCEPTED) // 8] += 1
