@@ -6,7 +6,6 @@ worker or the manager."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
