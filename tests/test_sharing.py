@@ -6,11 +6,13 @@ worker or the manager."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 from fcgidaemon import sharing
+from daemon import wait_for
 from test_lifecycle import get
 
 APP = '''\
@@ -214,3 +216,86 @@ def test_only_the_interpreters_own_library_counts():
     assert not sharing.is_stdlib("ctypes.test", f"{lib}/ctypes/test/__init__.py")
     assert not sharing.is_stdlib("json.\0x", f"{lib}/json/x.py")
     assert not sharing.is_stdlib("json", None)
+
+
+HELD_V1 = '''\
+def application(environ, start_response):
+    start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", "1")])
+    return [b"-"]
+'''
+HELD_V2 = '''\
+import os, sys, time
+BEFORE = set(sys.modules)
+try:  # the first worker to import this version is ready at once, every other one 2 s later
+    os.close(os.open(os.environ["FIRST_MARKER"], os.O_CREAT | os.O_EXCL))
+except FileExistsError:
+    time.sleep(2)
+import fractions  # new in this version: reported by each new worker as it is ready
+
+
+def application(environ, start_response):
+    body = b"fractions" if "fractions" in BEFORE else b"-"
+    start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", str(len(body)))])
+    return [body]
+'''
+
+
+def test_the_manager_imports_nothing_in_the_middle_of_a_reload(start_daemon, tmp_path):
+    """A new generation's first worker reports what it imported 2 s before its generation is
+    complete; the manager imports it only after the reload completed (importing in the middle
+    of it would stretch the reload's timing and hold the loop that is switching generations),
+    and the generation after that has it."""
+    src = _app(tmp_path, HELD_V1, shadow=None)
+    d = start_daemon("shareapp:application", workers=2, pythonpath=[src],
+                     env={"FIRST_MARKER": str(tmp_path / "first")})
+    d.wait_serving(1)
+    assert _answer(d) == "-"
+    (src / "shareapp.py").write_text(HELD_V2)
+    d.reload(2)
+    begun = d.log().index("reload: starting generation 2")
+
+    def shared_since() -> int | None:  # a line of generation 1's report may come before
+        return next((m.start() for m in re.finditer(SHARED_LOG, d.log()) if m.start() > begun), None)
+    wait_for(lambda: shared_since() is not None, 15, "the modules generation 2 reported imported")
+    log = d.log()
+    first_ready, complete = log.index(", gen 2) in "), log.index("reload complete: generation 2")
+    print(f"\nlog positions: reload begun {begun}, first gen-2 worker ready {first_ready}, "
+          f"reload complete {complete}, modules imported {shared_since()}")
+    assert first_ready < complete < shared_since()
+    d.reload(3, timeout=20)
+    assert _answer(d) == "fractions"
+
+
+def test_what_the_manager_imported_is_frozen_once(tmp_path):
+    """After a batch of reported modules is imported, the manager gc.freeze()s them, as it did its
+    preloads at start: a collection in a worker (or the manager) would otherwise write to every
+    object of theirs and copy the pages the workers share. A report of modules the manager
+    has already is no batch and freezes nothing. The manager's mixin, in a real interpreter."""
+    report = _report("fractions", "wave")  # what a worker importing them names, dependencies too
+    code = ("import gc, sys\n"
+            "from types import SimpleNamespace\n"
+            "from fcgidaemon import sharing\n"
+            "from fcgidaemon.states import Phase\n"
+            "class Manager(sharing.StdlibSharing):\n"
+            "    config, phase, upgrade = SimpleNamespace(share_stdlib=True), Phase.RUNNING, None\n"
+            "def share(names):\n"
+            "    m._on_stdlib_report(names)\n"
+            "    while m._sharing_due:\n"
+            "        m._share_stdlib()\n"
+            "    return gc.get_freeze_count()\n"
+            "m = Manager()\n"
+            "m._init_sharing()\n"
+            "start = gc.get_freeze_count()\n"
+            "assert 'fractions' not in sys.modules and 'wave' not in sys.modules\n"
+            f"after = share({report!r})\n"
+            "keep = [[] for _ in range(1000)]  # alive since: a freeze would take them too\n"
+            f"again = share({[*report, 'os']!r})\n"
+            "print(start, after, again, 'fractions' in sys.modules, 'wave' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                         cwd=tmp_path)
+    assert out.returncode == 0, out.stdout + out.stderr
+    start, after, again, *imported = out.stdout.split()
+    print(f"\nfrozen objects: {start} at start, {after} after the batch, {again} after a report "
+          "of modules already imported")
+    assert imported == ["True", "True"]
+    assert int(after) > int(start) and int(again) < int(after) + 1000
