@@ -396,6 +396,53 @@ def test_kept_connections_are_not_moved_onto_a_busy_worker(start_daemon):
             client.close()
 
 
+def _pid_of(resp) -> int:
+    return int(resp.body.rpartition(b"pid=")[2])
+
+
+def test_kept_connections_move_to_the_idle_worker_not_the_busy_one(start_daemon):
+    """Three workers: A busy for 6 s, B holding 8 idle kept connections, C idle with 1. The
+    balancer evens B and C out and moves none to A, where their next requests would wait for
+    A's request to end. Every request on the 8 is answered at once, with its own id, by B or C."""
+    d = start_daemon("testapp", workers=3)
+    d.wait_workers(3)
+    kept: dict[int, FCGIClient] = {}  # a kept connection on each of two workers, A and C
+    clients: list[FCGIClient] = []
+    try:
+        while len(kept) < 2:
+            client = FCGIClient(d.address, timeout=15)
+            pid = _pid_of(client.request(make_params("GET", "/id?id=k"), keep_conn=True))
+            (client.close() if pid in kept else kept.__setitem__(pid, client))
+        (worker_a, on_a), (worker_c, on_c) = kept.items()
+        on_a.send_raw(build_request(make_params("GET", "/sleep?s=6"), keep_conn=True))
+        on_c.send_raw(build_request(make_params("GET", "/sleep?s=2.5"), keep_conn=True))
+        wait_for(lambda: sum("busy" in proc_title(w) for w in d.workers() if alive(w)) == 2, 10,
+                 "workers A and C busy")
+        for i in range(8):  # only B is free to accept them
+            client = FCGIClient(d.address, timeout=15)
+            clients.append(client)
+            resp = client.request(make_params("GET", f"/id?id=b{i}"), keep_conn=True)
+            assert resp.body.startswith(f"id=b{i} ".encode()), resp.body
+        worker_b = {_pid_of(client.request(make_params("GET", "/id?id=x"), keep_conn=True))
+                    for client in clients}
+        assert len(worker_b) == 1 and worker_b.isdisjoint({worker_a, worker_c}), worker_b
+        on_c.read_response(1, keep_conn=True)  # C is idle again, A still busy
+        time.sleep(1.5)  # the measured interval: the balancer looks every 0.25 s
+        t0, pids = time.monotonic(), []
+        for i, client in enumerate(clients):
+            resp = client.request(make_params("GET", f"/id?id=c{i}"), keep_conn=True)
+            assert resp.body.startswith(f"id=c{i} ".encode()), resp.body
+            pids.append(_pid_of(resp))
+        took = time.monotonic() - t0
+        print(f"\nA={worker_a} busy, B={worker_b.pop()}, C={worker_c}: the 8 answered by {pids} "
+              f"in {took:.2f} s")
+        assert took < 1.0 and worker_a not in pids and worker_c in pids
+        on_a.read_response(1, keep_conn=True)
+    finally:
+        for client in [*clients, *kept.values()]:
+            client.close()
+
+
 def test_kept_connections_are_spread_over_new_workers(start_daemon):
     """12 kept connections, all held by the one worker; grow to 4 workers: the manager has the
     crowded worker hand its surplus over (SCM_RIGHTS) until each holds 3, and every connection
