@@ -399,6 +399,27 @@ def test_a_connection_shared_with_a_forked_child_costs_no_cpu_once_closed(start_
         os.kill(child, signal.SIGKILL)
 
 
+def test_a_connection_we_close_ends_at_once_though_the_apps_child_holds_it(start_daemon):
+    """A request without FCGI_KEEP_CONN: right after its response the web server sees the
+    connection end, even while a child the application forked holds the socket. The response's
+    last segment and the FIN go out together, sent by shutdown(): close() ends nothing while
+    another process holds the socket, so the web server saw no end until the child exited, and
+    with the last segment held back for the FIN (MSG_MORE) the response itself waited 200 ms."""
+    d = start_daemon("testapp", workers=1)
+    with FCGIClient(d.address, timeout=10) as client:
+        client.send_raw(build_request(make_params("GET", "/fork?s=10")))
+        child = int(client.read_response(1, keep_conn=True).body.split()[1])
+        try:
+            sock = client._socket()
+            sock.settimeout(2.0)  # the bound: the child lives 10 s
+            end = sock.recv(1)
+            os.kill(child, 0)  # the child still holds the socket
+            print(f"\nafter the response, with child {child} alive: recv -> {end!r}")
+            assert end == b""
+        finally:
+            os.kill(child, signal.SIGKILL)
+
+
 def test_a_reload_waiter_learns_of_the_managers_death_at_once(start_daemon, tmp_path):
     """`reload --wait` waits on the manager's control connection. Forked workers inherited it,
     so when the manager died (kill -9) a worker still importing held it open and the client

