@@ -23,10 +23,6 @@ from test_lifecycle import _wait_busy, app_copy, get, set_version
 from test_operability import manager_status
 
 
-def _pid_of(body: bytes) -> int:
-    return int(body.rpartition(b"pid=")[2])
-
-
 # ---------------------------------------------------------------- kept connections
 
 

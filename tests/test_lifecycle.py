@@ -367,6 +367,11 @@ def test_requests_waiting_on_kept_connections_go_to_the_new_generation(start_dae
     assert d.count(r"still busy after") == 0
 
 
+def _pid_of(body: bytes) -> int:
+    """The worker pid testapp's /id route ends its answer with."""
+    return int(body.rpartition(b"pid=")[2])
+
+
 def test_kept_connections_are_not_moved_onto_a_busy_worker(start_daemon):
     """Worker A is stuck in a 4 s request, worker B holds 8 idle kept connections: the balancer
     used to move half of B's lead to A, where their next requests waited for A's request to
@@ -376,10 +381,10 @@ def test_kept_connections_are_not_moved_onto_a_busy_worker(start_daemon):
     clients: list[FCGIClient] = []
     try:
         first = FCGIClient(d.address, timeout=15)
-        worker_a = int(first.request(make_params("GET", "/id?id=a"), keep_conn=True).body.rpartition(b"pid=")[2])
+        worker_a = _pid_of(first.request(make_params("GET", "/id?id=a"), keep_conn=True).body)
         while len(clients) < 8:  # 8 kept connections on the other worker
             client = FCGIClient(d.address, timeout=15)
-            pid = int(client.request(make_params("GET", "/id?id=b"), keep_conn=True).body.rpartition(b"pid=")[2])
+            pid = _pid_of(client.request(make_params("GET", "/id?id=b"), keep_conn=True).body)
             (clients.append(client) if pid != worker_a else client.close())
         first.send_raw(build_request(make_params("GET", "/sleep?s=4"), keep_conn=True))
         _wait_busy(d)
@@ -396,10 +401,6 @@ def test_kept_connections_are_not_moved_onto_a_busy_worker(start_daemon):
             client.close()
 
 
-def _pid_of(resp) -> int:
-    return int(resp.body.rpartition(b"pid=")[2])
-
-
 def test_kept_connections_move_to_the_idle_worker_not_the_busy_one(start_daemon):
     """Three workers: A busy for 6 s, B holding 8 idle kept connections, C idle with 1. The
     balancer evens B and C out and moves none to A, where their next requests would wait for
@@ -411,7 +412,7 @@ def test_kept_connections_move_to_the_idle_worker_not_the_busy_one(start_daemon)
     try:
         while len(kept) < 2:
             client = FCGIClient(d.address, timeout=15)
-            pid = _pid_of(client.request(make_params("GET", "/id?id=k"), keep_conn=True))
+            pid = _pid_of(client.request(make_params("GET", "/id?id=k"), keep_conn=True).body)
             (client.close() if pid in kept else kept.__setitem__(pid, client))
         (worker_a, on_a), (worker_c, on_c) = kept.items()
         on_a.send_raw(build_request(make_params("GET", "/sleep?s=6"), keep_conn=True))
@@ -423,7 +424,7 @@ def test_kept_connections_move_to_the_idle_worker_not_the_busy_one(start_daemon)
             clients.append(client)
             resp = client.request(make_params("GET", f"/id?id=b{i}"), keep_conn=True)
             assert resp.body.startswith(f"id=b{i} ".encode()), resp.body
-        worker_b = {_pid_of(client.request(make_params("GET", "/id?id=x"), keep_conn=True))
+        worker_b = {_pid_of(client.request(make_params("GET", "/id?id=x"), keep_conn=True).body)
                     for client in clients}
         assert len(worker_b) == 1 and worker_b.isdisjoint({worker_a, worker_c}), worker_b
         on_c.read_response(1, keep_conn=True)  # C is idle again, A still busy
@@ -432,7 +433,7 @@ def test_kept_connections_move_to_the_idle_worker_not_the_busy_one(start_daemon)
         for i, client in enumerate(clients):
             resp = client.request(make_params("GET", f"/id?id=c{i}"), keep_conn=True)
             assert resp.body.startswith(f"id=c{i} ".encode()), resp.body
-            pids.append(_pid_of(resp))
+            pids.append(_pid_of(resp.body))
         took = time.monotonic() - t0
         print(f"\nA={worker_a} busy, B={worker_b.pop()}, C={worker_c}: the 8 answered by {pids} "
               f"in {took:.2f} s")
@@ -461,7 +462,7 @@ def test_kept_connections_are_spread_over_new_workers(start_daemon):
             resp = client.request(make_params("GET", f"/id?id={uid}"), keep_conn=True)
             if resp.status != 200 or not resp.body.startswith(f"id={uid} ".encode()):
                 counts["failures"] += 1
-            pid = int(resp.body.rpartition(b"pid=")[2])
+            pid = _pid_of(resp.body)
             held[pid] = held.get(pid, 0) + 1
         return held
 
