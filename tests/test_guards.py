@@ -66,6 +66,52 @@ def test_idle_kept_connection_is_closed_after_keep_conn_idle(start_daemon):
     assert get(d.address, "/id?id=i2").body == f"id=i2 version=v1 pid={pid}".encode()
 
 
+def test_what_arrived_during_a_long_request_is_served_not_swept(start_daemon):
+    """A kept connection's next request, and the rest of a half-received one, arrive while the
+    only worker runs a 2.5 s request, longer than --keep-conn-idle and --read-timeout (1 s
+    each). Both are answered after it. Judged by when the worker last read (worker._sweep
+    without the readable check), both connections looked idle or stalled and were closed with
+    their requests unanswered."""
+    d = start_daemon("testapp", "--keep-conn-idle", "1", "--read-timeout", "1", workers=1)
+    (pid,) = d.wait_workers(1)
+    out: dict = {}
+
+    def slow():
+        out["slow"] = get(d.address, "/sleep?s=2.5", timeout=10)
+
+    with FCGIClient(d.address, timeout=10) as kept, FCGIClient(d.address, timeout=10) as half:
+        assert kept.request(make_params("GET", "/id?id=k1"), keep_conn=True).status == 200
+        raw = build_request(make_params("GET", "/id?id=h1"))
+        half.send_raw(raw[:20])  # BEGIN_REQUEST and part of PARAMS: read, not complete
+        wait_for(lambda: _read_by_worker(half), 5, "the worker to read the half request")
+        thread = threading.Thread(target=slow)
+        thread.start()
+        try:
+            _wait_busy(d)
+            time.sleep(0.3)  # the arrival: while the worker is busy (not a readiness wait)
+            kept.send_raw(build_request(make_params("GET", "/id?id=k2"), keep_conn=True))
+            half.send_raw(raw[20:])
+            answers = [kept.read_response(1, keep_conn=True), half.read_response(1, keep_conn=False)]
+        finally:
+            thread.join(15)
+    bodies = [a.body for a in answers]
+    print(f"\nafter a 2.5 s request: {bodies}, slow: {out['slow'].status}")
+    assert bodies == [f"id=k2 version=v1 pid={pid}".encode(), f"id=h1 version=v1 pid={pid}".encode()]
+    assert out["slow"].status == 200
+    assert d.count(r"connection closed") == 0
+    assert d.workers() == [pid]
+
+
+def _read_by_worker(client: FCGIClient) -> bool:
+    """The worker has read what `client` sent: the daemon's end of the connection (the socket
+    whose remote port is the client's) has nothing in its receive queue (/proc/net/tcp)."""
+    port = client._socket().getsockname()[1]
+    with open("/proc/net/tcp") as fh:
+        rows = [line.split() for line in fh.readlines()[1:]]
+    queues = [int(row[4].split(":")[1], 16) for row in rows if int(row[2].split(":")[1], 16) == port]
+    return queues == [0]
+
+
 def test_413_on_a_kept_connection_closes_it(start_daemon):
     """A body over --max-body is answered 413 without being read, so the connection must be
     closed after the answer even though the web server asked to keep it: the unread body would

@@ -562,7 +562,13 @@ class Worker:
 
     def _sweep(self) -> None:
         """Close stalled and long-idle connections, reopen a rotated access log, notice a dead
-        manager (at most 4 times a second)."""
+        manager (at most 4 times a second).
+
+        `last_active` moves only when this worker reads, so a connection whose bytes arrived
+        while we ran a long request looks stalled or idle; it is not: what waits in the kernel
+        is served at the next turn. Closed, the request waiting there was lost (after a 2.5 s
+        request, a kept connection at --keep-conn-idle 1 and a half-received request at
+        --read-timeout 1 were both closed unanswered)."""
         now = time.monotonic()
         if now < self.next_sweep:
             return
@@ -570,10 +576,10 @@ class Worker:
         for conn in list(self.conns.values()):
             idle = now - conn.last_active
             if not conn.between_requests:  # a request coming in, or a new connection's first
-                if idle > self.config.read_timeout:
+                if idle > self.config.read_timeout and not _readable(conn.sock):
                     self._drop(conn, f"no complete request within {self.config.read_timeout:g}s",
                                logging.WARNING)
-            elif idle > self.config.keep_conn_idle:
+            elif idle > self.config.keep_conn_idle and not _readable(conn.sock):
                 self._drop(conn)
         if self.access_log is not None:
             self.access_log.reopen_if_moved()
