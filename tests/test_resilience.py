@@ -200,6 +200,30 @@ def test_application_exit_answers_500_and_the_worker_is_replaced_losing_nothing(
     assert d.count("worker crashed") == 0
 
 
+def test_an_application_base_exception_answers_500_and_the_worker_lives(start_daemon):
+    """An exception that is not an Exception (asyncio's CancelledError, gevent's GreenletExit:
+    here a BaseException subclass) raised by the application, or by its body's close(): the
+    request gets the plain 500 (or its complete response), the log the traceback, and the
+    worker serves on with its kept connection. Caught as Exception only, it ended the worker:
+    that request unanswered and the kept connection dropped."""
+    d = start_daemon("testapp", workers=1)
+    (pid,) = d.wait_workers(1)
+    with FCGIClient(d.address) as kept:
+        assert kept.request(make_params("GET", "/hello"), keep_conn=True).body == f"hello v1 {pid}".encode()
+        failed = get(d.address, "/base-exception")
+        closed = get(d.address, "/base-exception?where=close")
+        again = kept.request(make_params("GET", "/hello"), keep_conn=True)
+    print(f"\nraised: {failed.status} {failed.body!r}; in close(): {closed.status} {closed.body!r}")
+    assert (failed.status, failed.body) == (500, b"Internal Server Error")
+    assert (closed.status, closed.body) == (200, b"closed badly")
+    assert again.body == f"hello v1 {pid}".encode()
+    assert d.workers() == [pid]
+    d.wait_log(r"application error on GET /base-exception\n")
+    d.wait_log(r"\ntestapp.Cancelled: task cancelled in a request\n")
+    d.wait_log(r"application error in close\(\) on /base-exception\?where=close\n")
+    assert d.count("worker crashed") == 0
+
+
 def test_out_of_descriptors_pauses_accepting_instead_of_spinning(start_daemon):
     """The worker's descriptor limit is reached (kept connections, or an application leaking
     files): accept() fails with EMFILE while the connection waits in the kernel's queue. The

@@ -253,13 +253,16 @@ def make_handler(app: Callable[..., Any]) -> Callable[[Request], int]:
                         req._conn.flush()
             response.write(b"")
             return 0
-        except Exception as exc:  # noqa: BLE001 - the application's failure, reported, not fatal
+        except APP_EXITS as exc:  # sys.exit() in a request: answered, then the worker is replaced
+            exit_asked(req, exc)
+            return application_failed(req, response, environ)
+        except BaseException as exc:  # noqa: BLE001 - the application's failure, reported, not
+            # fatal; BaseException, not Exception: asyncio's CancelledError and gevent's
+            # GreenletExit are not Exceptions, and one of them ended the worker, its request
+            # unanswered and every connection it held dropped
             fault = transport_fault(exc)
             if fault is not None:
                 raise fault from None
-            return application_failed(req, response, environ)
-        except APP_EXITS as exc:  # sys.exit() in a request: answered, then the worker is replaced
-            exit_asked(req, exc)
             return application_failed(req, response, environ)
         finally:
             close_result(result, req, environ)
@@ -313,7 +316,7 @@ def close_result(result: Any, req: Request, environ: dict[str, Any]) -> None:
         return
     try:
         close()
-    except (Exception, *APP_EXITS) as exc:  # noqa: BLE001 - reported; the response is decided
+    except BaseException as exc:  # noqa: BLE001 - reported; the response is decided
         if isinstance(exc, APP_EXITS):
             exit_asked(req, exc)
         log.error("application error in close() on %s", environ.get("REQUEST_URI", ""),

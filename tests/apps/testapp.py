@@ -60,6 +60,11 @@ def application(environ, start_response):
         if q.get("how") == "interrupt":
             raise KeyboardInterrupt
         sys.exit(int(q.get("code", 3)))
+    if path.endswith("/base-exception"):  # not an Exception: asyncio's CancelledError is one
+        if q.get("where") == "close":
+            start_response("200 OK", [("Content-Type", "text/plain")])
+            return _RaisingClose()
+        raise Cancelled("task cancelled in a request")
     if path.endswith("/error-after"):
         def gen():
             yield b"partial"
@@ -136,6 +141,20 @@ def application(environ, start_response):
 
 
 _LEAK = []
+
+
+class Cancelled(BaseException):
+    """What asyncio.CancelledError and gevent's GreenletExit are: a BaseException."""
+
+
+class _RaisingClose:
+    """A one-block body whose close() raises a BaseException."""
+
+    def __iter__(self):
+        yield b"closed badly"
+
+    def close(self):
+        raise Cancelled("cancelled in close()")
 
 
 class _Closing:
