@@ -243,6 +243,22 @@ def test_control_characters_in_a_header_value_are_an_application_error(daemon):
     daemon.wait_log(r"ValueError: bad value for response header X-Value", count=4)
 
 
+def test_a_status_or_header_name_that_would_break_the_header_block_is_refused(daemon):
+    """A status ending in a newline ("200 OK\\n": "$" matched before it), a NUL in the reason
+    phrase (nginx answers 502), a header name ending in a newline, and a status spelled like a
+    header name already checked (one cache served both): each is the application's error, a
+    plain 500. A reason phrase with tab or latin-1 letters is fine."""
+    asked = {"status=200%20OK%0a": 500, "status=200%20O%00K": 500, "hn=X-Foo%0a": 500,
+             "status=Content-Type": 500, "status=200%20fine%09ok": 200, "status=200%20caf%C3%A9": 200}
+    with FCGIClient(daemon.address) as client:
+        got = {query: client.request(make_params("GET", f"/status?{query}"), keep_conn=True).status
+               for query in asked}
+    print(f"\n{got}")
+    assert got == asked
+    daemon.wait_log(r"ValueError: bad WSGI status ", count=3)
+    daemon.wait_log(r"ValueError: bad response header name 'X-Foo\\n'")
+
+
 def test_the_response_leaves_before_an_unread_body_has_arrived(daemon):
     """An application that answers without reading the body: its response waited until the
     web server had sent the whole body (the input is drained before END_REQUEST), so a slow

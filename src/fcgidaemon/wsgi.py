@@ -20,19 +20,25 @@ from .fastcgi import ConnectionLost, ProtocolError, Request, RequestAborted
 log = logging.getLogger("fcgidaemon")
 app_log = logging.getLogger("fcgidaemon.app")
 
-STATUS_RE = re.compile(r"^[1-9]\d\d(?: [^\r\n]*)?$")
-HEADER_NAME_RE = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
+# fullmatch(), not match() with "$": "$" matches before a final newline too, and "200 OK\n" let
+# a newline split the header block; the reason phrase is RFC 9110's (tab, space, visible, obs-text)
+STATUS_RE = re.compile(r"[1-9]\d\d(?: [\t\x20-\x7e\x80-\xff]*)?")
+HEADER_NAME_RE = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 # control characters RFC 9110 allows in no field value (tab is allowed): CR and LF would split the
 # header block; NUL and the others make nginx and Apache answer 502 for the whole response
 BAD_VALUE_RE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
-# statuses and header names that passed the checks: the same few come with every request
-_CHECKED: set[str] = set()
-_CHECKED_MAX = 1024  # an application inventing names cannot grow it without bound
+# statuses and header names that passed the checks: the same few come with every request. Two
+# sets: with one, a status spelled like a checked header name ("Content-Type") skipped its check
+_CHECKED_STATUSES: set[str] = set()
+_CHECKED_NAMES: set[str] = set()
+_CHECKED_MAX = 1024  # an application inventing names cannot grow them without bound
 
 
-def _remember(text: str) -> None:
-    if len(_CHECKED) < _CHECKED_MAX:
-        _CHECKED.add(text)
+def _remember(checked: set[str], text: str) -> None:
+    if len(checked) < _CHECKED_MAX:
+        checked.add(text)
+
+
 ERROR_500 = (b"Status: 500 Internal Server Error\r\nContent-Type: text/plain; charset=utf-8\r\n"
              b"Content-Length: 21\r\n\r\nInternal Server Error")
 REQUIRED = (("REQUEST_METHOD", "GET"), ("SERVER_NAME", "localhost"), ("SERVER_PORT", "80"),
@@ -177,16 +183,16 @@ class Response:
                 exc_info = None
         elif self.status is not None:
             raise AssertionError("start_response called twice without exc_info")
-        if status not in _CHECKED:
-            if not isinstance(status, str) or not STATUS_RE.match(status):
+        if status not in _CHECKED_STATUSES:
+            if not isinstance(status, str) or not STATUS_RE.fullmatch(status):
                 raise ValueError(f"bad WSGI status {status!r}")
             status.encode("latin-1")
-            _remember(status)
+            _remember(_CHECKED_STATUSES, status)
         for name, value in headers:
-            if name not in _CHECKED:
-                if not isinstance(name, str) or not HEADER_NAME_RE.match(name):
+            if name not in _CHECKED_NAMES:
+                if not isinstance(name, str) or not HEADER_NAME_RE.fullmatch(name):
                     raise ValueError(f"bad response header name {name!r}")
-                _remember(name)
+                _remember(_CHECKED_NAMES, name)
             if not isinstance(value, str) or not value.isprintable() and BAD_VALUE_RE.search(value):
                 raise ValueError(f"bad value for response header {name}")
             value.encode("latin-1")  # UnicodeEncodeError: not representable

@@ -97,7 +97,9 @@ def application(environ, start_response):
     if path.endswith("/status"):  # a one-block body with the status asked for
         code = q.get("code", "200")
         extra = [("X-Value", q["hv"])] if "hv" in q else []
-        start_response(f"{code} Whatever", [("Content-Type", "text/plain"), *extra])
+        if "hn" in q:  # a header name of the test's choosing
+            extra.append((q["hn"], "v"))
+        start_response(q.get("status", f"{code} Whatever"), [("Content-Type", "text/plain"), *extra])
         return [q.get("body", "").encode()]
     if path.endswith("/empty"):
         start_response("204 No Content", [])
