@@ -412,3 +412,30 @@ def test_status_and_ping_pages_through_front_end(tmp_path: Path, front: str, tra
             assert status == 200 and body.startswith(b"hello v1 "), (status, body)
         print(f"\n[{front}-{transport}] status/ping OK: /fcgi-ping, /fcgi-status (text, json, openmetrics); "
               f"/app/fcgi-ping answered by {'the ping page' if front == 'nginx' else 'the application'}")
+
+
+@pytest.mark.parametrize("front", [pytest.param("apache", marks=NEEDS_APACHE),
+                                   pytest.param("nginx", marks=NEEDS_NGINX)])
+@pytest.mark.parametrize("transport", ["tcp", "unix"])
+def test_a_body_over_max_body_gets_413_through_the_front_end(tmp_path: Path, front: str,
+                                                             transport: str) -> None:
+    """A 15 MB POST against --max-body 1k, far more than the socket buffers hold: the client
+    gets the 413, and the next request is served by the same workers. The daemon answered and
+    closed with the body unread; the kernel answered the web server's further writes with a
+    reset: nginx answered 502 (writev() failed: Broken pipe), Apache 503 (AH01075: Error
+    dispatching request ... sending stdin)."""
+    size = 15_000_000
+    with daemon_and_front(tmp_path, front, transport == "tcp", transport, workers=2,
+                          args=("--max-body", "1k")) as (d, fe):
+        pids = sorted(d.wait_workers(2))
+        status, _, body = fe.request("POST", "/app/echo", body=b"x" * size,
+                                     headers={"Content-Type": "application/octet-stream"},
+                                     timeout=30)
+        after, _, hello = fe.request("GET", "/app/hello")
+        print(f"\n[{front}-{transport}] POST of {size:,} bytes with --max-body 1k: {status} {body!r}; "
+              f"then GET: {after}")
+        assert (status, body) == (413, b"Request body too large.\n"), fe.read_error_log()[-1500:]
+        assert after == 200 and hello.startswith(b"hello v1 ")
+        d.wait_log(rf"request body of {size} bytes refused \(--max-body 1024\)")
+        assert sorted(d.workers()) == pids
+        assert front_end_errors(fe) == []

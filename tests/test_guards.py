@@ -16,8 +16,8 @@ import time
 import pytest
 
 from daemon import alive, run_cli, wait_for
-from fcgiclient import (FCGI_END_REQUEST, FCGI_STDOUT, FCGIClient, ProtocolError, build_request,
-                        encode_record, make_params)
+from fcgiclient import (FCGI_END_REQUEST, FCGI_STDIN, FCGI_STDOUT, FCGIClient, ProtocolError, build_request,
+                        decode_records, encode_record, make_params)
 from load import default_check
 from test_lifecycle import _wait_busy, app_copy, get, set_version
 from test_operability import manager_status
@@ -130,6 +130,41 @@ def test_413_on_a_kept_connection_closes_it(start_daemon):
     d.wait_log(r"request body of 200000 bytes refused \(--max-body 102400\): /echo")
     assert d.workers() == [pid]
     assert get(d.address, "/hello").body == f"hello v1 {pid}".encode()
+
+
+def test_a_refused_body_is_read_while_it_comes_then_let_go_when_it_stalls(start_daemon):
+    """After the 413 (and our end of the connection), the rest of the refused body is read and
+    thrown away: the web server's writes for the next 1.6 s all succeed, where a closed socket
+    answered them with a reset. When nothing more comes for --read-timeout (1 s), the worker
+    lets the connection go: a write then fails. The worker serves others meanwhile."""
+    d = start_daemon("testapp", "--max-body", "1k", "--read-timeout", "1", workers=1)
+    (pid,) = d.wait_workers(1)
+    params = make_params("POST", "/echo", extra={"CONTENT_LENGTH": "10000000",
+                                                   "CONTENT_TYPE": "application/octet-stream"})
+    with socket.create_connection(d.address, timeout=3) as sock:
+        sock.sendall(build_request(params, b"x" * 60000)[:-8])  # no end of the body
+        answer = b""
+        while chunk := sock.recv(65536):  # the 413 and END_REQUEST, then our end's EOF
+            answer += chunk
+        records = decode_records(answer)
+        assert [r.type for r in records] == [FCGI_STDOUT, FCGI_STDOUT, FCGI_END_REQUEST]
+        assert records[0].content.startswith(b"Status: 413 ")
+        body = encode_record(FCGI_STDIN, 1, b"y" * 60000)
+        sent = 0
+        for _ in range(8):
+            sock.sendall(body)  # ConnectionResetError here if the worker had closed it
+            t0, sent = time.monotonic(), sent + len(body)
+            assert get(d.address, "/hello").body == f"hello v1 {pid}".encode()
+            time.sleep(0.2)  # the pace of a web server sending: not a readiness wait
+        d.wait_log(r"connection closed: stopped reading the rest of a refused request", timeout=5)
+        took = time.monotonic() - t0
+        with pytest.raises(OSError):  # closed: a write is answered with a reset
+            for _ in range(50):
+                sock.sendall(body)
+                time.sleep(0.02)
+    print(f"\n{sent:,} bytes of the refused body taken after the 413; let go {took:.2f}s after they stopped")
+    assert 0.95 <= took < 2.5
+    assert d.workers() == [pid]
 
 
 # ---------------------------------------------------------------- reloads

@@ -42,6 +42,7 @@ UNKNOWN_BODY = struct.Struct(flup.FCGI_UnknownTypeBody)
 MAX_CONTENT = 65535
 FLUSH_AT = 256 * 1024  # bytes of response buffered before a send
 RECV_BODY = 256 * 1024  # read size while the application streams a request body
+DRAIN_LIMIT = 30.0  # seconds an answered request's unread body is read and thrown away
 TOO_LARGE = (b"Status: 413 Content Too Large\r\nContent-Type: text/plain\r\nContent-Length: 24\r\n\r\n"
              b"Request body too large.\n")
 BAD_LENGTH = (b"Status: 400 Bad Request\r\nContent-Type: text/plain\r\nContent-Length: 28\r\n\r\n"
@@ -291,6 +292,8 @@ class Connection:
         self.closed = False
         self.lost: str | None = None  # why receive() found the connection gone, if not a reset
         self.last_call = False  # a retiring worker serves what is waiting here once, then lets go
+        self.draining = False  # answered before its body was read: reading it to the end (drain)
+        self.drain_started = 0.0
         self.last_active = time.monotonic()
         self.tcp = sock.family in (socket.AF_INET, socket.AF_INET6)
         self.nodelay = not self.tcp  # set once needed
@@ -347,12 +350,15 @@ class Connection:
     def parse_available(self) -> None:
         """Handle the buffered records until a request is ready to run or the buffer runs dry.
         Records are read at an offset and the consumed bytes dropped once, at the end."""
+        if self.draining:
+            self.inbuf.clear()
+            return
         buf, pos, size = self.inbuf, 0, len(self.inbuf)
         unpack = HEADER.unpack_from
         try:
             # next_record(), inlined: this loop runs four or more times per request, and
             # calling it cost 2 us per hello and 35 us per 1 MiB POST (bench/micro.py)
-            while size - pos >= flup.FCGI_HEADER_LEN and not self.closed:
+            while size - pos >= flup.FCGI_HEADER_LEN and not self.closed and not self.draining:
                 req = self.request
                 if req is not None and req.runnable:
                     pos = self._take_stdin_end(req, pos)
@@ -404,8 +410,9 @@ class Connection:
 
     @property
     def has_partial_input(self) -> bool:
-        """Bytes of an unfinished record or request are buffered here (not in the kernel)."""
-        return bool(self.inbuf) or self.request is not None
+        """Bytes of an unfinished record or request are buffered here (not in the kernel), or
+        an answered request's body is still coming (draining)."""
+        return bool(self.inbuf) or self.request is not None or self.draining
 
     def _dispatch(self, rtype: int, request_id: int, content: bytes) -> None:
         if request_id == flup.FCGI_NULL_REQUEST_ID:
@@ -501,7 +508,8 @@ class Connection:
         self.end_request(req, app_status)
 
     def _too_large(self, req: Request) -> bool:
-        """Answer 413 without running the application, and close: the body is not read."""
+        """Answer 413 without running the application, and close: the body is not parsed, only
+        read and thrown away (end_request)."""
         limit = self.server.limits.max_body
         if not limit:  # the length is the application's to read (and to judge)
             return False
@@ -545,12 +553,28 @@ class Connection:
         self.served += 1
         self.last_active = time.monotonic()
         if last:
-            if self.tcp and not self.closed:
+            unread = not req.stdin.eof
+            if (self.tcp or unread) and not self.closed:
                 try:
                     self.sock.shutdown(socket.SHUT_WR)
                 except OSError as exc:  # the web server has gone: close() follows all the same
                     log.debug("shutdown failed: %s", exc)
-            self.close()
+                    unread = False
+            if unread and not self.closed:
+                self._drain_then_close()
+            else:
+                self.close()
+
+    def _drain_then_close(self) -> None:
+        """The request was answered before its body was read (413, an abort, an unknown role)
+        and the web server may still be sending it. Closed now, with the body unread, the
+        kernel answers with a reset, and a web server still writing fails: behind nginx a
+        20 MB POST refused by --max-body 1k got 502, not 413. So the response has gone and
+        the FIN with it (shutdown); what arrives is read and thrown away until the web server
+        closes its end, or for at most DRAIN_LIMIT (the worker's sweep), as Apache's own
+        lingering close does. The worker serves others meanwhile."""
+        self.draining = True  # parse_available() stops, and from now on throws input away
+        self.drain_started = time.monotonic()
 
     # ------------------------------------------------------------------ output
 

@@ -39,7 +39,8 @@ from typing import NoReturn
 from . import accesslog, loader, logs, sharing, status, titles
 from .config import Config, in_networks
 from .scoreboard import Scoreboard, SlotState
-from .fastcgi import Connection, ConnectionLost, Limits, ProtocolError, RequestAborted, Server
+from .fastcgi import (DRAIN_LIMIT, Connection, ConnectionLost, Limits, ProtocolError,
+                      RequestAborted, Server)
 from .wsgi import make_handler
 
 log = logging.getLogger("fcgidaemon")
@@ -396,7 +397,9 @@ class Worker:
         except Exception:  # noqa: BLE001 - a fault on one connection must not end the worker
             log.error("internal error on a connection; closing it", exc_info=True)
             self._drop(conn)
-        if not still_open and not conn.closed and conn.has_partial_input:
+        if not still_open and conn.draining:
+            self._drop(conn)  # the web server has sent the rest of what we refused, and closed
+        elif not still_open and not conn.closed and conn.has_partial_input:
             self._drop(conn, conn.lost or "web server closed the connection in the middle of a request")
         elif conn.closed or not still_open:
             self._drop(conn, None if conn.closed else conn.lost)
@@ -575,7 +578,11 @@ class Worker:
         self.next_sweep = now + 0.25
         for conn in list(self.conns.values()):
             idle = now - conn.last_active
-            if not conn.between_requests:  # a request coming in, or a new connection's first
+            if conn.draining:  # answered; what it still sends is thrown away, for so long
+                if now - conn.drain_started > DRAIN_LIMIT or (
+                        idle > self.config.read_timeout and not _readable(conn.sock)):
+                    self._drop(conn, "stopped reading the rest of a refused request")
+            elif not conn.between_requests:  # a request coming in, or a new connection's first
                 if idle > self.config.read_timeout and not _readable(conn.sock):
                     self._drop(conn, f"no complete request within {self.config.read_timeout:g}s",
                                logging.WARNING)
