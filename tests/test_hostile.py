@@ -19,7 +19,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fcgiclient import (FCGI_BEGIN_REQUEST, FCGI_KEEP_CONN, FCGI_PARAMS, FCGI_STDIN, ConnectionClosed,
+from fcgiclient import (FCGI_BEGIN_REQUEST, FCGI_END_REQUEST, FCGI_KEEP_CONN, FCGI_PARAMS, FCGI_STDIN, ConnectionClosed,
                         FCGIClient, build_request, encode_params, encode_record, make_params,
                         parse_cgi_response)
 from test_lifecycle import get
@@ -215,14 +215,20 @@ def test_a_content_length_that_is_no_number_gets_400_under_max_body(daemon, leng
 
 
 def test_abort_while_the_app_reads_the_body(daemon):
+    """FCGI_ABORT_REQUEST while the application reads the body: no response body, one
+    END_REQUEST (REQUEST_COMPLETE, spec 5.4), and the kept connection serves the next request.
+    Before, the connection was closed: no END_REQUEST, and the web server lost it."""
     before = daemon.wait_workers(1)
     with FCGIClient(daemon.address, timeout=5) as client:
         head = build_request(make_params("POST", "/echo", body_len=90_000), b"", keep_conn=True)
         head = head[: head.rindex(encode_record(FCGI_STDIN, 1))]  # no end of stdin
         client.send_raw(head + encode_record(FCGI_STDIN, 1, b"q" * 1000) + encode_record(2, 1))
-        records = list(client.recv_records(timeout=3))
-    assert all(r.type != 6 for r in records)  # no response body for an aborted request
-    daemon.wait_log(r"aborted by the web server")
+        end = client.read_record(time.monotonic() + 3)
+        after = client.request(make_params("GET", "/hello"), keep_conn=True, request_id=2)
+    assert end is not None and end.type == FCGI_END_REQUEST and end.request_id == 1, end
+    assert end.content == struct.pack("!LB3x", 0, 0)  # appStatus 0, FCGI_REQUEST_COMPLETE
+    assert after.status == 200 and after.body.startswith(b"hello v1 ")
+    daemon.wait_log(r"request 1 aborted by the web server; response ended")
     assert_worker_unharmed(daemon, before)
 
 

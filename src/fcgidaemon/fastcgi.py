@@ -501,11 +501,26 @@ class Connection:
         assert req is not None and req.runnable
         if self._too_large(req):
             return
-        app_status = self.server.handler(req)
-        if self.request is not req:  # the handler ended or dropped it
+        try:
+            app_status = self.server.handler(req)
+            if self.request is not req:  # the handler ended or dropped it
+                return
+            req.stdin.drain()
+        except RequestAborted as exc:
+            self._aborted(req, exc)
             return
-        req.stdin.drain()
         self.end_request(req, app_status)
+
+    def _aborted(self, req: Request, exc: RequestAborted) -> None:
+        """FCGI_ABORT_REQUEST while the request's body was being read: what is not sent of the
+        response is dropped and END_REQUEST ends it (spec 5.4), so a kept connection serves on;
+        closed instead, the web server lost the connection it meant to reuse."""
+        log.info("%s; response ended", exc)
+        if self.request is not req or self.closed:
+            return
+        self.discard_output()
+        req.stdout.closed = True  # no end-of-stream record: the response was abandoned
+        self.end_request(req, 0)
 
     def _too_large(self, req: Request) -> bool:
         """Answer 413 without running the application, and close: the body is not parsed, only
