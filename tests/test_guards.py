@@ -103,12 +103,15 @@ def test_what_arrived_during_a_long_request_is_served_not_swept(start_daemon):
 
 
 def _read_by_worker(client: FCGIClient) -> bool:
-    """The worker has read what `client` sent: the daemon's end of the connection (the socket
-    whose remote port is the client's) has nothing in its receive queue (/proc/net/tcp)."""
-    port = client._socket().getsockname()[1]
+    """The worker has read what `client` sent: the daemon's end of the connection (established,
+    from the client's port to the daemon's) has nothing in its receive queue (/proc/net/tcp)."""
+    sock = client._socket()
+    mine, theirs = sock.getsockname()[1], sock.getpeername()[1]
     with open("/proc/net/tcp") as fh:
         rows = [line.split() for line in fh.readlines()[1:]]
-    queues = [int(row[4].split(":")[1], 16) for row in rows if int(row[2].split(":")[1], 16) == port]
+    queues = [int(row[4].split(":")[1], 16) for row in rows
+              if int(row[1].split(":")[1], 16) == theirs and int(row[2].split(":")[1], 16) == mine
+              and row[3] == "01"]
     return queues == [0]
 
 

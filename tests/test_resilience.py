@@ -7,6 +7,7 @@ import re
 import shutil
 import signal
 import socket
+import struct
 import tempfile
 import threading
 import time
@@ -224,6 +225,33 @@ def test_an_application_base_exception_answers_500_and_the_worker_lives(start_da
     assert d.count("worker crashed") == 0
 
 
+def test_a_write_that_failed_midway_sends_nothing_more_though_the_app_carries_on(start_daemon):
+    """A web server stops reading a large response for longer than --read-timeout (1 s): the
+    write() fails partway through a record, and the application swallows the error and writes
+    on. Nothing more may follow the cut record: bytes sent after it would be read as part of it
+    and the rest of the stream as garbage headers. The connection is closed at the failure."""
+    d = start_daemon("testapp", "--read-timeout", "1", workers=1)
+    (pid,) = d.wait_workers(1)
+    with socket.create_connection(d.address, timeout=10) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+        sock.sendall(build_request(make_params("GET", "/swallow")))
+        d.wait_log(r"connection closed|application error|web server stopped reading", timeout=10)
+        time.sleep(1.5)  # what the application does after its write failed: given time to show
+        received = b""
+        while chunk := sock.recv(1 << 20):
+            received += chunk
+    pos, records = 0, 0
+    while len(received) - pos >= 8:
+        version, rtype, request_id, length, padding = struct.unpack_from("!BBHHBx", received, pos)
+        assert (version, rtype, request_id) == (1, 6, 1), f"garbage after {records} records at {pos}"
+        pos += 8 + length + padding
+        records += 1
+    print(f"\n{len(received):,} bytes, {records} records, the last cut at {pos - len(received)} bytes short")
+    assert pos >= len(received)  # the stream ends at or inside its last record: nothing after it
+    assert d.workers() == [pid]
+    assert get(d.address, "/hello").body == f"hello v1 {pid}".encode()
+
+
 def test_out_of_descriptors_pauses_accepting_instead_of_spinning(start_daemon):
     """The worker's descriptor limit is reached (kept connections, or an application leaking
     files): accept() fails with EMFILE while the connection waits in the kernel's queue. The
@@ -301,8 +329,6 @@ def test_allow_from_survives_clients_that_reset_at_once(start_daemon):
     """200 clients send a request and reset the connection (SO_LINGER 0) at once: the worker
     checks each against --allow-from from accept()'s address, never asks the dead socket (whose
     getpeername() fails, which crashed the worker on the first such client)."""
-    import struct
-    from fcgiclient import build_request
     d = start_daemon("testapp", "--allow-from", "127.0.0.1", workers=1)
     before = d.wait_workers(1)
     for _ in range(200):

@@ -637,10 +637,21 @@ class Connection:
                     view = view[self.sock.send(view, flags):]
                 except BlockingIOError:
                     self._wait(select.POLLOUT, "web server stopped reading the response")
-        except OSError as exc:
-            if exc.errno in GONE:
-                raise ConnectionLost("web server closed the connection during the response") from None
-            raise ConnectionLost(f"send failed: {exc.strerror or exc}") from None
+        except (OSError, ConnectionLost) as exc:
+            # Closed at once: the send may have stopped inside a record, and an application
+            # that swallows the error and writes on would put bytes after the cut record,
+            # which the web server reads as its rest, and the rest of the stream as garbage
+            # headers. Closed, later writes go nowhere and the worker drops the connection;
+            # the line is logged here, as the application may never let the error through.
+            if isinstance(exc, ConnectionLost):
+                lost = exc
+            elif exc.errno in GONE:
+                lost = ConnectionLost("web server closed the connection during the response")
+            else:
+                lost = ConnectionLost(f"send failed: {exc.strerror or exc}")
+            log.info("connection closed: %s", lost)
+            self.close()
+            raise lost from None
 
     @property
     def between_requests(self) -> bool:

@@ -393,7 +393,7 @@ class Worker:
         except ProtocolError as exc:
             self._drop(conn, f"protocol error: {exc}", logging.WARNING)
         except (ConnectionLost, RequestAborted) as exc:
-            self._drop(conn, str(exc))
+            self._drop(conn, None if conn.closed else str(exc))  # closed: flush() said why
         except Exception:  # noqa: BLE001 - a fault on one connection must not end the worker
             log.error("internal error on a connection; closing it", exc_info=True)
             self._drop(conn)

@@ -65,6 +65,17 @@ def application(environ, start_response):
             start_response("200 OK", [("Content-Type", "text/plain")])
             return _RaisingClose()
         raise Cancelled("task cancelled in a request")
+    if path.endswith("/swallow"):  # an application that carries on after a failed write()
+        write = start_response("200 OK", [("Content-Type", "application/octet-stream")])
+        failures = 0
+        for _ in range(int(q.get("blocks", 640))):
+            try:
+                write(b"x" * 65536)
+            except Exception:  # noqa: BLE001 - what this route is for
+                failures += 1
+                if failures == 2:
+                    break
+        return [b"tail"]
     if path.endswith("/error-after"):
         def gen():
             yield b"partial"
