@@ -497,12 +497,18 @@ def test_workers_exit_when_the_manager_dies(start_daemon):
     wait_for(lambda: not any(alive(w) for w in workers), 5, "orphaned workers to exit")
 
 
-def test_crash_loop_backs_off_and_recovers(start_daemon, tmp_path):
+@pytest.mark.parametrize("when", ["at-import", "after-ready"])
+def test_crash_loop_backs_off_and_recovers(start_daemon, tmp_path, when):
+    """Workers that die young are respawned with a doubling delay, whether they die in their
+    import or 0.15 s after reporting ready (a background thread's crash, a C extension's).
+    The back-off used to restart at 0.1 s on every ready report, so the second kind was
+    respawned every 0.1 s for as long as it lasted (46 in 12 s)."""
     src = app_copy(tmp_path)
     flag = tmp_path / "crash"
+    crash = "os._exit(7)" if when == "at-import" else "threading.Timer(0.15, os._exit, (7,)).start()"
     (src / "crashy.py").write_text(
-        "import os\n"
-        f"if os.path.exists({str(flag)!r}):\n    os._exit(7)\n"
+        "import os, threading\n"
+        f"if os.path.exists({str(flag)!r}):\n    {crash}\n"
         "from liveapp import application\n")
     d = start_daemon("crashy", workers=1, pythonpath=[src])
     flag.write_text("1")

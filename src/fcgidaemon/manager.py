@@ -373,8 +373,7 @@ class Manager(supervise.Supervision, control.ControlCommands, upgrade.Upgrading,
 
     def _on_ready(self, rec: WorkerRecord) -> None:
         rec.move(WState.READY)
-        rec.deadline = None
-        self.backoff.pop(rec.slot, None)
+        rec.deadline = None  # the slot's back-off stays until this worker outlives YOUNG
         log.info("worker %d ready (slot %d, gen %d) in %.3fs", rec.pid, rec.slot, rec.generation,
                  time.monotonic() - rec.started)
         for other in list(self.workers.values()):  # a replacement is ready: its predecessor retires
@@ -471,9 +470,13 @@ class Manager(supervise.Supervision, control.ControlCommands, upgrade.Upgrading,
         expected = rec.state is WState.RETIRING or self.phase in ENDING
         log.log(logging.INFO if expected else logging.WARNING, "worker %d (slot %d, gen %d, %s) exited: %s",
                 rec.pid, rec.slot, rec.generation, rec.state.value, how)
+        young = rec.state is WState.STARTING or time.monotonic() - rec.started < YOUNG
+        if not young:
+            # it lived: the slot's back-off starts over. Not at its ready report: a worker that
+            # crashed just after it was ready was then respawned every 0.1 s, for good.
+            self.backoff.pop(rec.slot, None)
         if expected:
             return
-        young = rec.state is WState.STARTING or time.monotonic() - rec.started < YOUNG
         reason = rec.failure.splitlines()[0] if rec.failure else f"worker {rec.state.value} {how}"
         if self.phase is Phase.RELOADING and rec.generation == self.generation:
             self._abort_reload(reason, rec.failure)
