@@ -88,6 +88,9 @@ BAD = {
     "read-timeout-inf": ["--read-timeout", "inf"],
     "read-timeout-over-poll": ["--read-timeout", "3e6"],
     "backlog-over-c-int": ["--backlog", "2147483648"],
+    # more than the scoreboard holds in two generations: the reload that follows stuck for good
+    "workers-over-cap": ["--workers", "257"],
+    "max-workers-over-cap": ["--max-workers", "257"],
 }
 
 

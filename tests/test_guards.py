@@ -170,6 +170,22 @@ def test_a_refused_body_is_read_while_it_comes_then_let_go_when_it_stalls(start_
     assert d.workers() == [pid]
 
 
+def test_a_full_scoreboard_refuses_a_worker_as_a_process_limit_does():
+    """The scoreboard's records can run out (generations retiring one reload after another):
+    allocate() raised IndexError, which no caller expected, and a reload at 513 workers stayed
+    stuck for good (every later SIGHUP queued, SIGUSR2 refused). It is an OSError now, which
+    the manager's spawn treats like a process limit: the reload fails, the old code serves."""
+    from fcgidaemon.scoreboard import Pool, Scoreboard
+
+    board = Scoreboard(capacity=2)
+    first, second = board.allocate(101, 1), board.allocate(102, 1)
+    with pytest.raises(OSError, match=r"all 2 worker records are in use"):
+        board.allocate(103, 2)
+    board.release(first, Pool())
+    assert board.allocate(104, 2) == first
+    assert {board.read(i).pid for i in (first, second)} == {104, 102}
+
+
 # ---------------------------------------------------------------- reloads
 
 

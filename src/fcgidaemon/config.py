@@ -35,6 +35,9 @@ class ConfigError(Exception):
 # (poll() takes an int of milliseconds) instead of one line before anything forks.
 MAX_C_INT = 2**31 - 1
 MAX_SECONDS = MAX_C_INT // 1000  # 2147483 s, about 24.8 days
+# workers per manager: the scoreboard (shared memory, 1,024 records) must hold two generations
+# at this size during a reload, and the workers of earlier ones still finishing their requests
+MAX_WORKERS = 256
 
 
 def parse_int_min(minimum: int, maximum: int | None = None) -> Callable[[str], int]:
@@ -268,8 +271,8 @@ OPTIONS: tuple[Option, ...] = (
            "it resolves to), `/path.sock` or `unix:/path`; ignored when systemd passes sockets", "ADDR"),
     Option("backlog", "--backlog", "FCGI_LISTEN_QUEUE", "100", parse_int_min(1, MAX_C_INT),
            "listen queue length", "N"),
-    Option("workers", "--workers", "FCGIDAEMON_WORKERS", "4", parse_int_min(1),
-           "number of worker processes", "N"),
+    Option("workers", "--workers", "FCGIDAEMON_WORKERS", "4", parse_int_min(1, MAX_WORKERS),
+           f"number of worker processes (at most {MAX_WORKERS})", "N"),
     Option("preload", "--preload", "FCGIDAEMON_PRELOAD", "", parse_list,
            "modules imported once in the manager before forking (comma-separated, may repeat); "
            "never reloaded by SIGHUP", "MODS", repeat=True),
@@ -317,7 +320,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("min_workers", "--min-workers", "FCGIDAEMON_MIN_WORKERS", "0", parse_int_min(0),
            "dynamic mode (needs --max-workers): never fewer workers than this (0: 1)",
            "N"),
-    Option("max_workers", "--max-workers", "FCGIDAEMON_MAX_WORKERS", "0", parse_int_min(0),
+    Option("max_workers", "--max-workers", "FCGIDAEMON_MAX_WORKERS", "0", parse_int_min(0, MAX_WORKERS),
            "dynamic mode: add workers while requests wait or all workers are busy, up to this "
            "many (0: fixed at --workers)", "N"),
     Option("idle_timeout", "--idle-timeout", "FCGIDAEMON_IDLE_TIMEOUT", "10", parse_seconds,

@@ -17,7 +17,7 @@ import socket
 import time
 
 from . import control, logs, sharing, signals, supervise, systemd, titles, upgrade, worker
-from .config import Config
+from .config import MAX_WORKERS, Config
 from .scoreboard import Pool, Scoreboard, SlotState
 from .states import ENDING, TRANSITIONS, Phase, WorkerRecord, WState  # noqa: F401 - re-exported
 from .sockets import Listener
@@ -224,7 +224,7 @@ class Manager(supervise.Supervision, control.ControlCommands, upgrade.Upgrading,
 
     def _resize(self, target: int) -> None:
         low = max(1, self.config.min_workers)
-        high = self.config.max_workers or target
+        high = self.config.max_workers or min(target, MAX_WORKERS)
         if not low <= target <= high or self.phase in ENDING:
             log.warning("worker count stays %d", self.target)
             return
@@ -249,7 +249,13 @@ class Manager(supervise.Supervision, control.ControlCommands, upgrade.Upgrading,
         # past the manager's death instead of seeing the connection close
         close_fds += [conn.fileno() for conn, _ in self.reload_waiters]
         close_fds += [conn.fileno() for conn in (self.upgrade.waiters if self.upgrade else [])]
-        index = self.board.allocate(0, generation)
+        try:
+            index = self.board.allocate(0, generation)
+        except OSError as exc:  # BoardFull
+            parent_end.close()
+            child_end.close()
+            self._spawn_failed(slot, generation, exc)
+            return
         old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, MANAGER_SIGNALS)
         try:
             pid = os.fork()

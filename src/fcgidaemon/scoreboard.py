@@ -21,6 +21,7 @@ workers replaced every 3 requests).
 from __future__ import annotations
 
 import bisect
+import errno
 import mmap
 import struct
 import time
@@ -34,7 +35,11 @@ NB = len(BUCKETS) + 1
 # last_duration, duration_sum, histogram counts; every 8-byte field at a multiple of 8 (see
 # _Fields), 256 bytes in all
 RECORD = struct.Struct(f"=iiBxH4xQQd8s96sdd{NB}Q")
-CAPACITY = 1024
+class BoardFull(OSError):
+    """No record left for one more worker: like a process limit, the worker cannot start."""
+
+
+CAPACITY = 1024  # records: config.MAX_WORKERS workers in each of two generations, and stragglers
 
 # start_time(unix), manager_pid, generation, target, phase, reloads_ok, reloads_failed, requests of
 # exited workers, accepted of exited workers, listen_queue, listen_queue_max, backlog, all_busy,
@@ -161,6 +166,8 @@ class Scoreboard:
     # ------------------------------------------------------------------ manager side
 
     def allocate(self, pid: int, generation: int) -> int:
+        if not self._free:  # retiring generations still finishing, one reload after another
+            raise BoardFull(errno.EAGAIN, f"all {self.capacity} worker records are in use")
         index = self._free.pop()
         RECORD.pack_into(self.mem, self._base(index), pid, generation, SlotState.STARTING,
                          0, 0, 0, 0.0, b"", b"", 0.0, 0.0, *([0] * NB))
