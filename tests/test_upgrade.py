@@ -7,6 +7,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import tempfile
 import threading
 import time
@@ -93,7 +94,7 @@ def test_upgrade_with_broken_preload_keeps_the_old_manager(start_daemon, tmp_pat
     assert outcome["cli"].returncode == 1
     assert "upgrade failed: new manager" in outcome["cli"].stderr
     assert d.proc.poll() is None and d.workers() == workers
-    assert pidfile.read_text().strip() == str(d.pid)  # put back from .oldbin
+    assert pidfile.read_text().strip() == str(d.pid)  # it named the old manager all along
     assert preload_info(d.address)["preload_pid"] == d.pid
     d.wait_log(r"ImportError: broken preload")
 
@@ -109,6 +110,38 @@ def test_second_usr2_during_an_upgrade_is_refused(start_daemon, tmp_path):
     d.wait_log(r"upgrade: manager \d+ is ready")
     wait_for(lambda: d.proc.poll() is not None, 10, "the old manager to exit")
     assert d.count(r"upgrade: started new manager") == 1
+
+
+def test_stop_by_pidfile_during_an_upgrade_stops_both_managers(start_daemon, tmp_path):
+    """`fcgidaemon stop --pidfile` while the new manager still starts (its preload takes 3 s):
+    the pidfile still names the manager in charge, the old one, so the stop reaches it, and it
+    stops the new one with it; nothing serves afterwards. The pidfile used to name the new
+    manager from its first moment: the stop ended that one, said "stopped" and exited 0, and
+    the old manager took that for a failed upgrade and served on."""
+    src = app_copy(tmp_path)
+    (src / "slowpre.py").write_text("import time\ntime.sleep(3)\n")
+    pidfile = tmp_path / "m.pid"
+    d = start_daemon("liveapp", "--preload", "slowpre", "--pidfile", str(pidfile), workers=1,
+                     pythonpath=[src])
+    d.signal(signal.SIGUSR2)
+    d.wait_log(r"upgrade: started new manager \d+")
+    new = int(re.search(r"upgrade: started new manager (\d+)", d.log()).group(1))
+    try:
+        named = pidfile.read_text().strip()
+        out = run_cli(["stop", "--pidfile", str(pidfile)], tmp_path, timeout=30)
+        wait_for(lambda: not alive(new), 10, "the new manager to stop too")
+    finally:
+        if alive(new):
+            os.kill(new, signal.SIGKILL)
+    print(f"\nduring the upgrade the pidfile named {named} (old {d.pid}, new {new}); "
+          f"stop: exit {out.returncode}, {out.stdout.strip()!r}")
+    assert named == str(d.pid)
+    assert out.returncode == 0, out.stderr
+    assert d.proc.poll() == 0
+    assert not pidfile.exists() and not (tmp_path / "m.pid.oldbin").exists()
+    with pytest.raises(OSError):
+        socket.create_connection(d.address, timeout=2).close()
+    d.wait_log(r"upgrade failed: the old manager is stopping")
 
 
 @pytest.mark.parametrize("name", ["up.sock", "my app.sock"])

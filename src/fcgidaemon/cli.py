@@ -101,7 +101,6 @@ def serve(config: Config) -> int:
         listeners = open_listeners(config, upgrade.inherited_unlink_paths())
     except ConfigError as exc:
         return usage_error(exc)
-    pidfile_written = False
     # Signals are recorded from here on, for the manager's loop: a SIGHUP during a slow preload
     # (the default action) killed the manager, and a SIGTERM left the pidfile and socket behind.
     queue = signals.SignalQueue(MANAGER_SIGNALS)
@@ -110,8 +109,8 @@ def serve(config: Config) -> int:
         try:
             # bound before the pidfile names us: `fcgidaemon stop` checks that the pid has one
             ctl = control.listen()
-            write_pidfile(config.pidfile)
-            pidfile_written = bool(config.pidfile)
+            if predecessor is None:  # in an upgrade the pidfile names the old manager until
+                control.write_pidfile(config.pidfile)  # we take over (_announce_to_predecessor)
             drop_privileges(config)
             if config.access_log and config.access_log != "-":  # the workers open it as this user
                 check_access_log(config.access_log)
@@ -144,32 +143,7 @@ def serve(config: Config) -> int:
             ctl.close()
         for lst in listeners:
             lst.close()
-        if pidfile_written:
-            remove_pidfile(config.pidfile)
-
-
-def write_pidfile(path: str | None) -> None:
-    if not path:
-        return
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w") as fh:
-        fh.write(f"{os.getpid()}\n")
-    os.replace(tmp, path)
-
-
-def remove_pidfile(path: str | None) -> None:
-    """Remove the pidfile only if it is still ours (a successor may have replaced it)."""
-    if not path:
-        return
-    try:
-        with open(path) as fh:
-            if fh.read().strip() != str(os.getpid()):
-                return
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
-    except OSError as exc:
-        log.warning("cannot remove pidfile %s: %s", path, exc)
+        control.remove_pidfile(config.pidfile)  # if it still names us
 
 
 def check(argv: Sequence[str]) -> int:

@@ -22,6 +22,8 @@ from typing import Any
 from . import status as status_page
 from .states import ENDING
 
+log = logging.getLogger("fcgidaemon")
+
 ENCODING = "utf-8"
 
 
@@ -114,6 +116,31 @@ class Target:
         return cls(pid)
 
 
+def write_pidfile(path: str | None) -> None:
+    """Write our pid to `path` atomically: a reader sees the old pid or ours, never a part."""
+    if not path:
+        return
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as fh:
+        fh.write(f"{os.getpid()}\n")
+    os.replace(tmp, path)
+
+
+def remove_pidfile(path: str | None) -> None:
+    """Remove the pidfile only if it is still ours (a successor may have replaced it)."""
+    if not path:
+        return
+    try:
+        with open(path) as fh:
+            if fh.read().strip() != str(os.getpid()):
+                return
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        log.warning("cannot remove pidfile %s: %s", path, exc)
+
+
 def is_manager(pid: int) -> bool:
     """Whether `pid` has bound a manager's control socket (from its first step, before the
     preload). Read from /proc/net/unix, not by connecting: the manager reads a command from
@@ -185,7 +212,6 @@ def stop(pid: int, timeout: float, quick: bool = False) -> None:
 
 # --------------------------------------------------------------------------- manager side
 
-log = logging.getLogger("fcgidaemon")
 
 
 class ControlCommands:

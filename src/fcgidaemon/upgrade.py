@@ -4,8 +4,9 @@ It inherits the listening sockets by file descriptor (``FCGIDAEMON_FDS``), so th
 socket is never closed; it preloads, forks its workers, and once they are all
 ready it announces itself on our control socket (``upgraded <pid>``) and tells
 systemd ``MAINPID=<its pid>`` + ``READY=1``.  Only then do our workers retire,
-handing their idle connections to the new manager.  If the new manager dies or
-is not ready in time, we keep serving and put the pidfile back.
+handing their idle connections to the new manager, and the pidfile names it (until
+then it names us, the manager in charge).  If the new manager dies or is not ready
+in time, we keep serving.
 """
 
 from __future__ import annotations
@@ -45,10 +46,6 @@ class Upgrade:
     def oldbin(self) -> str | None:
         return f"{self.pidfile}.oldbin" if self.pidfile else None
 
-    def restore_pidfile(self) -> None:
-        if self.pidfile and self.oldbin and os.path.exists(self.oldbin):
-            os.replace(self.oldbin, self.pidfile)
-
     def drop_oldbin(self) -> None:
         if self.oldbin:
             try:
@@ -70,16 +67,8 @@ def start(listeners: Sequence[Listener], pidfile: str | None, timeout: float,
     owned = [lst.unlink_path for lst in listeners if lst.unlink_path]
     if owned:
         env[UNLINK_ENV] = ",".join(owned)
-    oldbin = f"{pidfile}.oldbin" if pidfile and os.path.exists(pidfile) else None
-    if oldbin:
-        os.replace(pidfile, oldbin)
     argv = [sys.executable, *sys.orig_argv[1:]]
-    try:
-        pid = _spawn_detached(argv, env)
-    except OSError:
-        if oldbin:
-            os.replace(oldbin, pidfile)  # type: ignore[arg-type]
-        raise
+    pid = _spawn_detached(argv, env)
     log.info("upgrade: started new manager %d: %s", pid, " ".join(argv))
     return Upgrade(pid, time.monotonic() + timeout, pidfile)
 
@@ -129,6 +118,13 @@ def _exec(argv: list[str], env: dict[str, str]) -> None:
         os._exit(127)
 
 
+def _write_oldbin(path: str) -> None:
+    try:
+        control.write_pidfile(path)
+    except OSError as exc:  # cosmetic: the handover goes on
+        log.warning("cannot write %s: %s", path, exc)
+
+
 def inherited_unlink_paths() -> set[str]:
     return {p for p in os.environ.pop(UNLINK_ENV, "").split(",") if p}
 
@@ -164,7 +160,7 @@ class Upgrading:
         try:
             self.upgrade = start(self.listeners, self.config.pidfile, self.config.ready_timeout * 2,
                                  self.generation + 1)
-        except OSError as exc:  # no process to fork (a limit), or the pidfile cannot be renamed
+        except OSError as exc:  # no process to fork (a limit)
             reason = f"cannot start a new manager: {exc.strerror or exc}"
             self.pool.last_failure = reason
             log.error("upgrade failed: %s; still serving", reason)
@@ -202,7 +198,14 @@ class Upgrading:
             log.info("took over from manager %d", self.predecessor)
 
     def _take_over_sockets(self) -> None:
-        """The old manager no longer removes its unix sockets at exit: now we do."""
+        """We are in charge: the pidfile names us from now on (until now it named the old
+        manager, so that `stop`, `reload` and `status` reached the manager serving, which
+        stops an upgrade in progress with itself), and the old manager no longer removes its
+        unix sockets at exit: now we do."""
+        try:
+            control.write_pidfile(self.config.pidfile)
+        except OSError as exc:
+            log.warning("cannot write the pidfile %s: %s", self.config.pidfile, exc)
         for lst in self.listeners:
             lst.unlink_path = lst.takeover_path or lst.unlink_path
 
@@ -213,6 +216,8 @@ class Upgrading:
             return
         up.successor_ready = True
         self.phase = Phase.RETIRED
+        if up.oldbin:  # as nginx does: our pid stays at hand while we retire
+            _write_oldbin(up.oldbin)
         self.reload_pending = False
         self.respawn_at.clear()
         for lst in self.listeners:
@@ -242,7 +247,6 @@ class Upgrading:
                 os.kill(up.pid, signal.SIGTERM)
             except ProcessLookupError:
                 pass
-        up.restore_pidfile()
         self.pool.last_failure = reason
         log.error("upgrade failed: %s; still serving", reason)
         systemd.notify(f"STATUS=upgrade failed: {reason}; {self.status_line()}")
