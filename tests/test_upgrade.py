@@ -99,6 +99,42 @@ def test_upgrade_with_broken_preload_keeps_the_old_manager(start_daemon, tmp_pat
     d.wait_log(r"ImportError: broken preload")
 
 
+def test_a_worker_count_set_by_sigttin_survives_an_upgrade(start_daemon, tmp_path):
+    """--workers 2, then SIGTTIN: 3 workers. After SIGUSR2 the new manager runs 3, not the 2 of
+    its (unchanged) command line; the count used to fall back to --workers at every upgrade."""
+    d = start_daemon("testapp", workers=2)
+    d.wait_workers(2)
+    d.signal(signal.SIGTTIN)
+    d.wait_workers(3)
+    out = run_cli(["upgrade", "--wait", "--pid", str(d.pid)], tmp_path, timeout=30)
+    assert out.returncode == 0, out.stderr
+    new = int(re.search(r"manager (\d+) serving", out.stdout).group(1))
+    try:
+        wait_for(lambda: d.proc.poll() is not None, 10, "the old manager to exit")
+        d.wait_log(rf"\[manager {new} gen 2\] generation 2 serving: \d+ workers")
+        workers = _children(new)
+        print(f"\nafter SIGTTIN and SIGUSR2: manager {new} runs {len(workers)} workers")
+        assert len(workers) == 3
+        assert d.count(rf"\[manager {new} gen 2\] generation 2 serving: 3 workers") == 1
+    finally:
+        os.kill(new, signal.SIGTERM)
+        wait_for(lambda: not alive(new), 10, "the new manager to stop")
+
+
+def _children(pid: int) -> list[int]:
+    kids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as fh:
+                    fields = fh.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid and fields[0] != "Z":
+                kids.append(int(entry))
+    return kids
+
+
 def test_second_usr2_during_an_upgrade_is_refused(start_daemon, tmp_path):
     src = app_copy(tmp_path)
     (src / "slowpre.py").write_text("import time\ntime.sleep(1.5)\n")

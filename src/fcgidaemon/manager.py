@@ -71,6 +71,9 @@ class Manager(supervise.Supervision, control.ControlCommands, upgrade.Upgrading,
         self.upgrade: upgrade.Upgrade | None = None  # our own successor, while one starts
         self.listeners = listeners
         self.target = config.workers
+        inherited = upgrade.worker_count(config.workers)  # SIGTTIN/SIGTTOU survive SIGUSR2
+        if inherited != config.workers:
+            self.target = min(max(inherited, config.min_workers, 1), config.max_workers or MAX_WORKERS)
         self.phase = Phase.STARTING
         self.workers: dict[int, WorkerRecord] = {}
         self.generation = upgrade.first_generation()  # the newest generation started

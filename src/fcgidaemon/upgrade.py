@@ -28,6 +28,7 @@ log = logging.getLogger("fcgidaemon")
 
 PARENT_ENV = "FCGIDAEMON_UPGRADE_FROM"  # the old manager's pid, read by the new one
 GENERATION_ENV = "FCGIDAEMON_GENERATION"  # generations keep counting across upgrades
+WORKERS_ENV = "FCGIDAEMON_UPGRADE_WORKERS"  # "configured current": a count set by SIGTTIN/SIGTTOU
 UNLINK_ENV = "FCGIDAEMON_UNLINK"  # unix socket path whose removal at exit passes to the new manager
 START_DIR = os.getcwd()  # relative paths on the command line are relative to this
 
@@ -55,7 +56,7 @@ class Upgrade:
 
 
 def start(listeners: Sequence[Listener], pidfile: str | None, timeout: float,
-          generation: int) -> Upgrade:
+          generation: int, workers: tuple[int, int] = (0, 0)) -> Upgrade:
     """Fork and exec a new manager with our listening sockets; returns its record."""
     fds = [lst.fileno() for lst in listeners]
     for lst in listeners:
@@ -64,6 +65,7 @@ def start(listeners: Sequence[Listener], pidfile: str | None, timeout: float,
     env[INHERIT_ENV] = ",".join(str(fd) for fd in fds)
     env[PARENT_ENV] = str(os.getpid())
     env[GENERATION_ENV] = str(generation)
+    env[WORKERS_ENV] = "%d %d" % workers
     owned = [lst.unlink_path for lst in listeners if lst.unlink_path]
     if owned:
         env[UNLINK_ENV] = ",".join(owned)
@@ -134,6 +136,17 @@ def parent_pid() -> int | None:
     return int(text) if text.isdigit() else None
 
 
+def worker_count(configured: int) -> int:
+    """How many workers a new manager starts: the old manager's count when SIGTTIN/SIGTTOU
+    had changed it and our own configuration says what the old one's did (a --config file
+    edited for the upgrade wins); otherwise our configured count. The old count used to be
+    dropped: every upgrade silently went back to --workers."""
+    fields = os.environ.pop(WORKERS_ENV, "").split()
+    if len(fields) == 2 and all(f.isdigit() for f in fields) and int(fields[0]) == configured:
+        return max(1, int(fields[1]))
+    return configured
+
+
 def first_generation() -> int:
     text = os.environ.pop(GENERATION_ENV, "")
     return int(text) if text.isdigit() and int(text) > 0 else 1
@@ -159,7 +172,7 @@ class Upgrading:
             return
         try:
             self.upgrade = start(self.listeners, self.config.pidfile, self.config.ready_timeout * 2,
-                                 self.generation + 1)
+                                 self.generation + 1, (self.config.workers, self.target))
         except OSError as exc:  # no process to fork (a limit)
             reason = f"cannot start a new manager: {exc.strerror or exc}"
             self.pool.last_failure = reason
