@@ -252,6 +252,33 @@ def test_a_write_that_failed_midway_sends_nothing_more_though_the_app_carries_on
     assert get(d.address, "/hello").body == f"hello v1 {pid}".encode()
 
 
+def test_a_program_the_application_runs_does_not_get_the_listening_socket(start_daemon):
+    """A program the application starts the way os.system() does (exec, with every inheritable
+    descriptor kept): it must not hold the listening socket. The sockets were bound inheritable,
+    so such a program (a background job) kept the port bound after the daemon had stopped,
+    and connections queued where nobody accepts. Checked by the socket's inode in the child's
+    descriptors, and by binding the port again once the daemon has stopped."""
+    d = start_daemon("testapp", workers=1)
+    d.wait_workers(1)
+    port = d.address[1]
+    with open("/proc/net/tcp") as fh:
+        rows = [line.split() for line in fh.readlines()[1:]]
+    (inode,) = [row[9] for row in rows if int(row[1].split(":")[1], 16) == port and row[3] == "0A"]
+    body = get(d.address, "/spawn?s=20").body
+    child = int(body.split()[1])
+    try:
+        held = sorted(os.readlink(f"/proc/{child}/fd/{fd}") for fd in os.listdir(f"/proc/{child}/fd"))
+        d.stop()
+        with socket.socket() as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind(("127.0.0.1", port))
+            probe.listen()  # EADDRINUSE while the child holds the old listening socket
+    finally:
+        os.kill(child, signal.SIGKILL)
+    print(f"\nchild {child} holds {held}; the listening socket is socket:[{inode}]")
+    assert f"socket:[{inode}]" not in held
+
+
 def test_out_of_descriptors_pauses_accepting_instead_of_spinning(start_daemon):
     """The worker's descriptor limit is reached (kept connections, or an application leaking
     files): accept() fails with EMFILE while the connection waits in the kernel's queue. The

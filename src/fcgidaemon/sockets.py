@@ -81,6 +81,9 @@ def validate_passed(sock: socket.socket) -> Listener:
         raise ConfigError(f"passed fd {sock.fileno()} is not a socket: {exc.strerror}") from None
     if kind != socket.SOCK_STREAM or not listening:
         raise ConfigError(f"passed fd {sock.fileno()} is not a listening stream socket")
+    # passed without close-on-exec: a program the application runs (os.system, a subprocess
+    # with close_fds=False) then held the listening socket, past our exit too
+    sock.set_inheritable(False)
     defer_accept(sock)
     return Listener(sock, describe(sock) + " (passed)")
 
@@ -149,7 +152,6 @@ def _bind_one(family: int, kind: int, proto: int, sockaddr: tuple, backlog: int,
         if exc.errno == errno.EADDRINUSE:
             raise ConfigError(f"--bind {address}: address already in use") from None
         raise ConfigError(f"--bind {address}: cannot bind {sockaddr[0]}: {exc.strerror}") from None
-    sock.set_inheritable(True)
     return Listener(sock, describe(sock))
 
 
@@ -176,7 +178,6 @@ def bind_unix(path: str, config: Config) -> Listener:
         if isinstance(exc, ConfigError):
             raise
         raise ConfigError(f"--bind unix:{path}: {exc.strerror}") from None
-    sock.set_inheritable(True)
     return Listener(sock, f"unix:{path}", unlink_path=path)
 
 

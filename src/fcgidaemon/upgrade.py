@@ -59,8 +59,6 @@ def start(listeners: Sequence[Listener], pidfile: str | None, timeout: float,
           generation: int, workers: tuple[int, int] = (0, 0)) -> Upgrade:
     """Fork and exec a new manager with our listening sockets; returns its record."""
     fds = [lst.fileno() for lst in listeners]
-    for lst in listeners:
-        lst.sock.set_inheritable(True)
     env = dict(os.environ)
     env[INHERIT_ENV] = ",".join(str(fd) for fd in fds)
     env[PARENT_ENV] = str(os.getpid())
@@ -115,6 +113,8 @@ def _exec(argv: list[str], env: dict[str, str]) -> None:
                 continue
         signal.pthread_sigmask(signal.SIG_SETMASK, set())
         systemd.successor_environment(env, os.getpid())
+        for fd in env[INHERIT_ENV].split(","):  # only in this process, the one that execs: the
+            os.set_inheritable(int(fd), True)  # manager's own stay close-on-exec (sockets.py)
         os.execve(argv[0], argv, env)
     finally:
         os._exit(127)

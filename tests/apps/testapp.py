@@ -135,6 +135,10 @@ def application(environ, start_response):
             time.sleep(float(q.get("s", 5)))
             os._exit(0)
         return _text(start_response, f"child {child}".encode())
+    if path.endswith("/spawn"):  # a program run as os.system() runs it: every inheritable fd kept
+        import subprocess
+        child = subprocess.Popen(["sleep", q.get("s", "5")], close_fds=False)
+        return _text(start_response, f"child {child.pid}".encode())
     if path.endswith("/uid"):
         return _text(start_response, f"{os.getuid()} {os.getgid()}".encode())
     if path.endswith("/wsgi-errors"):  # two lines to environ['wsgi.errors'], each with the marker
