@@ -250,18 +250,27 @@ def test_reload_whose_import_outlasts_ready_timeout_fails(start_daemon, tmp_path
 # ---------------------------------------------------------------- exits, status, worker count
 
 
-def test_startup_import_failure_exits_1(start_daemon, tmp_path):
-    """The daemon (not `check`) started with an application that raises at import: it logs the
-    traceback and exits 1, so systemd and scripts see a failed start (0 read as a clean stop)."""
+@pytest.mark.parametrize("how", ["raises", "dies"])
+def test_startup_import_failure_exits_1(start_daemon, tmp_path, how):
+    """The daemon (not `check`) started with an application that raises at import, or dies in
+    it with no traceback (os._exit, as a C extension's crash does): it logs why and exits 1,
+    so systemd and scripts see a failed start (0 read as a clean stop). A death with no
+    traceback was respawned for good instead, the manager never ready and never exiting."""
     src = tmp_path / "src"
     src.mkdir()
-    (src / "raising.py").write_text("raise RuntimeError('config missing at import')\n")
+    code_line = ("raise RuntimeError('config missing at import')" if how == "raises"
+                 else "import os; os._exit(7)")
+    (src / "raising.py").write_text(code_line + "\n")
     d = start_daemon("raising", workers=2, pythonpath=[src], wait=False)
     code = d.wait_exit(15)
-    print(f"\nstartup import failure: exit {code}")
+    print(f"\nstartup import failure ({how}): exit {code}")
     assert code == 1
-    assert d.count(r"application failed to start: RuntimeError in .*raising\.py:1: "
-                   r"config missing at import") == 1
+    if how == "raises":
+        assert d.count(r"application failed to start: RuntimeError in .*raising\.py:1: "
+                       r"config missing at import") == 1
+    else:
+        assert d.count(r"application failed to start: worker \d+ exit 7 while importing the "
+                       r"application") == 1
     assert d.count(r"manager exiting with status 1") == 1
 
 

@@ -490,8 +490,11 @@ class Manager(supervise.Supervision, control.ControlCommands, upgrade.Upgrading,
         if self.phase is Phase.RELOADING and rec.generation == self.generation:
             self._abort_reload(reason, rec.failure)
             return
-        if rec.state is WState.STARTING and self.phase is Phase.STARTING and rec.failure:
-            log.error("application failed to start: %s", rec.failure.rstrip())  # import, timeout
+        if rec.state is WState.STARTING and self.phase is Phase.STARTING:
+            # import error, not ready in time, or a death with no traceback (os._exit, a C
+            # extension's crash: that one was respawned for good, the manager never ready)
+            failure = rec.failure or f"worker {rec.pid} {how} while importing the application"
+            log.error("application failed to start: %s", failure.rstrip())
             self.exit_code = 1
             # graceful: workers already ready may be serving (beside an old manager, in an
             # upgrade); those still importing leave at once on SIGTERM (worker._on_stop_signal)
