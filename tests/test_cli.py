@@ -88,6 +88,10 @@ BAD = {
     "read-timeout-inf": ["--read-timeout", "inf"],
     "read-timeout-over-poll": ["--read-timeout", "3e6"],
     "backlog-over-c-int": ["--backlog", "2147483648"],
+    # less than a byte rounded down to 0, which means no limit; params of 0 dropped every request
+    "max-body-half-a-byte": ["--max-body", "0.5"],
+    "max-params-0": ["--max-params", "0"],
+    "max-params-under-1k": ["--max-params", "100"],
     # more than the scoreboard holds in two generations: the reload that follows stuck for good
     "workers-over-cap": ["--workers", "257"],
     "max-workers-over-cap": ["--max-workers", "257"],
@@ -213,6 +217,10 @@ def test_bad_toml(tmp_path):
     conf.write_text("wrokers = 3\n")
     out = run_cli(["testapp", "--config", str(conf), *bind], tmp_path)
     assert out.returncode == 2 and "unknown option 'wrokers'" in out.stderr
+    conf.write_bytes("workers = 2  # caf\u00e9\n".encode("latin-1"))  # TOML is UTF-8: a traceback, exit 1
+    out = run_cli(["testapp", "--config", str(conf), *bind], tmp_path)
+    assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1, out.stderr
+    assert "not UTF-8 (byte 18: b'\\xe9')" in out.stderr
 
 
 def test_toml_keys_outside_the_fcgidaemon_table_are_an_error(tmp_path):

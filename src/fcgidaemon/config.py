@@ -162,6 +162,17 @@ def parse_size(text: str) -> int:
     value = int(scaled)
     if value < 0:
         raise ConfigError(f"must not be negative: {text!r}")
+    if value == 0 and scaled > 0:  # "0.5" rounded down to 0, which means no limit at all
+        raise ConfigError(f"less than one byte: {text!r}")
+    return value
+
+
+def parse_params_size(text: str) -> int:
+    """--max-params: a size of at least 1k. Every request has params (0 let the daemon start,
+    then dropped every request as a protocol error)."""
+    value = parse_size(text)
+    if value < 1024:
+        raise ConfigError(f"must be at least 1k (every request's params count), got {text!r}")
     return value
 
 
@@ -311,9 +322,10 @@ OPTIONS: tuple[Option, ...] = (
     Option("max_body", "--max-body", "FCGIDAEMON_MAX_BODY", "0", parse_size,
            "largest request body accepted (bytes, or with k/M/G); larger requests get 413, a "
            "CONTENT_LENGTH that is not a number 400 (0: no limit)", "SIZE"),
-    Option("max_params", "--max-params", "FCGIDAEMON_MAX_PARAMS", "1M", parse_size,
+    Option("max_params", "--max-params", "FCGIDAEMON_MAX_PARAMS", "1M", parse_params_size,
            "largest FCGI_PARAMS stream (request headers and CGI variables) accepted, and the "
-           "most request body taken before the params end; more closes the connection", "SIZE"),
+           "most request body taken before the params end; more closes the connection (at "
+           "least 1k)", "SIZE"),
     Option("allow_from", "--allow-from", "FCGI_WEB_SERVER_ADDRS", "", parse_networks,
            "client addresses or networks allowed to connect over TCP (comma-separated, may repeat; "
            "empty: any); others are closed and logged", "ADDRS", repeat=True),
@@ -503,6 +515,9 @@ def read_toml(path: str) -> dict[str, Any]:
         raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"config file {path}: {exc}") from None
+    except UnicodeDecodeError as exc:  # TOML is UTF-8; this escaped as a traceback, exit 1
+        raise ConfigError(f"config file {path}: not UTF-8 (byte {exc.start}: "
+                          f"{exc.object[exc.start:exc.start + 1]!r})") from None
     table = data.get("fcgidaemon", data)
     if not isinstance(table, dict):
         raise ConfigError(f"config file {path}: [fcgidaemon] must be a table")
