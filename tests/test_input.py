@@ -63,6 +63,12 @@ def test_read_none_reads_everything(kind):
     assert stream_of(kind, BODY, 4).read(None) == BODY
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_readlines_none_reads_every_line(kind):
+    assert stream_of(kind, BODY, 4).readlines(None) == [b"abcdefghij\n", b"rest\n"]
+    assert stream_of(kind, BODY, 4).readlines(3) == [b"abcdefghij\n"]
+
+
 @settings(max_examples=200, deadline=None)
 @given(body=st.binary(max_size=400).map(lambda b: b.replace(b"\x00", b"\n")),
        piece=st.integers(1, 50), sizes=st.lists(st.one_of(st.none(), st.integers(-1, 30)), max_size=40))
