@@ -252,15 +252,39 @@ def test_a_reload_whose_access_log_cannot_be_opened_fails_safely(start_daemon, t
 
 def test_the_access_log_says_what_the_client_got(start_daemon, tmp_path):
     """An application that fails before its body is sent gives the client our 500: its line says
-    500. The line was missing when the application raised at once, and said the application's
-    200 when its first block raised."""
+    500 and 21 bytes. The line was missing when the application raised at once, and said the
+    application's 200 when its first block raised, or when the body was str, not bytes, and "-"
+    when it never called start_response; a body sent through write() was counted as none."""
     log = tmp_path / "access.log"
     d = start_daemon("testapp", "--access-log", str(log), workers=1)
-    statuses = [get(d.address, uri).status for uri in ("/error", "/error-in-iter", "/hello")]
-    assert statuses == [500, 500, 200]
-    wait_for(lambda: log.exists() and log.read_text().count("\n") == 3, 5, "three access log lines")
-    logged = re.findall(r'"GET (\S+) HTTP/1\.1" (\d+) ', log.read_text())
-    assert logged == [("/error", "500"), ("/error-in-iter", "500"), ("/hello", "200")]
+    uris = ["/error", "/error-in-iter", "/str-body", "/no-start", "/drip-write?n=2&d=0", "/hello"]
+    answers = [get(d.address, uri) for uri in uris]
+    wait_for(lambda: log.exists() and log.read_text().count("\n") == len(uris), 5, "the access log lines")
+    logged = re.findall(r'"GET (\S+) HTTP/1\.1" (\d+) (\d+|-) ', log.read_text())
+    print(f"\n{logged}")
+    assert [a.status for a in answers] == [500, 500, 500, 500, 200, 200]
+    assert logged == [(uri, str(a.status), str(len(a.body))) for uri, a in zip(uris, answers)]
+
+
+def test_the_access_log_cannot_be_forged_by_a_request(start_daemon, tmp_path):
+    """Hostile values (a newline and a forged line in the user agent, CR LF in the URI, a
+    terminal escape, a user name with a space and a quote) stay in one line, each byte outside
+    printable ASCII as \\xhh, as nginx and Apache write them. They were written as they came:
+    one request made four lines, one of them a well-formed forgery."""
+    log = tmp_path / "access.log"
+    d = start_daemon("testapp", "--access-log", str(log), workers=1)
+    forged = '\n1.2.3.4 - - [01/Jan/2000:00:00:00 +0000] "GET /forged HTTP/1.1" 200 1 "-" "x"'
+    params = make_params("GET", "/id?a=1\r\nb", http_user_agent="\x1b[31mred" + forged,
+                         extra={"REMOTE_USER": 'bob "the" smith', "HTTP_REFERER": "caf\xe9"})
+    with FCGIClient(d.address) as client:
+        assert client.request(params).status == 200
+    wait_for(lambda: log.exists() and log.read_text().endswith("\n"), 5, "the access log line")
+    text = log.read_text()
+    print(f"\n{text}")
+    assert text.count("\n") == 1 and "\x1b" not in text and "\r" not in text
+    assert text.startswith('127.0.0.1 - bob\\x20\\"the\\"\\x20smith [')
+    assert '"GET /id?a=1\\x0d\\x0ab HTTP/1.1" 200 ' in text
+    assert '"caf\\xc3\\xa9" "\\x1b[31mred\\x0a1.2.3.4 - - [01/Jan/2000:00:00:00 +0000] \\"GET /forged' in text
 
 
 def test_the_access_log_is_reopened_when_logrotate_moves_or_removes_it(start_daemon, tmp_path):

@@ -10,13 +10,11 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import time
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any
 
 from .logs import Throttle
-
-WSGIApp = Callable[..., Iterable[bytes]]
-
 
 log = logging.getLogger("fcgidaemon")
 
@@ -37,6 +35,7 @@ class AccessLog:
         self.fd = os.dup(1) if self.path is None else self.open(self.path)
         self.identity = _identity(self.fd)
         self.failures = Throttle(60.0)
+        self.pid = os.getpid()  # opened in the worker
 
     @staticmethod
     def open(path: str) -> int:
@@ -64,71 +63,44 @@ class AccessLog:
         os.close(old)
         log.info("access log %s was moved or removed; reopened", self.path)
 
+    def record(self, environ: dict[str, Any], status: str, size: int, started: float) -> None:
+        """One line for a request, with what the client got (wsgi.make_handler decides)."""
+        write_line(self.fd, environ, status, size, time.monotonic() - started, self.pid)
+
 
 def _identity(fd: int) -> tuple[int, int]:
     st = os.fstat(fd)
     return st.st_dev, st.st_ino
 
 
-def middleware(app: WSGIApp, access: AccessLog) -> WSGIApp:
-    """One line per request, after its body, with the status the client got: an application
-    that raises before its body is sent gets the server's 500, and its line says 500 (it had no
-    line when app() itself raised, and the application's own status when the first block did)."""
-    pid = os.getpid()
-
-    def handle(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
-        started = time.monotonic()
-        seen: dict[str, Any] = {"status": "-", "bytes": 0}
-
-        def recording_start_response(status: str, headers: list, exc_info: Any = None) -> Any:
-            seen["status"] = status.split(" ", 1)[0]
-            return start_response(status, headers, exc_info) if exc_info else start_response(status, headers)
-
-        try:
-            result = app(environ, recording_start_response)
-        except BaseException:
-            seen["status"] = "500"
-            write_line(access.fd, environ, seen, time.monotonic() - started, pid)
-            raise
-        if isinstance(result, (list, tuple)):  # passed on as it is: sent in one piece
-            seen["bytes"] = sum(len(chunk) for chunk in result)
-            write_line(access.fd, environ, seen, time.monotonic() - started, pid)
-            return result
-        return _logged(result, access, environ, seen, started, pid)
-
-    return handle
+# what a line never holds as it came: quotes and backslashes (they end or escape a field),
+# control characters (a newline forged a line of its own, an escape sequence drove the
+# terminal of whoever read the log) and anything outside printable ASCII: each is \xhh (the
+# quote and backslash \" and \\), as nginx and Apache write them
+_UNSAFE = re.compile(r'[^\x20-\x7e]|["\\]')
 
 
-def _logged(result: Iterable[bytes], access: AccessLog, environ: dict[str, Any], seen: dict[str, Any],
-            started: float, pid: int) -> Iterator[bytes]:
-    try:
-        for chunk in result:
-            seen["bytes"] += len(chunk)
-            yield chunk
-    except BaseException:
-        if not seen["bytes"]:  # nothing sent yet: the client gets the server's 500
-            seen["status"] = "500"
-        raise
-    finally:
-        close = getattr(result, "close", None)
-        if close is not None:
-            close()
-        write_line(access.fd, environ, seen, time.monotonic() - started, pid)
+def _escape(char: re.Match) -> str:
+    c = char.group()
+    return "\\" + c if c in '"\\' else "\\x%02x" % ord(c) if ord(c) < 256 else "\\u%04x" % ord(c)
 
 
 def _q(value: str) -> str:
-    return value.replace("\\", "\\\\").replace('"', '\\"')
+    if value.isascii() and value.isprintable() and '"' not in value and "\\" not in value:
+        return value
+    return _UNSAFE.sub(_escape, value)
 
 
-def write_line(fd: int, environ: dict[str, Any], seen: dict[str, Any], took: float, pid: int) -> None:
+def write_line(fd: int, environ: dict[str, Any], status: str, size: int, took: float, pid: int) -> None:
     request = (f"{environ.get('REQUEST_METHOD', '-')} {environ.get('REQUEST_URI', '-')} "
                f"{environ.get('SERVER_PROTOCOL', '-')}")
-    line = (f"{environ.get('REMOTE_ADDR', '-')} - {environ.get('REMOTE_USER') or '-'} "
-            f"[{time.strftime('%d/%b/%Y:%H:%M:%S %z')}] \"{_q(request)}\" {seen['status']} "
-            f"{seen['bytes'] or '-'} \"{_q(environ.get('HTTP_REFERER', '-'))}\" "
+    user = _q(environ.get("REMOTE_USER") or "-").replace(" ", "\\x20")  # one field: no space
+    line = (f"{_q(environ.get('REMOTE_ADDR', '-'))} - {user} "
+            f"[{time.strftime('%d/%b/%Y:%H:%M:%S %z')}] \"{_q(request)}\" {status} "
+            f"{size or '-'} \"{_q(environ.get('HTTP_REFERER', '-'))}\" "
             f"\"{_q(environ.get('HTTP_USER_AGENT', '-'))}\" {int(took * 1e6)} {pid}\n")
     try:
-        os.write(fd, line.encode("latin-1", "replace"))
+        os.write(fd, line.encode("ascii"))
     except OSError as exc:
         _write_failed(exc)
 

@@ -153,7 +153,8 @@ class Worker:
         app = self._wrap(app)
         limits = Limits(read_timeout=self.config.read_timeout, max_params=self.config.max_params,
                         max_body=self.config.max_body)
-        self.server = Server(make_handler(app), limits, max_conns=self.config.workers * 64,
+        on_response = self.access_log.record if self.access_log is not None else None
+        self.server = Server(make_handler(app, on_response), limits, max_conns=self.config.workers * 64,
                              max_reqs=self.config.workers, on_done=self._request_done,
                              on_exit_asked=self._on_exit_asked)
         self._register()
@@ -170,10 +171,8 @@ class Worker:
         return EXIT_IMPORT_FAILED
 
     def _wrap(self, app: loader.WSGIApp) -> loader.WSGIApp:
-        """Our own pages and the access log sit in front of the application."""
+        """Our own pages sit in front of the application."""
         config = self.config
-        if self.access_log is not None:
-            app = accesslog.middleware(app, self.access_log)
         if config.status_path or config.ping_path:
             app = status.middleware(app, self.board, config.app, config.status_path, config.ping_path,
                                     config.status_allow)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import re
 import sys
+import time
 from typing import Any, Callable, Iterable
 from urllib.parse import unquote_to_bytes
 
@@ -41,6 +42,7 @@ def _remember(checked: set[str], text: str) -> None:
 
 ERROR_500 = (b"Status: 500 Internal Server Error\r\nContent-Type: text/plain; charset=utf-8\r\n"
              b"Content-Length: 21\r\n\r\nInternal Server Error")
+ERROR_BODY_LENGTH = 21
 REQUIRED = (("REQUEST_METHOD", "GET"), ("SERVER_NAME", "localhost"), ("SERVER_PORT", "80"),
             ("SERVER_PROTOCOL", "HTTP/1.0"))
 
@@ -172,6 +174,7 @@ class Response:
         self.status: str | None = None
         self.headers: list[tuple[str, str]] = []
         self.head_sent = False
+        self.sent = 0  # body bytes written, for the access log
 
     def start_response(self, status: str, headers: list[tuple[str, str]],
                        exc_info: Any = None) -> Callable[[bytes], None]:
@@ -211,6 +214,7 @@ class Response:
             raise AssertionError("write() before start_response()")
         if not isinstance(data, (bytes, bytearray)):
             raise TypeError(f"response body must be bytes, not {type(data).__name__}")
+        self.sent += len(data)
         if not self.head_sent:
             self.req.stdout.write(self.head() + bytes(data))
             self.head_sent = True
@@ -237,13 +241,25 @@ class Response:
             self.headers.append(("Content-Length", str(len(result[0]))))
 
 
-def make_handler(app: Callable[..., Any]) -> Callable[[Request], int]:
-    """The per-request function the protocol layer calls; returns the FastCGI app status."""
+ResponseHook = Callable[[dict[str, Any], str, int, float], None]
+
+
+def make_handler(app: Callable[..., Any], on_response: ResponseHook | None = None
+                 ) -> Callable[[Request], int]:
+    """The per-request function the protocol layer calls; returns the FastCGI app status.
+
+    `on_response(environ, status, body_bytes, started)` (the access log) is told what the client
+    got, decided here: our 500 when the application failed before its headers went out, the
+    status and the bytes sent when the response was cut off, "-" when nothing was sent. Told
+    by a middleware around the application, it missed write() and said 200 for a body that
+    became our 500."""
 
     def handle(req: Request) -> int:
         environ = build_environ(req)
         response = Response(req)
         result = None
+        started = time.monotonic() if on_response is not None else 0.0
+        outcome: tuple[str, int] | None = None
         try:
             result = app(environ, response.start_response)
             if response.status is not None:
@@ -258,23 +274,41 @@ def make_handler(app: Callable[..., Any]) -> Callable[[Request], int]:
                         response.write(chunk)
                         req._conn.flush()
             response.write(b"")
+            if on_response is not None:
+                outcome = (response.status or "-").partition(" ")[0], response.sent
             return 0
         except APP_EXITS as exc:  # sys.exit() in a request: answered, then the worker is replaced
             exit_asked(req, exc)
-            return application_failed(req, response, environ)
+            outcome = _cut_off(response)
+            status = application_failed(req, response, environ)
+            outcome = ("500", ERROR_BODY_LENGTH)
+            return status
         except BaseException as exc:  # noqa: BLE001 - the application's failure, reported, not
             # fatal; BaseException, not Exception: asyncio's CancelledError and gevent's
             # GreenletExit are not Exceptions, and one of them ended the worker, its request
             # unanswered and every connection it held dropped
+            outcome = _cut_off(response)
             fault = transport_fault(exc)
             if fault is not None:
                 raise fault from None
-            return application_failed(req, response, environ)
+            status = application_failed(req, response, environ)
+            outcome = ("500", ERROR_BODY_LENGTH)
+            return status
         finally:
             close_result(result, req, environ)
             environ["wsgi.errors"].flush()
+            if on_response is not None:
+                on_response(environ, *(outcome or _cut_off(response)), started)
 
     return handle
+
+
+def _cut_off(response: Response) -> tuple[str, int]:
+    """What the client got of a response that ended early: its status once the headers went
+    out, with the body bytes sent; "-" when nothing did."""
+    if response.head_sent and response.status:
+        return response.status.partition(" ")[0], response.sent
+    return "-", 0
 
 
 TRANSPORT_FAULTS = (ConnectionLost, RequestAborted, ProtocolError)

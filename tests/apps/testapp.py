@@ -105,6 +105,11 @@ def application(environ, start_response):
                 time.sleep(d)
             write(f"data: {i} {time.time():.3f}\n\n".encode())
         return []
+    if path.endswith("/str-body"):  # a body of str, not bytes: the application's error
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return ["text"]
+    if path.endswith("/no-start"):  # a body with no start_response: the application's error
+        return []
     if path.endswith("/status"):  # a one-block body with the status asked for
         code = q.get("code", "200")
         extra = [("X-Value", q["hv"])] if "hv" in q else []
