@@ -64,6 +64,27 @@ def test_a_request_aborted_before_it_ran_counts_as_taking_no_time(start_daemon):
     assert snap["requests"] == 2 and slow == 1  # the sleep only
 
 
+def test_a_hostile_path_cannot_add_rows_to_the_status_page(start_daemon):
+    """A busy request whose path holds newlines (and a forged row) and UTF-8: the text page
+    keeps one row for it, the newlines as \\x0a, "café" as itself. The path went out as it
+    came (rows of its own in the text page) and UTF-8 read as latin-1 ("cafÃ©")."""
+    d = start_daemon("testapp", *STATUS, workers=2)
+    hostile = "/x\nidle workers:         999\ncaf\u00e9/sleep"
+    params = make_params("GET", "/sleep?s=2", extra={"REQUEST_URI": hostile + "?s=2"})
+    thread = threading.Thread(target=lambda: FCGIClient(d.address, timeout=10).request(params))
+    thread.start()
+    try:
+        wait_for(lambda: status_json(d)["workers"]["busy"] == 2, 5, "the request to be busy")
+        text = get(d.address, "/fcgi-status?full").body.decode()
+        full = status_json(d, "json&full")
+    finally:
+        thread.join(10)
+    print(f"\n{[line for line in text.splitlines() if 'request_uri' in line]}")
+    assert len(re.findall(r"^idle workers:", text, re.M)) == 1
+    assert re.search(r"^request_uri: +/x\\x0aidle workers: +999\\x0acaf\u00e9/sleep$", text, re.M)
+    assert "/x\\x0aidle workers:         999\\x0acaf\u00e9/sleep" in [p["request_uri"] for p in full["processes"]]
+
+
 def test_busy_request_shows_in_text_json_and_openmetrics(start_daemon):
     d = start_daemon("testapp", *STATUS, workers=2)
     thread = threading.Thread(target=lambda: get(d.address, "/sleep?s=2&secret=1", timeout=10))

@@ -23,6 +23,7 @@ from __future__ import annotations
 import bisect
 import errno
 import mmap
+import re
 import struct
 import time
 from dataclasses import dataclass, field
@@ -35,6 +36,18 @@ NB = len(BUCKETS) + 1
 # last_duration, duration_sum, histogram counts; every 8-byte field at a multiple of 8 (see
 # _Fields), 256 bytes in all
 RECORD = struct.Struct(f"=iiBxH4xQQd8s96sdd{NB}Q")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def _shown(raw: bytes) -> str:
+    """A request's method or path as the status page and `fcgidaemon status` show it: its bytes
+    as UTF-8 (the web server's raw bytes; shown as latin-1, "café" read "cafÃ©"), a byte
+    that is not UTF-8 (or a character the 96-byte cut split) as \\xhh, and no control
+    character: a newline in a path wrote rows of its own into the text page."""
+    text = raw.rstrip(b"\0").decode("utf-8", "backslashreplace")
+    return text if text.isprintable() else _CONTROL.sub(lambda m: "\\x%02x" % ord(m.group()), text)
+
+
 class BoardFull(OSError):
     """No record left for one more worker: like a process limit, the worker cannot start."""
 
@@ -206,8 +219,7 @@ class Scoreboard:
         values = RECORD.unpack_from(self.mem if copy is None else copy, self._base(index))
         pid, gen, state, conns, reqs, acc, since, method, uri, last, total = values[:11]
         return Slot(index, pid, gen, SlotState(state), conns, reqs, acc, since,
-                    method.rstrip(b"\0").decode("latin-1"), uri.rstrip(b"\0").decode("latin-1"),
-                    last, total, tuple(values[11:]))
+                    _shown(method), _shown(uri), last, total, tuple(values[11:]))
 
     def conns(self, index: int) -> int:
         """The kept connections a worker holds (cheaper than read() for the balancer)."""
