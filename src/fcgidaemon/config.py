@@ -321,8 +321,8 @@ OPTIONS: tuple[Option, ...] = (
            "a worker whose RSS exceeds this many MB is replaced the same way (0: no limit)", "MB"),
     Option("max_body", "--max-body", "FCGIDAEMON_MAX_BODY", "0", parse_size,
            "largest request body accepted (bytes, or with k/M/G); a larger CONTENT_LENGTH gets "
-           "413, one that is not a number 400; a body that outgrows what it declared (or, "
-           "with none declared, the limit) has its connection closed (0: no limit)", "SIZE"),
+           "413, one that is not a number 400, and a body that outgrows the limit as the "
+           "application reads it (none or less declared) 413 too (0: no limit)", "SIZE"),
     Option("max_params", "--max-params", "FCGIDAEMON_MAX_PARAMS", "1M", parse_params_size,
            "largest FCGI_PARAMS stream (request headers and CGI variables) accepted, and the "
            "most request body taken before the params end; more closes the connection (at "

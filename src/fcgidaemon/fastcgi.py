@@ -60,6 +60,12 @@ class ProtocolError(Exception):
     """Malformed FastCGI traffic: the connection is closed, the worker lives on."""
 
 
+class BodyTooLarge(ProtocolError):
+    """The body outgrew --max-body while the application read it (more than its CONTENT_LENGTH
+    declared, or none declared): answered 413 when no response has begun (wsgi.handle), else
+    the connection is closed."""
+
+
 class ConnectionLost(Exception):
     """The web server closed the connection, stalled past the read timeout, or reset it."""
 
@@ -176,6 +182,7 @@ class InputStream(flup.InputStream):
     def __init__(self, conn: "Connection") -> None:
         super().__init__(conn)
         self.received = 0
+        self.refused = False  # answered 413: the rest is not read here (end_request drains it)
 
     def read(self, size: int | None = -1) -> bytes:
         return super().read(-1 if size is None else size)
@@ -215,7 +222,7 @@ class InputStream(flup.InputStream):
         self.received += len(data)
         limit = self._conn.server.limits.max_body
         if limit and self.received > limit:
-            raise ProtocolError(f"request body larger than {limit} bytes")
+            raise BodyTooLarge(f"request body larger than {limit} bytes")
         super().add_data(data)
 
     @property
@@ -224,7 +231,7 @@ class InputStream(flup.InputStream):
 
     def drain(self) -> None:
         """Read and drop what the application left unread, so the next record lines up."""
-        if self._eof and not self._avail:
+        if self._eof and not self._avail or self.refused:
             return  # the common GET: an empty stdin, already complete
         while not self._eof:
             self._bufList.clear()
@@ -514,6 +521,11 @@ class Connection:
         except RequestAborted as exc:
             self._aborted(req, exc)
             return
+        except BodyTooLarge as exc:  # in the drain: the application has answered what it read
+            log.warning("%s (--max-body), after the application's answer: %s", exc,
+                        req.params.get("REQUEST_URI", ""))
+            req.flags &= ~flup.FCGI_KEEP_CONN  # the rest is read and thrown away, then closed
+            req.stdin.refused = True
         self.end_request(req, app_status)
 
     def _aborted(self, req: Request, exc: RequestAborted) -> None:
@@ -549,6 +561,19 @@ class Connection:
         req.stdout.write(answer)
         self.end_request(req, 0)
         return True
+
+    def refuse_body(self, req: Request, exc: BodyTooLarge) -> None:
+        """The body outgrew --max-body while the application read it, before any response: the
+        413 replaces what it had buffered, and the connection ends after it (end_request reads
+        the rest and throws it away). Closed at once instead, the web server still sending got
+        a reset: its client a 502, not the 413."""
+        log.warning("%s (--max-body; CONTENT_LENGTH %s): %s; answered 413", exc,
+                    req.params.get("CONTENT_LENGTH") or "none", req.params.get("REQUEST_URI", ""))
+        self.discard_output()
+        req.stdout.dataWritten = False
+        req.flags &= ~flup.FCGI_KEEP_CONN
+        req.stdin.refused = True
+        req.stdout.write(TOO_LARGE)
 
     def end_request(self, req: Request, app_status: int,
                     protocol_status: int = flup.FCGI_REQUEST_COMPLETE) -> None:

@@ -16,7 +16,7 @@ import time
 from typing import Any, Callable, Iterable
 from urllib.parse import unquote_to_bytes
 
-from .fastcgi import ConnectionLost, ProtocolError, Request, RequestAborted
+from .fastcgi import TOO_LARGE, BodyTooLarge, ConnectionLost, ProtocolError, Request, RequestAborted
 
 log = logging.getLogger("fcgidaemon")
 app_log = logging.getLogger("fcgidaemon.app")
@@ -43,6 +43,7 @@ def _remember(checked: set[str], text: str) -> None:
 ERROR_500 = (b"Status: 500 Internal Server Error\r\nContent-Type: text/plain; charset=utf-8\r\n"
              b"Content-Length: 21\r\n\r\nInternal Server Error")
 ERROR_BODY_LENGTH = 21
+TOO_LARGE_BODY = len(TOO_LARGE.partition(b"\r\n\r\n")[2])
 REQUIRED = (("REQUEST_METHOD", "GET"), ("SERVER_NAME", "localhost"), ("SERVER_PORT", "80"),
             ("SERVER_PROTOCOL", "HTTP/1.0"))
 
@@ -289,6 +290,10 @@ def make_handler(app: Callable[..., Any], on_response: ResponseHook | None = Non
             # unanswered and every connection it held dropped
             outcome = _cut_off(response)
             fault = transport_fault(exc)
+            if isinstance(fault, BodyTooLarge) and not response.head_sent:
+                req._conn.refuse_body(req, fault)
+                outcome = ("413", TOO_LARGE_BODY)
+                return 0
             if fault is not None:
                 raise fault from None
             status = application_failed(req, response, environ)
