@@ -182,7 +182,7 @@ class InputStream(flup.InputStream):
     def __init__(self, conn: "Connection") -> None:
         super().__init__(conn)
         self.received = 0
-        self.refused = False  # answered 413: the rest is not read here (end_request drains it)
+        self.refused = False  # answered 413 (refuse_body): drain() leaves the rest to end_request
 
     def read(self, size: int | None = -1) -> bytes:
         return super().read(-1 if size is None else size)
@@ -525,7 +525,6 @@ class Connection:
             log.warning("%s (--max-body), after the application's answer: %s", exc,
                         req.params.get("REQUEST_URI", ""))
             req.flags &= ~flup.FCGI_KEEP_CONN  # the rest is read and thrown away, then closed
-            req.stdin.refused = True
         self.end_request(req, app_status)
 
     def _aborted(self, req: Request, exc: RequestAborted) -> None:

@@ -42,7 +42,7 @@ def _remember(checked: set[str], text: str) -> None:
 
 ERROR_500 = (b"Status: 500 Internal Server Error\r\nContent-Type: text/plain; charset=utf-8\r\n"
              b"Content-Length: 21\r\n\r\nInternal Server Error")
-ERROR_BODY_LENGTH = 21
+ERROR_BODY_LENGTH = len(ERROR_500.partition(b"\r\n\r\n")[2])
 TOO_LARGE_BODY = len(TOO_LARGE.partition(b"\r\n\r\n")[2])
 REQUIRED = (("REQUEST_METHOD", "GET"), ("SERVER_NAME", "localhost"), ("SERVER_PORT", "80"),
             ("SERVER_PROTOCOL", "HTTP/1.0"))
@@ -177,6 +177,17 @@ class Response:
         self.head_sent = False
         self.sent = 0  # body bytes written, for the access log
 
+    def replaced(self, status: str, size: int) -> None:
+        """The server's own answer went out instead (our 500, the 413): what the client got."""
+        self.status, self.sent, self.head_sent = status, size, True
+
+    def outcome(self) -> tuple[str, int]:
+        """What the client got: the status once the headers went out, with the body bytes
+        sent (of a response cut off, those sent so far); "-" when nothing did."""
+        if self.head_sent and self.status:
+            return self.status.partition(" ")[0], self.sent
+        return "-", 0
+
     def start_response(self, status: str, headers: list[tuple[str, str]],
                        exc_info: Any = None) -> Callable[[bytes], None]:
         if exc_info is not None:
@@ -260,7 +271,6 @@ def make_handler(app: Callable[..., Any], on_response: ResponseHook | None = Non
         response = Response(req)
         result = None
         started = time.monotonic() if on_response is not None else 0.0
-        outcome: tuple[str, int] | None = None
         try:
             result = app(environ, response.start_response)
             if response.status is not None:
@@ -275,45 +285,29 @@ def make_handler(app: Callable[..., Any], on_response: ResponseHook | None = Non
                         response.write(chunk)
                         req._conn.flush()
             response.write(b"")
-            if on_response is not None:
-                outcome = (response.status or "-").partition(" ")[0], response.sent
             return 0
         except APP_EXITS as exc:  # sys.exit() in a request: answered, then the worker is replaced
             exit_asked(req, exc)
-            outcome = _cut_off(response)
-            status = application_failed(req, response, environ)
-            outcome = ("500", ERROR_BODY_LENGTH)
-            return status
+            return application_failed(req, response, environ)
         except BaseException as exc:  # noqa: BLE001 - the application's failure, reported, not
             # fatal; BaseException, not Exception: asyncio's CancelledError and gevent's
             # GreenletExit are not Exceptions, and one of them ended the worker, its request
             # unanswered and every connection it held dropped
-            outcome = _cut_off(response)
             fault = transport_fault(exc)
             if isinstance(fault, BodyTooLarge) and not response.head_sent:
                 req._conn.refuse_body(req, fault)
-                outcome = ("413", TOO_LARGE_BODY)
+                response.replaced("413", TOO_LARGE_BODY)
                 return 0
             if fault is not None:
                 raise fault from None
-            status = application_failed(req, response, environ)
-            outcome = ("500", ERROR_BODY_LENGTH)
-            return status
+            return application_failed(req, response, environ)
         finally:
             close_result(result, req, environ)
             environ["wsgi.errors"].flush()
             if on_response is not None:
-                on_response(environ, *(outcome or _cut_off(response)), started)
+                on_response(environ, *response.outcome(), started)
 
     return handle
-
-
-def _cut_off(response: Response) -> tuple[str, int]:
-    """What the client got of a response that ended early: its status once the headers went
-    out, with the body bytes sent; "-" when nothing did."""
-    if response.head_sent and response.status:
-        return response.status.partition(" ")[0], response.sent
-    return "-", 0
 
 
 TRANSPORT_FAULTS = (ConnectionLost, RequestAborted, ProtocolError)
@@ -352,6 +346,7 @@ def application_failed(req: Request, response: Response, environ: dict[str, Any]
     req._conn.discard_output()
     req.stdout.dataWritten = False
     req.stdout.write(ERROR_500)
+    response.replaced("500", ERROR_BODY_LENGTH)
     return 1
 
 
