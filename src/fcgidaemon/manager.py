@@ -73,7 +73,7 @@ class Manager(supervise.Supervision, control.ControlCommands, upgrade.Upgrading,
         self.target = config.workers
         inherited = upgrade.worker_count(config.workers)  # SIGTTIN/SIGTTOU survive SIGUSR2
         if inherited != config.workers:
-            self.target = min(max(inherited, config.min_workers, 1), config.max_workers or MAX_WORKERS)
+            self.target = self._allowed_count(inherited)
         self.phase = Phase.STARTING
         self.workers: dict[int, WorkerRecord] = {}
         self.generation = upgrade.first_generation()  # the newest generation started
@@ -225,10 +225,13 @@ class Manager(supervise.Supervision, control.ControlCommands, upgrade.Upgrading,
         self._answer_waiters(None, {"ok": False, "message": "the manager is stopping"})
         self._title()
 
+    def _allowed_count(self, count: int) -> int:
+        """`count` brought within the bounds a worker count has: at least --min-workers (and
+        1), at most --max-workers in dynamic mode, else MAX_WORKERS."""
+        return min(max(count, self.config.min_workers, 1), self.config.max_workers or MAX_WORKERS)
+
     def _resize(self, target: int) -> None:
-        low = max(1, self.config.min_workers)
-        high = self.config.max_workers or min(target, MAX_WORKERS)
-        if not low <= target <= high or self.phase in ENDING:
+        if target != self._allowed_count(target) or self.phase in ENDING:
             log.warning("worker count stays %d", self.target)
             return
         old, self.target = self.target, target

@@ -120,11 +120,13 @@ def _exec(argv: list[str], env: dict[str, str]) -> None:
         os._exit(127)
 
 
-def _write_oldbin(path: str) -> None:
+def _write_pid(path: str | None) -> None:
+    """The pidfile (or .oldbin) at a handover: one that cannot be written is said, and the
+    handover goes on (at the start, the same failure is a usage error: cli.serve)."""
     try:
         control.write_pidfile(path)
-    except OSError as exc:  # cosmetic: the handover goes on
-        log.warning("cannot write %s: %s", path, exc)
+    except OSError as exc:
+        log.warning("cannot write the pidfile %s: %s", path, exc)
 
 
 def inherited_unlink_paths() -> set[str]:
@@ -143,7 +145,7 @@ def worker_count(configured: int) -> int:
     dropped: every upgrade silently went back to --workers."""
     fields = os.environ.pop(WORKERS_ENV, "").split()
     if len(fields) == 2 and all(f.isdigit() for f in fields) and int(fields[0]) == configured:
-        return max(1, int(fields[1]))
+        return int(fields[1])  # bounded by the manager (_allowed_count)
     return configured
 
 
@@ -215,10 +217,7 @@ class Upgrading:
         manager, so that `stop`, `reload` and `status` reached the manager serving, which
         stops an upgrade in progress with itself), and the old manager no longer removes its
         unix sockets at exit: now we do."""
-        try:
-            control.write_pidfile(self.config.pidfile)
-        except OSError as exc:
-            log.warning("cannot write the pidfile %s: %s", self.config.pidfile, exc)
+        _write_pid(self.config.pidfile)
         for lst in self.listeners:
             lst.unlink_path = lst.takeover_path or lst.unlink_path
 
@@ -230,7 +229,7 @@ class Upgrading:
         up.successor_ready = True
         self.phase = Phase.RETIRED
         if up.oldbin:  # as nginx does: our pid stays at hand while we retire
-            _write_oldbin(up.oldbin)
+            _write_pid(up.oldbin)
         self.reload_pending = False
         self.respawn_at.clear()
         for lst in self.listeners:
