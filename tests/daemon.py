@@ -14,7 +14,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 from fcgidaemon.control import alive  # noqa: F401 - re-exported for the tests
 
@@ -55,6 +55,24 @@ def children(pid: int) -> list[int]:
         if int(fields[1]) == pid and fields[0] != "Z":
             out.append(int(entry))
     return sorted(out)
+
+
+class TcpSocket(NamedTuple):
+    """One row of /proc/net/tcp (IPv4): ports, state (01 established, 0A listening), the
+    receive queue's bytes and the socket's inode."""
+
+    local_port: int
+    remote_port: int
+    state: str
+    rx_queue: int
+    inode: str
+
+
+def tcp_sockets() -> list[TcpSocket]:
+    with open("/proc/net/tcp") as fh:
+        rows = [line.split() for line in fh.readlines()[1:]]
+    return [TcpSocket(int(row[1].split(":")[1], 16), int(row[2].split(":")[1], 16), row[3],
+                      int(row[4].split(":")[1], 16), row[9]) for row in rows]
 
 
 class Daemon:

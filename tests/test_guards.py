@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from daemon import alive, run_cli, wait_for
+from daemon import alive, run_cli, tcp_sockets, wait_for
 from fcgiclient import (FCGI_END_REQUEST, FCGI_STDIN, FCGI_STDOUT, FCGIClient, ProtocolError, build_request,
                         decode_records, encode_record, make_params)
 from load import default_check
@@ -107,11 +107,8 @@ def _read_by_worker(client: FCGIClient) -> bool:
     from the client's port to the daemon's) has nothing in its receive queue (/proc/net/tcp)."""
     sock = client._socket()
     mine, theirs = sock.getsockname()[1], sock.getpeername()[1]
-    with open("/proc/net/tcp") as fh:
-        rows = [line.split() for line in fh.readlines()[1:]]
-    queues = [int(row[4].split(":")[1], 16) for row in rows
-              if int(row[1].split(":")[1], 16) == theirs and int(row[2].split(":")[1], 16) == mine
-              and row[3] == "01"]
+    queues = [s.rx_queue for s in tcp_sockets()
+              if s.local_port == theirs and s.remote_port == mine and s.state == "01"]
     return queues == [0]
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from daemon import APPS, alive, wait_for
+from daemon import APPS, alive, tcp_sockets, wait_for
 from fcgiclient import ConnectionClosed, FCGIClient, build_request, make_params
 from load import FCGIChecker, run_load
 from test_lifecycle import app_copy, get
@@ -261,9 +261,7 @@ def test_a_program_the_application_runs_does_not_get_the_listening_socket(start_
     d = start_daemon("testapp", workers=1)
     d.wait_workers(1)
     port = d.address[1]
-    with open("/proc/net/tcp") as fh:
-        rows = [line.split() for line in fh.readlines()[1:]]
-    (inode,) = [row[9] for row in rows if int(row[1].split(":")[1], 16) == port and row[3] == "0A"]
+    (inode,) = [s.inode for s in tcp_sockets() if s.local_port == port and s.state == "0A"]
     body = get(d.address, "/spawn?s=20").body
     child = int(body.split()[1])
     try:

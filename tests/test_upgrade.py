@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from daemon import APPS, alive, run_cli, wait_for
+from daemon import APPS, alive, children, run_cli, wait_for
 from fcgiclient import FCGIClient, make_params
 from load import FCGIChecker, run_load
 from test_lifecycle import _wait_busy, app_copy, get, set_version
@@ -112,27 +112,13 @@ def test_a_worker_count_set_by_sigttin_survives_an_upgrade(start_daemon, tmp_pat
     try:
         wait_for(lambda: d.proc.poll() is not None, 10, "the old manager to exit")
         d.wait_log(rf"\[manager {new} gen 2\] generation 2 serving: \d+ workers")
-        workers = _children(new)
+        workers = children(new)
         print(f"\nafter SIGTTIN and SIGUSR2: manager {new} runs {len(workers)} workers")
         assert len(workers) == 3
         assert d.count(rf"\[manager {new} gen 2\] generation 2 serving: 3 workers") == 1
     finally:
         os.kill(new, signal.SIGTERM)
         wait_for(lambda: not alive(new), 10, "the new manager to stop")
-
-
-def _children(pid: int) -> list[int]:
-    kids = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as fh:
-                    fields = fh.read().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[1]) == pid and fields[0] != "Z":
-                kids.append(int(entry))
-    return kids
 
 
 def test_second_usr2_during_an_upgrade_is_refused(start_daemon, tmp_path):
