@@ -331,7 +331,7 @@ def test_start_response_with_exc_info_after_the_headers_reraises(start_daemon):
     assert [r.type for r in records if r.type != FCGI_STDOUT] == []  # no END_REQUEST
     assert stdout == b"Status: 200 OK\r\nContent-Type: text/plain\r\n\r\nfirst block\n"
     assert eof  # closed by the daemon, not a client timeout
-    d.wait_log(r"connection closed: application failed after sending headers; response dropped")
+    d.wait_log(r"connection closed: the response failed after part of it was sent; reset")
     assert d.count(r"application error on GET /late-exc-info") == 1
     assert d.count(rf"\nRuntimeError: late failure {marker}\n") == 1
     assert d.workers() == [pid]

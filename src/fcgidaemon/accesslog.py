@@ -63,9 +63,10 @@ class AccessLog:
         os.close(old)
         log.info("access log %s was moved or removed; reopened", self.path)
 
-    def record(self, environ: dict[str, Any], status: str, size: int, started: float) -> None:
+    def record(self, params: dict[str, str], user: Any, status: str, size: int,
+               started: float) -> None:
         """One line for a request, with what the client got (wsgi.make_handler decides)."""
-        write_line(self.fd, environ, status, size, time.monotonic() - started, self.pid)
+        write_line(self.fd, params, user, status, size, time.monotonic() - started, self.pid)
 
 
 def _identity(fd: int) -> tuple[int, int]:
@@ -91,14 +92,25 @@ def _q(value: str) -> str:
     return _UNSAFE.sub(_escape, value)
 
 
-def write_line(fd: int, environ: dict[str, Any], status: str, size: int, took: float, pid: int) -> None:
-    request = (f"{environ.get('REQUEST_METHOD', '-')} {environ.get('REQUEST_URI', '-')} "
-               f"{environ.get('SERVER_PROTOCOL', '-')}")
-    user = _q(environ.get("REMOTE_USER") or "-").replace(" ", "\\x20")  # one field: no space
-    line = (f"{_q(environ.get('REMOTE_ADDR', '-'))} - {user} "
+def _text(value: Any) -> str:
+    """REMOTE_USER as an application may leave it: an int or bytes made the line fail (and,
+    before that was caught, the response it was for)."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (bytes, bytearray)):
+        return value.decode("latin-1")
+    return str(value)
+
+
+def write_line(fd: int, params: dict[str, str], user: Any, status: str, size: int, took: float,
+               pid: int) -> None:
+    request = (f"{params.get('REQUEST_METHOD', '-')} {params.get('REQUEST_URI', '-')} "
+               f"{params.get('SERVER_PROTOCOL', '-')}")
+    name = _q(_text(user) if user else "-").replace(" ", "\\x20")  # one field: no space
+    line = (f"{_q(params.get('REMOTE_ADDR', '-'))} - {name} "
             f"[{time.strftime('%d/%b/%Y:%H:%M:%S %z')}] \"{_q(request)}\" {status} "
-            f"{size or '-'} \"{_q(environ.get('HTTP_REFERER', '-'))}\" "
-            f"\"{_q(environ.get('HTTP_USER_AGENT', '-'))}\" {int(took * 1e6)} {pid}\n")
+            f"{size or '-'} \"{_q(params.get('HTTP_REFERER', '-'))}\" "
+            f"\"{_q(params.get('HTTP_USER_AGENT', '-'))}\" {int(took * 1e6)} {pid}\n")
     try:
         os.write(fd, line.encode("ascii"))
     except OSError as exc:

@@ -27,7 +27,7 @@ import socket
 import struct
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Iterator
 
 from flup.server import fcgi_base as flup
 
@@ -51,6 +51,8 @@ BAD_LENGTH = (b"Status: 400 Bad Request\r\nContent-Type: text/plain\r\nContent-L
 
 # send() errors that mean the web server closed the connection (others are logged with theirs)
 GONE = (errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN, errno.EBADF)
+LINGER_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() resets (Connection.abort)
+POISON = bytes(8)  # a record header of FastCGI version 0: the end of a failed response (abort)
 # records of a type no request uses, for the active request: each is ignored, but a web server
 # (or anyone allowed to connect) sending them by the thousand must not flood the log
 IGNORED_RECORDS = Throttle(10.0)
@@ -143,9 +145,10 @@ def decode_params(data: bytes) -> dict[str, str]:
     """
     params: dict[str, str] = {}
     text = data.decode("latin-1")  # once; the names and values are slices of it
-    pos, size = 0, len(data)
+    pos, size, pairs = 0, len(data), 0
     try:
         while pos < size:
+            pairs += 1
             n = data[pos]
             if n < 128:
                 pos += 1
@@ -166,7 +169,43 @@ def decode_params(data: bytes) -> dict[str, str]:
             pos = end
     except IndexError:
         raise ProtocolError("truncated name-value pair") from None
+    if pairs != len(params):
+        return _merged(data, text)
     return params
+
+
+def _merged(data: bytes, text: str) -> dict[str, str]:
+    """Params in which a name came more than once. nginx passes each of a repeated request
+    header (two Cookie lines, or HTTP/2's cookies, which come one per field) as a param of its
+    own, and the last one overwrote the rest: the application lost cookies. They are joined as
+    HTTP joins them (RFC 9110 5.3; cookies with "; ", RFC 6265), as Apache does before sending;
+    for any other name the last one wins (nginx configurations override SCRIPT_NAME so)."""
+    params: dict[str, str] = {}
+    for name, value in _pairs(data, text):
+        if name in params and name.startswith("HTTP_"):
+            params[name] += ("; " if name == "HTTP_COOKIE" else ", ") + value
+        else:
+            params[name] = value
+    return params
+
+
+def _pairs(data: bytes, text: str) -> Iterator[tuple[str, str]]:
+    """Each pair in order (the stream was checked by decode_params)."""
+    pos, size = 0, len(data)
+    while pos < size:
+        lengths = []
+        for _ in range(2):
+            n = data[pos]
+            if n < 128:
+                pos += 1
+            else:
+                n = ((n & 0x7F) << 24) | (data[pos + 1] << 16) | (data[pos + 2] << 8) | data[pos + 3]
+                pos += 4
+            lengths.append(n)
+        middle = pos + lengths[0]
+        end = middle + lengths[1]
+        yield text[pos:middle], text[middle:end]
+        pos = end
 
 
 class InputStream(flup.InputStream):
@@ -309,6 +348,7 @@ class Connection:
         self.last_active = time.monotonic()
         self.tcp = sock.family in (socket.AF_INET, socket.AF_INET6)
         self.nodelay = not self.tcp  # set once needed
+        self.sent = 0  # bytes handed to the kernel: a response counted here has (begun to) go out
         # Non-blocking, with our own bounded waits: a Python socket with a timeout polls
         # before every recv and send, two extra system calls per request.
         sock.setblocking(False)
@@ -624,7 +664,11 @@ class Connection:
 
     def write_stream(self, rtype: int, request_id: int, data: bytes) -> None:
         """`data` as records of `rtype` (a stream's, or one management record); empty `data`
-        gives one empty record, a stream's end."""
+        gives one empty record, a stream's end. On a closed connection it raises: an
+        application that swallowed the error of a failed send and wrote on had every later
+        write kept in memory (400 MiB of an export loop, measured), with no error to stop it."""
+        if self.closed:
+            raise ConnectionLost(self.lost or "the connection to the web server is closed")
         size = len(data)
         if size <= CHUNK:  # one record: the usual case
             padding = -size & 7
@@ -643,6 +687,8 @@ class Connection:
             self.flush()
 
     def _append(self, data: bytes) -> None:
+        if self.closed:
+            raise ConnectionLost(self.lost or "the connection to the web server is closed")
         self._out.append(data)
         self._out_size += len(data)
         if self._out_size >= FLUSH_AT:
@@ -658,6 +704,7 @@ class Connection:
             return
         data = b"".join(self._out) if len(self._out) > 1 else self._out[0]
         self.discard_output()
+        self.sent += len(data)
         view = memoryview(data)
         flags = socket.MSG_MORE if more else 0
         try:
@@ -686,6 +733,27 @@ class Connection:
     def between_requests(self) -> bool:
         """A kept connection waiting for its next request (not a new one waiting for its first)."""
         return (self.served > 0 or self.adopted) and not self.has_partial_input
+
+    def abort(self) -> None:
+        """Close so that the web server sees the response fail, not end: a reset on TCP.
+        A FIN after part of a response read as its end to nginx without fastcgi_keep_conn,
+        which then gave its client that part as the whole response (a complete chunked body,
+        or with the application's Content-Length, the next response read as its rest).
+        With SO_LINGER 0, close() sends a reset and drops what is still unsent. A unix socket
+        has no reset: there a record header no FastCGI peer accepts (version 0) goes last, and
+        the web server fails the response on it (nginx: "upstream sent unsupported FastCGI
+        protocol version: 0"; Apache: AH01068) instead of ending it."""
+        if self.closed:
+            return
+        self.discard_output()
+        try:
+            if self.tcp:
+                self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RESET)
+            else:
+                self.sock.send(POISON, socket.MSG_DONTWAIT)
+        except OSError as exc:  # gone already, or no room: either way it cannot end well
+            log.debug("cannot mark the response failed: %s", exc)
+        self.close()
 
     def close(self) -> None:
         """Close the socket, after `on_close`: the worker takes it out of its epoll set first.

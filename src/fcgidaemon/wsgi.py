@@ -167,8 +167,20 @@ def resolve_path(path: str) -> str:
     return "/" + "/".join(out) + ("/" if trailing and out else "")
 
 
+# hop-by-hop headers (RFC 9110 7.6.1): PEP 3333 forbids them to applications, and each front
+# end did its own thing with them: Apache passed "Connection: close" to its client
+HOP_BY_HOP = frozenset(("connection", "keep-alive", "proxy-authenticate", "proxy-authorization",
+                        "te", "trailer", "trailers", "transfer-encoding", "upgrade"))
+_hop_warned: set[str] = set()
+NO_BODY = ("204", "304")  # and 1xx: statuses whose responses end with their headers
+
+
 class Response:
-    """start_response and write for one request; headers go out with the first body bytes."""
+    """start_response and write for one request; headers go out with the first body bytes.
+
+    `head_sent` says the headers are written into the connection's buffer; `committed`, that
+    some of the response has been handed to the kernel. Until then a failure can still become
+    our 500 (PEP 3333: only headers actually sent bind the application)."""
 
     def __init__(self, req: Request) -> None:
         self.req = req
@@ -176,6 +188,14 @@ class Response:
         self.headers: list[tuple[str, str]] = []
         self.head_sent = False
         self.sent = 0  # body bytes written, for the access log
+        self.mark = req._conn.sent
+        self.length: int | None = None  # the application's Content-Length
+        self.limit: int | None = None  # at most this many body bytes go out
+        self.overflowed = False  # the application wrote past `limit` (said once)
+
+    @property
+    def committed(self) -> bool:
+        return self.head_sent and self.req._conn.sent != self.mark
 
     def replaced(self, status: str, size: int) -> None:
         """The server's own answer went out instead (our 500, the 413): what the client got."""
@@ -192,10 +212,14 @@ class Response:
                        exc_info: Any = None) -> Callable[[bytes], None]:
         if exc_info is not None:
             try:
-                if self.head_sent:
+                if self.committed:
                     raise exc_info[1].with_traceback(exc_info[2])
             finally:
                 exc_info = None
+            if self.head_sent:  # written, but still ours: replaced by this response
+                self.req._conn.discard_output()
+                self.req.stdout.dataWritten = False
+                self.head_sent, self.sent = False, 0
         elif self.status is not None:
             raise AssertionError("start_response called twice without exc_info")
         if status not in _CHECKED_STATUSES:
@@ -203,16 +227,53 @@ class Response:
                 raise ValueError(f"bad WSGI status {status!r}")
             status.encode("latin-1")
             _remember(_CHECKED_STATUSES, status)
+        self.length = self.limit = None
+        special = False
         for name, value in headers:
             if name not in _CHECKED_NAMES:
-                if not isinstance(name, str) or not HEADER_NAME_RE.fullmatch(name):
-                    raise ValueError(f"bad response header name {name!r}")
-                _remember(_CHECKED_NAMES, name)
+                special |= self._check_name(name)
             if not isinstance(value, str) or not value.isprintable() and BAD_VALUE_RE.search(value):
                 raise ValueError(f"bad value for response header {name}")
             value.encode("latin-1")  # UnicodeEncodeError: not representable
-        self.status, self.headers = status, list(headers)
+        self.status, self.headers = status, (self._special(headers) if special else list(headers))
+        code = status[:3]
+        if code in NO_BODY or code[0] == "1":
+            self.limit = 0
         return self.write_now
+
+    @staticmethod
+    def _check_name(name: str) -> bool:
+        """Validate a header name not seen before; True for one handled on every response
+        (Content-Length, hop-by-hop), which is therefore never remembered as checked."""
+        if not isinstance(name, str) or not HEADER_NAME_RE.fullmatch(name):
+            raise ValueError(f"bad response header name {name!r}")
+        lower = name.lower()
+        if lower == "content-length" or lower in HOP_BY_HOP:
+            return True
+        _remember(_CHECKED_NAMES, name)
+        return False
+
+    def _special(self, headers: list[tuple[str, str]]) -> list[tuple[str, str]]:
+        """The headers less the hop-by-hop ones (dropped, as gunicorn does), with the declared
+        Content-Length taken note of: PEP 3333 has the server send no more than it, and treat a
+        response that ends short of it as failed."""
+        kept = []
+        for name, value in headers:
+            lower = name.lower()
+            if lower in HOP_BY_HOP:
+                if lower not in _hop_warned:
+                    _hop_warned.add(lower)
+                    log.warning("the application sent the hop-by-hop header %s: dropped (PEP 3333 "
+                                "forbids it; the web server decides the connection); said once", name)
+                continue
+            if lower == "content-length":
+                if not value.isdigit() or not value.isascii():
+                    raise ValueError(f"bad Content-Length {value!r}")
+                if self.length is not None and int(value) != self.length:
+                    raise ValueError("two different Content-Length headers")
+                self.length = self.limit = int(value)
+            kept.append((name, value))
+        return kept
 
     def head(self) -> bytes:
         lines = [f"Status: {self.status}\r\n"]
@@ -226,12 +287,32 @@ class Response:
             raise AssertionError("write() before start_response()")
         if not isinstance(data, (bytes, bytearray)):
             raise TypeError(f"response body must be bytes, not {type(data).__name__}")
+        if self.limit is not None and self.sent + len(data) > self.limit:
+            data = self._cut(data)
         self.sent += len(data)
         if not self.head_sent:
             self.req.stdout.write(self.head() + bytes(data))
             self.head_sent = True
         elif data:
             self.req.stdout.write(bytes(data))
+
+    def _cut(self, data: bytes) -> bytes:
+        """What fits in the declared length (none for 204, 304, 1xx); the rest is dropped, and
+        said once per response. Passed on, Apache gave its client all 37 bytes of a response
+        declared as 5, and nginx warned of a 204 with a body."""
+        assert self.limit is not None
+        if not self.overflowed:
+            self.overflowed = True
+            why = (f"its Content-Length {self.length}" if self.limit == self.length
+                   else f"status {(self.status or '')[:3]}, which has no body,")
+            log.warning("application sent more body than %s allows on %s; the rest is dropped",
+                        why, self.req.params.get("REQUEST_URI", ""))
+        return bytes(data[:max(0, self.limit - self.sent)])
+
+    def short(self) -> bool:
+        """The body ended before the declared Content-Length (HEAD's may: it has none)."""
+        return (self.length is not None and self.sent < self.length and self.limit == self.length
+                and self.req.params.get("REQUEST_METHOD") != "HEAD")
 
     def write_now(self, data: bytes) -> None:
         """The write() callable start_response returns: the block is sent before it returns
@@ -244,24 +325,26 @@ class Response:
         204, 304: RFC 9110 forbids the header on 204, and on 304 it would be the GET's), nor for
         HEAD, whose body the application may leave empty."""
         if isinstance(result, (list, tuple)) and len(result) == 1 and isinstance(result[0], bytes):
-            for name, _ in self.headers:
-                if name.lower() == "content-length":
-                    return
+            if self.length is not None:
+                return
             code = self.status[:3] if self.status else ""
-            if code in ("204", "304") or code[:1] == "1" or self.req.params.get("REQUEST_METHOD") == "HEAD":
+            if code in NO_BODY or code[:1] == "1" or self.req.params.get("REQUEST_METHOD") == "HEAD":
                 return
             self.headers.append(("Content-Length", str(len(result[0]))))
 
 
-ResponseHook = Callable[[dict[str, Any], str, int, float], None]
+# (the request's params as received, REMOTE_USER as the application left it, status, bytes, start)
+ResponseHook = Callable[[dict[str, str], Any, str, int, float], None]
 
 
 def make_handler(app: Callable[..., Any], on_response: ResponseHook | None = None
                  ) -> Callable[[Request], int]:
     """The per-request function the protocol layer calls; returns the FastCGI app status.
 
-    `on_response(environ, status, body_bytes, started)` (the access log) is told what the client
-    got, decided here: our 500 when the application failed before its headers went out, the
+    `on_response(params, remote_user, status, body_bytes, started)` (the access log) is told
+    the request as the web server sent it (an application rewriting its environ changes no
+    line), REMOTE_USER as the application left it (an authenticating middleware sets it),
+    and what the client got, decided here: our 500 when the application failed before its headers went out, the
     status and the bytes sent when the response was cut off, "-" when nothing was sent. Told
     by a middleware around the application, it missed write() and said 200 for a body that
     became our 500."""
@@ -285,6 +368,8 @@ def make_handler(app: Callable[..., Any], on_response: ResponseHook | None = Non
                         response.write(chunk)
                         req._conn.flush()
             response.write(b"")
+            if response.short():
+                return response_short(req, response, environ)
             return 0
         except APP_EXITS as exc:  # sys.exit() in a request: answered, then the worker is replaced
             exit_asked(req, exc)
@@ -294,7 +379,7 @@ def make_handler(app: Callable[..., Any], on_response: ResponseHook | None = Non
             # GreenletExit are not Exceptions, and one of them ended the worker, its request
             # unanswered and every connection it held dropped
             fault = transport_fault(exc)
-            if isinstance(fault, BodyTooLarge) and not response.head_sent:
+            if isinstance(fault, BodyTooLarge) and not response.committed:
                 req._conn.refuse_body(req, fault)
                 response.replaced("413", TOO_LARGE_BODY)
                 return 0
@@ -305,7 +390,11 @@ def make_handler(app: Callable[..., Any], on_response: ResponseHook | None = Non
             close_result(result, req, environ)
             environ["wsgi.errors"].flush()
             if on_response is not None:
-                on_response(environ, *response.outcome(), started)
+                try:
+                    on_response(req.params, environ.get("REMOTE_USER"), *response.outcome(), started)
+                except Exception:  # noqa: BLE001 - the line is lost, not the response it was for
+                    log.error("access log line failed for %s", req.params.get("REQUEST_URI", ""),
+                              exc_info=True)
 
     return handle
 
@@ -341,13 +430,33 @@ def application_failed(req: Request, response: Response, environ: dict[str, Any]
     uri = environ.get("REQUEST_URI") or environ.get("PATH_INFO", "")
     log.error("application error on %s %s", environ.get("REQUEST_METHOD"), uri,
               exc_info=sys.exc_info(), extra={"request_uri": uri})
-    if response.head_sent:
-        raise ConnectionLost("application failed after sending headers; response dropped")
+    return answer_500(req, response)
+
+
+def answer_500(req: Request, response: Response) -> int:
+    """Our 500 instead of what the application wrote, while none of it has gone out; once
+    some has, the connection is reset (Connection.abort) so the web server knows the
+    response is incomplete."""
+    if response.committed:
+        reason = "the response failed after part of it was sent; reset, so the web server sees it cut"
+        log.info("connection closed: %s", reason)
+        req._conn.abort()
+        raise ConnectionLost(reason)
     req._conn.discard_output()
     req.stdout.dataWritten = False
     req.stdout.write(ERROR_500)
     response.replaced("500", ERROR_BODY_LENGTH)
     return 1
+
+
+def response_short(req: Request, response: Response, environ: dict[str, Any]) -> int:
+    """The body ended short of its Content-Length (PEP 3333: the server treats it as an error).
+    A normal end had Apache add the last chunk: its client took the short body as complete."""
+    uri = environ.get("REQUEST_URI") or environ.get("PATH_INFO", "")
+    log.error("application error on %s %s: it sent %d of the %d bytes its Content-Length declared",
+              environ.get("REQUEST_METHOD"), uri, response.sent, response.length,
+              extra={"request_uri": uri})
+    return answer_500(req, response)
 
 
 def close_result(result: Any, req: Request, environ: dict[str, Any]) -> None:

@@ -150,6 +150,40 @@ def application(environ, start_response):
         marker = q.get("marker", "")
         environ["wsgi.errors"].write(f"wsgi.errors line one {marker}\nwsgi.errors line two {marker}\n")
         return _text(start_response, f"logged {marker}".encode())
+    if path.endswith("/cl-short"):  # declares more than it sends, in blocks (each sent at once)
+        start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", "100")])
+        return iter([b"only-ten!!"])
+    if path.endswith("/cl-short-list"):  # the same as one list: nothing has gone out at the end
+        start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", "100")])
+        return [b"only-ten!!"]
+    if path.endswith("/cl-long"):  # declares less than it sends
+        start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", "5")])
+        return iter([b"hello", b"-and-more-after-the-length"])
+    if path.endswith("/mixed-list"):  # a list whose second item is not bytes
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return [b"ok", "str"]
+    if path.endswith("/hop"):  # hop-by-hop headers, which PEP 3333 forbids
+        start_response("200 OK", [("Content-Type", "text/plain"), ("Connection", "close"),
+                                  ("Keep-Alive", "timeout=5"), ("X-Kept", "yes")])
+        return [b"hop body"]
+    if path.endswith("/no-body"):  # a status without a body, given one
+        start_response(f"{q.get('code', '204')} Whatever", [("Content-Length", q.get("cl", "11"))]
+                       if "cl" in q else [])
+        return [b"body-of-it!"]
+    if path.endswith("/set-user"):  # an authenticating middleware's REMOTE_USER, of any type
+        environ["REMOTE_USER"] = {"int": 42, "bytes": b"bob", "str": "carol"}[q.get("as", "str")]
+        environ["REQUEST_METHOD"] = "DELETE"  # a method override: the log keeps the request's own
+        return _text(start_response, b"user set")
+    if path.endswith("/swallow-all"):  # write() after the web server has gone, errors swallowed
+        write = start_response("200 OK", [("Content-Type", "application/octet-stream")])
+        blocks, failures = int(q.get("blocks", 50)), 0
+        for _ in range(blocks):
+            try:
+                write(b"x" * 65536)
+            except Exception:  # noqa: BLE001 - what this route is for
+                failures += 1
+        environ["wsgi.errors"].write(f"swallowed write failures: {failures} of {blocks}\n")
+        return []
     if path.endswith("/late-exc-info"):  # a block sent, then an error page asked for (PEP 3333)
         write = start_response("200 OK", [("Content-Type", "text/plain")])
         write(b"first block\n")

@@ -1,0 +1,161 @@
+"""What the client gets when an application's response breaks a WSGI rule (PEP 3333).
+
+Each test names what it guards; each failed against the code before the fix it names (run with
+PYTHONPATH pointing at a copy of that code: the daemon subprocesses inherit it).
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import re
+import socket
+
+import pytest
+
+from daemon import wait_for
+from fcgiclient import ConnectionClosed, FCGIClient, build_request, encode_params, make_params
+from frontends import apache_available, nginx_available
+from test_frontends_reload import daemon_and_front
+from test_lifecycle import get
+
+FRONTS = [pytest.param("nginx", marks=pytest.mark.skipif(not nginx_available(), reason="no nginx")),
+          pytest.param("apache", marks=pytest.mark.skipif(not apache_available(), reason="no apache2"))]
+
+
+def _through(fe, path: str) -> str:
+    """'complete <status> <body>' when the client got a whole response, else 'cut: <error>'."""
+    conn = fe.connection(timeout=10)
+    try:
+        conn.request("GET", path)
+        resp = conn.getresponse()
+        body = resp.read()
+        return f"complete {resp.status} {body!r}"
+    except (http.client.HTTPException, OSError) as exc:
+        return f"cut: {type(exc).__name__}"
+    finally:
+        conn.close()
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("transport", ["tcp", "unix"])
+@pytest.mark.parametrize("front", FRONTS)
+def test_a_response_that_fails_midway_reaches_the_client_cut_not_complete(tmp_path, front, transport):
+    """A response that fails after part of it went out (a generator that raises after its first
+    block; a body short of its Content-Length) must reach the client visibly cut: no last chunk.
+    The worker closed with a FIN, which nginx without fastcgi_keep_conn took as the response's
+    end: its client got "partial" as a complete chunked body. Apache completed the short body
+    the same way, the application's end taken as the response's. Now the connection is reset
+    (TCP), and a short body is an error. Then a whole response follows: the worker lives on."""
+    with daemon_and_front(tmp_path, front, False, transport, workers=1) as (d, fe):
+        outcomes = {path: _through(fe, f"/app{path}") for path in ("/error-after", "/cl-short")}
+        after = _through(fe, "/app/hello")
+        print(f"\n{front} over {transport}: {outcomes}; then {after}")
+        assert all(o.startswith("cut: ") for o in outcomes.values()), outcomes
+        assert after.startswith("complete 200 b'hello v1 ")
+        assert d.count(r"application error on GET /app/error-after") == 1
+        assert d.count(r"application error on GET /app/cl-short: it sent 10 of the 100 bytes") == 1
+
+
+def test_a_body_is_held_to_its_content_length(start_daemon):
+    """PEP 3333: no more than the declared Content-Length goes out, and a body that ends short
+    of it is an error. 37 bytes declared as 5 all went out (Apache passed them to its client); a
+    one-block list of 10 declared as 100 ended normally. Now the first is cut to its 5 bytes, the
+    second, none of it sent yet, becomes our 500; a HEAD may send less (its body is nobody's)."""
+    d = start_daemon("testapp", workers=1)
+    (pid,) = d.wait_workers(1)
+    long = get(d.address, "/cl-long")
+    assert (long.status, long.body) == (200, b"hello")
+    short = get(d.address, "/cl-short-list")
+    assert (short.status, short.body) == (500, b"Internal Server Error")
+    with FCGIClient(d.address, timeout=10) as client:
+        head = client.request(make_params("HEAD", "/cl-short-list"))
+    assert (head.status, head.body) == (200, b"only-ten!!")
+    with FCGIClient(d.address, timeout=10) as client, pytest.raises(ConnectionClosed):
+        client.request(make_params("GET", "/cl-short"))  # a block went out: no END_REQUEST
+    assert d.count(r"more body than its Content-Length 5 allows on /cl-long") == 1
+    assert d.count(r"it sent 10 of the 100 bytes its Content-Length declared") == 2
+    assert d.workers() == [pid]
+
+
+def test_a_failure_inside_a_list_body_gives_a_500(start_daemon, tmp_path):
+    """A list body whose second item is not bytes: nothing had gone out (a list is sent with
+    END_REQUEST), yet the headers counted as sent, and the connection was dropped: nginx 502,
+    Apache 503, and the access log said 200. Now the client gets our 500, and so does the log."""
+    log = tmp_path / "access.log"
+    d = start_daemon("testapp", "--access-log", str(log), workers=1)
+    (pid,) = d.wait_workers(1)
+    resp = get(d.address, "/mixed-list")
+    assert (resp.status, resp.body) == (500, b"Internal Server Error")
+    wait_for(lambda: log.exists() and log.read_text().endswith("\n"), 5, "the access log line")
+    assert '"GET /mixed-list HTTP/1.1" 500 21 ' in log.read_text()
+    assert d.workers() == [pid]
+
+
+def test_hop_by_hop_headers_are_dropped_and_no_body_statuses_send_none(start_daemon):
+    """PEP 3333 forbids hop-by-hop headers to applications: Apache passed "Connection: close" to
+    its client. They are dropped, with one warning per name for the life of the worker. A 204 or
+    304 has no body: one given was sent (nginx warned of the upstream's extra data); a 304 keeps
+    its Content-Length, which is the GET's."""
+    d = start_daemon("testapp", workers=1)
+    for _ in range(2):
+        resp = get(d.address, "/hop")
+        names = {name.lower() for name, _ in resp.headers}
+        assert resp.body == b"hop body" and "x-kept" in names
+        assert not names & {"connection", "keep-alive"}, resp.headers
+    assert d.count(r"hop-by-hop header Connection: dropped") == 1
+    assert d.count(r"hop-by-hop header Keep-Alive: dropped") == 1
+    no_content = get(d.address, "/no-body?code=204")
+    not_modified = get(d.address, "/no-body?code=304&cl=11")
+    assert (no_content.status, no_content.body) == (204, b"")
+    assert (not_modified.status, not_modified.body) == (304, b"")
+    assert ("Content-Length", "11") in not_modified.headers
+
+
+def test_the_access_log_takes_any_remote_user_and_the_request_as_sent(start_daemon, tmp_path):
+    """An application (an authenticating middleware) that set REMOTE_USER to an int or bytes
+    lost its whole response: the access log's escaping raised, past the handler, and the worker
+    dropped the connection (nginx 502). And a method override in the environ was logged as the
+    request's method. Now each is answered and logged, with the method the web server sent."""
+    log = tmp_path / "access.log"
+    d = start_daemon("testapp", "--access-log", str(log), workers=1)
+    answers = [get(d.address, f"/set-user?as={kind}") for kind in ("int", "bytes", "str")]
+    assert [(a.status, a.body) for a in answers] == [(200, b"user set")] * 3
+    wait_for(lambda: log.exists() and log.read_text().count("\n") == 3, 5, "three access log lines")
+    users = re.findall(r'^127\.0\.0\.1 - (\S+) \[[^]]+\] "(\S+) ', log.read_text(), re.M)
+    assert users == [("42", "GET"), ("bob", "GET"), ("carol", "GET")]
+    assert d.count(r"access log line failed") == 0
+
+
+def test_writes_after_the_web_server_has_gone_fail_every_time(start_daemon):
+    """The web server closes its connection; the application writes 50 blocks through write(),
+    swallowing each error, as export loops do. Only the first failed write raised: every later
+    block was kept in memory, for nothing (a 400 MiB loop took the worker to 428 MB). Now each
+    write after the failure raises (the first may still reach the kernel before the reset)."""
+    d = start_daemon("testapp", workers=1)
+    (pid,) = d.wait_workers(1)
+    with socket.create_connection(d.address, timeout=10) as sock:
+        sock.sendall(build_request(make_params("GET", "/swallow-all?blocks=50")))
+    d.wait_log(r"swallowed write failures: \d+ of 50", timeout=20)
+    failures = int(re.search(r"failures: (\d+) of 50", d.log()).group(1))
+    print(f"\n{failures} of 50 writes failed")
+    assert failures >= 49
+    assert d.workers() == [pid]
+
+
+def test_a_request_header_sent_twice_is_joined_not_overwritten(start_daemon):
+    """nginx passes each of a repeated request header as a param of its own (two Cookie lines,
+    or HTTP/2's cookies, one per field), and the last overwrote the others: the application
+    lost cookies. They are joined as HTTP joins them (cookies with "; "); for other names the
+    last one still wins (nginx configurations override SCRIPT_NAME so)."""
+    d = start_daemon("testapp", workers=1)
+    d.wait_workers(1)
+    pairs = [(k, v) for k, v in make_params("GET", "/environ").items() if k != "SCRIPT_NAME"]
+    pairs += [("SCRIPT_NAME", "/first"), ("HTTP_COOKIE", "a=1"), ("HTTP_X_DUP", "one"),
+              ("HTTP_COOKIE", "b=2"), ("HTTP_X_DUP", "two"), ("SCRIPT_NAME", "")]
+    blob = b"".join(encode_params({k: v}) for k, v in pairs)
+    with FCGIClient(d.address, timeout=10) as client:
+        resp = client.request(blob)
+    env = json.loads(resp.body)
+    assert (env["HTTP_COOKIE"], env["HTTP_X_DUP"]) == ("a=1; b=2", "one, two")
+    assert (env["SCRIPT_NAME"], env["PATH_INFO"]) == ("", "/environ")
