@@ -383,3 +383,41 @@ def test_a_quick_stop_of_the_old_manager_after_an_upgrade_is_quick(start_daemon,
     finally:
         os.kill(new_pid, signal.SIGTERM)
         wait_for(lambda: not alive(new_pid), 10, "the new manager to stop")
+
+
+def test_a_stop_right_after_an_upgrade_waits_for_the_old_managers_last_requests(start_daemon, tmp_path):
+    """SIGTERM to the new manager just after the hand-over, while a worker of the old one still
+    finishes a 3 s request. The new manager exited as soon as its own workers had, with the old
+    manager still running: under systemd (KillMode=mixed) the main process's exit has the rest
+    of the cgroup killed, so that request was cut (seen in the sandbox: "EOF before END_REQUEST",
+    and the unit said success). Now the new manager leaves only after the old one has."""
+    d = start_daemon("testapp", workers=1)
+    d.wait_workers(1)
+    out: dict = {}
+
+    def slow() -> None:
+        out["status"] = get(d.address, "/sleep?s=3", timeout=15).status
+
+    thread = threading.Thread(target=slow)
+    thread.start()
+    _wait_busy(d)
+    d.signal(signal.SIGUSR2)
+    d.wait_log(r"upgrade: manager \d+ is ready; retiring 1 workers")
+    new_pid = int(re.search(r"upgrade: manager (\d+) is ready", d.log()).group(1))
+    try:
+        os.kill(new_pid, signal.SIGTERM)
+        exits: dict = {}
+        deadline = time.monotonic() + 15
+        while len(exits) < 2 and time.monotonic() < deadline:
+            for name, pid in (("old", d.pid), ("new", new_pid)):
+                if name not in exits and not alive(pid):
+                    exits[name] = time.monotonic()
+            time.sleep(0.01)
+        thread.join(15)
+        print(f"\nexits: {sorted(exits, key=exits.get)}; the slow request: {out}")
+        assert out.get("status") == 200
+        assert set(exits) == {"old", "new"} and exits["old"] <= exits["new"], exits
+    finally:
+        for pid in (new_pid, d.pid):
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)

@@ -68,6 +68,7 @@ class Manager(supervise.Supervision, control.ControlCommands, upgrade.Upgrading,
                  control_sock: socket.socket | None = None) -> None:
         self.config = config
         self.predecessor = predecessor  # the manager we replace (SIGUSR2), told once we are ready
+        self.took_over = predecessor is None  # in charge: the predecessor has handed over
         self.upgrade: upgrade.Upgrade | None = None  # our own successor, while one starts
         self.listeners = listeners
         self.target = config.workers
@@ -106,7 +107,7 @@ class Manager(supervise.Supervision, control.ControlCommands, upgrade.Upgrading,
         self._title()
         for slot in range(self.target):
             self._spawn(slot, self.generation)
-        while not (self.phase in ENDING and not self.workers):
+        while not (self.phase in ENDING and not self.workers and not self._predecessor_finishing()):
             try:
                 self._turn()
             except Exception:  # noqa: BLE001 - the manager going down takes the site down
@@ -119,6 +120,14 @@ class Manager(supervise.Supervision, control.ControlCommands, upgrade.Upgrading,
             systemd.notify("STATUS=stopped")
         log.info("manager exiting with status %d", self.exit_code)
         return self.exit_code
+
+    def _predecessor_finishing(self) -> bool:
+        """After a SIGUSR2 handover the old manager's workers may still be finishing requests.
+        A stop of ours waits for them (within its deadline): under systemd (KillMode=mixed) our
+        exit had the rest of the cgroup killed, the old manager's workers mid-request with it."""
+        if not (self.predecessor and self.took_over) or self.stop_deadline is None:
+            return False
+        return time.monotonic() < self.stop_deadline and control.alive(self.predecessor)
 
     def _turn(self) -> None:
         """One turn of the loop: wait for signals, worker messages and timers, then act."""
@@ -210,6 +219,8 @@ class Manager(supervise.Supervision, control.ControlCommands, upgrade.Upgrading,
             return
         if self.phase is Phase.QUITTING or (graceful and self.phase is Phase.STOPPING):
             return
+        if not graceful and self.predecessor and self.took_over and control.alive(self.predecessor):
+            os.kill(self.predecessor, signal.SIGQUIT)  # its retiring workers: a quick stop too
         if self.upgrade is not None:  # stopping during an upgrade stops the new manager too
             self._upgrade_failed("the old manager is stopping", kill=True)
         self.phase = Phase.STOPPING if graceful else Phase.QUITTING
@@ -568,7 +579,9 @@ class Manager(supervise.Supervision, control.ControlCommands, upgrade.Upgrading,
             self._scale(now)
         if self.phase in (Phase.RUNNING, Phase.STARTING, Phase.RELOADING):
             self._reconcile(now)
-        if self.watchdog and now >= self.next_watchdog:
+        if self.watchdog and now >= self.next_watchdog and self.took_over:  # systemd takes
+            # WATCHDOG=1 from the main process only: a successor's were refused, one journal
+            # warning each, until it took over
             systemd.notify("WATCHDOG=1")
             self.next_watchdog = now + self.watchdog
 

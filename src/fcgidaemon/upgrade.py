@@ -206,9 +206,11 @@ class Upgrading:
             log.error("cannot reach the old manager %s: %s", self.predecessor, exc)
             if not control.alive(self.predecessor or 0):
                 self._take_over_sockets()  # gone: nobody else will remove them
+                self.took_over = True
             return
         if answer.get("ok"):
             self._take_over_sockets()
+            self.took_over = True
             systemd.notify(f"MAINPID={os.getpid()}", "READY=1", f"STATUS={self.status_line()}")
             log.info("took over from manager %d", self.predecessor)
 
