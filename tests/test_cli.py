@@ -8,6 +8,7 @@ import re
 import signal
 import socket
 import stat
+import subprocess
 import sys
 import threading
 import time
@@ -300,6 +301,31 @@ def test_check_reports_traceback(tmp_path):
 
 
 # ---------------------------------------------------------------- reload --wait, status, stop
+
+
+def test_reload_wait_interrupted_by_sigterm_exits_0(start_daemon, tmp_path):
+    """systemd sends a stop's SIGTERM to a running ExecReload= too: `reload --wait` died of it,
+    and a stop during a reload left the unit "failed" (Result=signal; seen in the sandbox).
+    Now it says it stopped waiting and exits 0; the reload itself goes on in the manager."""
+    src = app_copy(tmp_path)
+    d = start_daemon("liveapp", workers=1, pythonpath=[src])
+    d.wait_workers(1)
+    (src / "liveapp.py").write_text("import time\ntime.sleep(3)  # a slow import: the reload takes a while\n"
+                                    + (src / "liveapp.py").read_text())
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FCGI")}
+    waiter = subprocess.Popen([sys.executable, "-m", "fcgidaemon", "reload", "--wait", "--pid", str(d.pid)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path, env=env)
+    try:
+        d.wait_log(r"reload: starting generation 2")
+        waiter.send_signal(signal.SIGTERM)
+        _, err = waiter.communicate(timeout=10)
+    finally:
+        if waiter.poll() is None:
+            waiter.kill()
+    print(f"\nexit {waiter.returncode}: {err.strip()}")
+    assert waiter.returncode == 0
+    assert "SIGTERM while waiting" in err
+    d.wait_serving(2)
 
 
 def test_reload_wait_status_stop(start_daemon, tmp_path):

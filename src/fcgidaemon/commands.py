@@ -55,13 +55,38 @@ def run(command: str, argv: Sequence[str]) -> int:
         return EXIT_FAILED
 
 
+class Interrupted(Exception):
+    """SIGTERM while waiting for an answer."""
+
+
+def _interrupted(signum: int, frame: object) -> None:
+    raise Interrupted
+
+
+def _ask_waiting(pid: int, command: str, timeout: float) -> dict[str, Any] | None:
+    """The manager's answer; None when SIGTERM came first. systemd sends the stop's SIGTERM to
+    ExecReload= as well (KillMode=mixed): killed by it, `reload --wait` had a stop during a
+    reload leave the unit "failed" (Result=signal), though the manager stopped cleanly."""
+    previous = signal.signal(signal.SIGTERM, _interrupted)
+    try:
+        return control.ask(pid, command, timeout)
+    except Interrupted:
+        print(f"fcgidaemon {command}: SIGTERM while waiting (the service is stopping?); "
+              f"the {command} was not waited for", file=sys.stderr)
+        return None
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def reload(pid: int, args: argparse.Namespace) -> int:
     if not args.wait:
         control.send_signal(pid, signal.SIGHUP)
         print(f"sent SIGHUP to {pid}")
         return 0
     started = time.monotonic()
-    answer = control.ask(pid, "reload", args.timeout)
+    answer = _ask_waiting(pid, "reload", args.timeout)
+    if answer is None:
+        return 0
     took = time.monotonic() - started
     print(f"{answer.get('message', answer)} ({took:.2f}s)",
           file=sys.stdout if answer.get("ok") else sys.stderr)
@@ -73,7 +98,9 @@ def upgrade(pid: int, args: argparse.Namespace) -> int:
         control.send_signal(pid, signal.SIGUSR2)
         print(f"sent SIGUSR2 to {pid}")
         return 0
-    answer = control.ask(pid, "upgrade", args.timeout)
+    answer = _ask_waiting(pid, "upgrade", args.timeout)
+    if answer is None:
+        return 0
     print(answer.get("message", answer), file=sys.stdout if answer.get("ok") else sys.stderr)
     return 0 if answer.get("ok") else EXIT_FAILED
 
