@@ -165,11 +165,26 @@ def test_error_after_binding_is_the_only_line(start_daemon, tmp_path):
     assert out.returncode == 2, out.stderr
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("fcgidaemon: cannot start: "), out.stderr
-    assert str(pidfile.parent) in lines[0]
+    assert lines[0].endswith(f"'{pidfile}'"), lines[0]  # its own name, not our temporary one
     # when startup succeeds the line is still there
     d = start_daemon("testapp", "--pidfile", str(tmp_path / "d.pid"), workers=1, bind=f"127.0.0.1:{port}")
     d.wait_log(rf"listening on 127\.0\.0\.1:{port}")
     assert (tmp_path / "d.pid").read_text().strip() == str(d.pid)
+
+
+def test_a_pidfile_naming_a_running_manager_is_not_taken(start_daemon, tmp_path):
+    """A second daemon given the first one's --pidfile (on another port) overwrote the file,
+    and removed it when it exited: the first served on, out of reach of `stop --pidfile`. Now
+    the second refuses to start: one line, exit 2, and the pidfile still names the first."""
+    pidfile = tmp_path / "d.pid"
+    first = start_daemon("testapp", "--pidfile", str(pidfile), workers=1)
+    first.wait_workers(1)
+    out = run_cli(["testapp", "--pythonpath", str(APPS), "--bind", f"127.0.0.1:{free_port()}",
+                   "--workers", "1", "--pidfile", str(pidfile)], tmp_path)
+    assert out.returncode == 2, out.stderr
+    assert out.stderr.strip() == f"fcgidaemon: --pidfile {pidfile} names manager {first.pid}, which is running"
+    assert pidfile.read_text().strip() == str(first.pid)
+    assert run_cli(["status", "--pidfile", str(pidfile)], tmp_path).returncode == 0
 
 
 def test_unknown_app_module(tmp_path):

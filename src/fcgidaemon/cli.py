@@ -110,12 +110,14 @@ def serve(config: Config) -> int:
             # bound before the pidfile names us: `fcgidaemon stop` checks that the pid has one
             ctl = control.listen()
             if predecessor is None:  # in an upgrade the pidfile names the old manager until
-                control.write_pidfile(config.pidfile)  # we take over (_announce_to_predecessor)
+                control.claim_pidfile(config.pidfile)  # we take over (_announce_to_predecessor)
             drop_privileges(config)
             if config.access_log and config.access_log != "-":  # the workers open it as this user
                 check_access_log(config.access_log)
         except ConfigError as exc:
             return usage_error(exc)
+        except control.PidfileTaken as exc:
+            return usage_error(ConfigError(str(exc)))
         except OSError as exc:
             return usage_error(ConfigError(f"cannot start: {exc}"))
         # only now: a startup error above is then the one line on stderr, not the second

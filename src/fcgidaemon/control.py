@@ -121,9 +121,32 @@ def write_pidfile(path: str | None) -> None:
     if not path:
         return
     tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w") as fh:
-        fh.write(f"{os.getpid()}\n")
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as fh:
+            fh.write(f"{os.getpid()}\n")
+        os.replace(tmp, path)
+    except OSError as exc:  # said of the pidfile, not of our temporary name for it
+        raise OSError(exc.errno, exc.strerror, path) from None
+
+
+def claim_pidfile(path: str | None) -> None:
+    """Write the pidfile, unless it names another manager that is running: a second daemon
+    given the same --pidfile (by mistake) overwrote it, then removed it when it exited, and
+    the first one served on out of reach of `fcgidaemon stop --pidfile`."""
+    if not path:
+        return
+    try:
+        with open(path) as fh:
+            other = int(fh.read().strip())
+    except (OSError, ValueError):
+        other = 0
+    if other and other != os.getpid() and alive(other) and is_manager(other):
+        raise PidfileTaken(f"--pidfile {path} names manager {other}, which is running")
+    write_pidfile(path)
+
+
+class PidfileTaken(Exception):
+    """The pidfile names another running manager."""
 
 
 def remove_pidfile(path: str | None) -> None:
