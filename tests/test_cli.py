@@ -224,6 +224,32 @@ def test_unix_socket_in_use_is_refused(start_daemon, tmp_path):
     assert get(str(path), "/hello").status == 200  # the live socket was not removed
 
 
+def test_unix_socket_with_a_full_queue_is_in_use_not_a_hang(tmp_path):
+    """A live listener whose queue is full (nobody accepting): the check for a stale socket
+    connected with a blocking connect() and waited for good. Now it is in use: exit 2."""
+    path = str(tmp_path / "full.sock")
+    taken = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    taken.bind(path)
+    taken.listen(0)
+    fillers = []
+    try:
+        while True:  # fill its queue: the next connect would block
+            filler = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            filler.setblocking(False)
+            fillers.append(filler)
+            try:
+                filler.connect(path)
+            except BlockingIOError:
+                break
+        out = run_cli(["testapp", "--pythonpath", str(APPS), "--bind", path], tmp_path, timeout=10)
+    finally:
+        for sock in (taken, *fillers):
+            sock.close()
+    print(f"\n{len(fillers)} connections filled the queue; {out.stderr.strip()}")
+    assert out.returncode == 2
+    assert out.stderr.strip() == f"fcgidaemon: --bind unix:{path}: address already in use"
+
+
 def test_bad_toml(tmp_path):
     conf = tmp_path / "bad.toml"
     conf.write_text("workers = [unclosed\n")

@@ -8,6 +8,8 @@ import re
 import shutil
 import signal
 import socket
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -15,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from daemon import APPS, alive, children, run_cli, wait_for
+from daemon import APPS, alive, children, free_port, run_cli, wait_for
 from fcgiclient import FCGIClient, make_params
 from load import FCGIChecker, run_load
 from test_lifecycle import _wait_busy, app_copy, get, set_version
@@ -421,3 +423,36 @@ def test_a_stop_right_after_an_upgrade_waits_for_the_old_managers_last_requests(
         for pid in (new_pid, d.pid):
             if alive(pid):
                 os.kill(pid, signal.SIGKILL)
+
+
+def test_an_upgrade_says_when_the_config_file_moved_the_bind(tmp_path):
+    """`bind` changed in the --config file, then SIGUSR2: the new manager keeps the sockets it
+    was handed, so it still listens where the old one did. It said nothing, and `upgrade
+    --wait` reported success; now it logs that a restart is what changes them."""
+    old_port, new_port = free_port(), free_port()
+    conf = tmp_path / "d.toml"
+    conf.write_text(f'[fcgidaemon]\nbind = "127.0.0.1:{old_port}"\nworkers = 1\n')
+    log = tmp_path / "d.log"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FCGI")}
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "fcgidaemon", "testapp", "--pythonpath", str(APPS),
+                                 "--config", str(conf)], stdout=out, stderr=subprocess.STDOUT,
+                                cwd=tmp_path, env=env, start_new_session=True)
+    new = None
+    try:
+        wait_for(lambda: "generation 1 serving" in log.read_text(), 15, "the daemon to serve")
+        conf.write_text(f'[fcgidaemon]\nbind = "127.0.0.1:{new_port}"\nworkers = 1\n')
+        result = run_cli(["upgrade", "--wait", "--pid", str(proc.pid)], tmp_path, timeout=30)
+        assert result.returncode == 0, result.stderr
+        new = int(re.search(r"manager (\d+) serving", result.stdout).group(1))
+        text = log.read_text()
+        print("\n" + "\n".join(line for line in text.splitlines() if "WARNING" in line))
+        assert f"--bind 127.0.0.1:{new_port} is not where the old manager listened (127.0.0.1:{old_port}" in text
+        assert get(("127.0.0.1", old_port), "/hello").status == 200
+    finally:
+        for pid in (new, proc.pid):
+            if pid and alive(pid):
+                os.kill(pid, signal.SIGTERM)
+        proc.wait(15)
+        if new:
+            wait_for(lambda: not alive(new), 15, "the new manager to stop")

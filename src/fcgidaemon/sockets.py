@@ -54,17 +54,30 @@ def open_listeners(config: Config, owned_paths: set[str] = frozenset()) -> list[
     manager that created it hands that duty over: see `Listener.takeover_path`); systemd's
     sockets never are.
     """
-    passed = inherited_sockets() or systemd.listen_sockets()
+    inherited = inherited_sockets()
+    passed = inherited or systemd.listen_sockets()
     if passed:
         listeners = [validate_passed(sock) for sock in passed]
         for lst in listeners:
             path = unix_path(lst.sock)
             if path in owned_paths:
                 lst.takeover_path = path
+        if inherited and not any(_binds(lst, config.bind) for lst in listeners):
+            log.warning("--bind %s is not where the old manager listened (%s): an upgrade keeps "
+                        "the listening sockets; a restart changes them", config.bind,
+                        ", ".join(lst.name for lst in listeners))
         return listeners
     if config.bind.path is not None:
         return [bind_unix(config.bind.path, config)]
     return bind_tcp(config.bind, config.backlog)
+
+
+def _binds(lst: Listener, address: Address) -> bool:
+    """Whether `lst` is what --bind `address` would have opened (as far as a port or a path
+    tells: a changed host on the same port goes unnoticed)."""
+    if address.path is not None:
+        return unix_path(lst.sock) == address.path
+    return lst.sock.family != socket.AF_UNIX and lst.sock.getsockname()[1] == address.port
 
 
 def inherited_sockets() -> list[socket.socket]:
@@ -190,8 +203,11 @@ def remove_stale_unix_socket(path: str) -> None:
     if not stat.S_ISSOCK(mode):
         raise ConfigError(f"--bind unix:{path}: exists and is not a socket")
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.setblocking(False)  # a listener whose queue is full made a blocking connect wait for good
     try:
         probe.connect(path)
+    except BlockingIOError:
+        pass  # a listener with a full queue: in use
     except ConnectionRefusedError:
         log.info("removing stale socket %s", path)
         os.unlink(path)
