@@ -456,3 +456,33 @@ def test_an_upgrade_says_when_the_config_file_moved_the_bind(tmp_path):
         proc.wait(15)
         if new:
             wait_for(lambda: not alive(new), 15, "the new manager to stop")
+
+
+def test_an_upgrade_whose_exec_fails_says_why(tmp_path):
+    """The interpreter the daemon was started with is gone (a Python upgrade removed it) at
+    SIGUSR2: the exec fails. The log said only "exited before it was ready"; now the reason is
+    there too, and the old manager serves on."""
+    import site
+    python = tmp_path / "python3"
+    python.symlink_to(sys.executable)
+    port = free_port()
+    log = tmp_path / "d.log"
+    paths = [str(Path(__file__).resolve().parents[1] / "src"), *site.getsitepackages()]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FCGI")}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [env.get("PYTHONPATH"), *paths]))  # a copy first
+    with open(log, "w") as out:
+        proc = subprocess.Popen([str(python), "-m", "fcgidaemon", "testapp", "--pythonpath", str(APPS),
+                                 "--bind", f"127.0.0.1:{port}", "--workers", "1"], stdout=out,
+                                stderr=subprocess.STDOUT, cwd=tmp_path, env=env, start_new_session=True)
+    try:
+        wait_for(lambda: "generation 1 serving" in log.read_text(), 15, "the daemon to serve")
+        python.unlink()
+        proc.send_signal(signal.SIGUSR2)
+        wait_for(lambda: "upgrade failed" in log.read_text(), 15, "the upgrade to fail")
+        text = log.read_text()
+        print("\n" + "\n".join(line for line in text.splitlines() if "exec" in line or "upgrade" in line))
+        assert f"cannot exec the new manager {python}: No such file or directory" in text
+        assert get(("127.0.0.1", port), "/hello").status == 200
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(15)

@@ -116,6 +116,13 @@ def _exec(argv: list[str], env: dict[str, str]) -> None:
         for fd in env[INHERIT_ENV].split(","):  # only in this process, the one that execs: the
             os.set_inheritable(int(fd), True)  # manager's own stay close-on-exec (sockets.py)
         os.execve(argv[0], argv, env)
+    except BaseException as exc:  # noqa: BLE001 - said, then the process ends: the old manager
+        # then logs only "exited before it was ready", and why was nowhere (a removed interpreter)
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else repr(exc)
+        try:
+            os.write(2, f"fcgidaemon: cannot exec the new manager {argv[0]}: {reason}\n".encode())
+        except OSError:
+            pass  # no stderr to say it on: the exit status 127 is all there is
     finally:
         os._exit(127)
 
