@@ -331,6 +331,13 @@ def test_an_upgrade_is_refused_while_the_previous_manager_still_retires(start_da
             d.signal(signal.SIGHUP)
             d.wait_log(rf"reload refused: this manager handed over to manager {managers[1]}; "
                        "signal that one")
+            # over the control socket too: it answered "the manager is stopping" and "an
+            # upgrade to manager N is in progress"
+            for command in ("reload", "upgrade"):
+                asked = run_cli([command, "--wait", "--pid", str(d.pid)], tmp_path)
+                assert asked.returncode == 1
+                assert (f"{command} refused: this manager handed over to manager {managers[1]}; "
+                        "signal that one") in asked.stderr, asked.stderr
             second = run_cli(["upgrade", "--wait", "--pidfile", str(pidfile)], tmp_path)
             print(f"\nsecond upgrade while manager {d.pid} retires: {second.returncode} "
                   f"{second.stderr.strip()}")

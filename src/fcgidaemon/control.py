@@ -20,7 +20,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import status as status_page
-from .states import ENDING
 
 log = logging.getLogger("fcgidaemon")
 
@@ -268,8 +267,9 @@ class ControlCommands:
         elif command == "status":
             reply(conn, self.status())
         elif command == "reload":
-            if self.phase in ENDING:
-                reply(conn, {"ok": False, "message": "the manager is stopping"})
+            refusal = self.ending_refusal("reload")
+            if refusal:
+                reply(conn, {"ok": False, "message": refusal})
                 return
             log.info("reload requested over the control socket")
             self.reload_waiters.append((conn, self.generation + 1))

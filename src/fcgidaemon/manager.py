@@ -177,13 +177,19 @@ class Manager(supervise.Supervision, control.ControlCommands, upgrade.Upgrading,
         elif signum == signal.SIGUSR2:
             self.start_upgrade()
 
-    def request_reload(self) -> None:
+    def ending_refusal(self, what: str) -> str | None:
+        """Why `what` (a reload, an upgrade) is refused by a manager that is ending, if it is;
+        a retired one names its successor (it said "stopping", or "an upgrade is in progress")."""
+        if self.phase is Phase.RETIRED and self.upgrade is not None:
+            return f"{what} refused: this manager handed over to manager {self.upgrade.pid}; signal that one"
         if self.phase in ENDING:
-            if self.phase is Phase.RETIRED and self.upgrade is not None:
-                log.warning("reload refused: this manager handed over to manager %d; signal that "
-                            "one", self.upgrade.pid)
-            else:
-                log.warning("reload refused: the manager is %s", self.phase.value)
+            return f"{what} refused: the manager is {self.phase.value}"
+        return None
+
+    def request_reload(self) -> None:
+        refusal = self.ending_refusal("reload")
+        if refusal:
+            log.warning("%s", refusal)
             return
         if self.upgrade is not None:
             log.warning("reload refused: an upgrade to manager %d is in progress", self.upgrade.pid)

@@ -165,12 +165,12 @@ class Upgrading:
     """The manager's side of an upgrade, old and new (a mixin of the manager)."""
 
     def start_upgrade(self, waiter: socket.socket | None = None) -> None:
-        refusal = None
-        if self.upgrade is not None:
+        refusal = self.ending_refusal("upgrade")  # a retired manager names its successor
+        if refusal is None and self.upgrade is not None:
             refusal = f"upgrade refused: an upgrade to manager {self.upgrade.pid} is in progress"
-        elif self.phase is not Phase.RUNNING:
+        elif refusal is None and self.phase is not Phase.RUNNING:
             refusal = f"upgrade refused: the manager is {self.phase.value}"
-        elif self.predecessor is not None and self._predecessor_retiring():
+        elif refusal is None and self.predecessor is not None and self._predecessor_retiring():
             # its workers still hand their kept connections to us when their last requests end:
             # upgraded again, we would be gone, and it closed them (8 requests lost of 8,628)
             refusal = f"upgrade refused: the previous manager {self.predecessor} is still retiring"
