@@ -70,6 +70,21 @@ def test_preload_is_imported_once_in_the_manager(start_daemon, tmp_path):
     assert d.count(r"worker \d+ ready") == 6
 
 
+def test_a_preload_that_leaves_threads_running_is_warned_about(start_daemon, tmp_path):
+    """A preloaded module that starts a thread (a metrics client, a connection pool's reaper):
+    the workers do not have it, and a lock it holds as a worker is forked stays held there (a
+    review saw a worker hang on its first request so). Nothing was said; now one warning,
+    naming the thread, and the daemon serves all the same."""
+    src = app_copy(tmp_path)
+    (src / "threaded_mod.py").write_text(
+        "import threading, time\n"
+        "threading.Thread(target=lambda: time.sleep(3600), name='metrics-flusher', daemon=True).start()\n")
+    d = start_daemon("liveapp", "--preload", "threaded_mod", workers=1, pythonpath=[src])
+    d.wait_workers(1)
+    assert get(d.address, "/hello").status == 200
+    assert d.count(r"--preload left 1 thread\(s\) running in the manager \(metrics-flusher\)") == 1
+
+
 def test_reload_serves_new_code_in_new_workers(start_daemon, tmp_path):
     src = app_copy(tmp_path)
     d = start_daemon("liveapp", workers=3, pythonpath=[src])

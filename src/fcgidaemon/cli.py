@@ -129,6 +129,12 @@ def serve(config: Config) -> int:
             # so exit 1, which systemd's Restart=on-failure retries (a database down at import)
             log.error("preload failed:\n%s", exc.text.rstrip())
             return EXIT_FAILED
+        strays = loader.stray_threads()
+        if strays:
+            log.warning("--preload left %d thread(s) running in the manager (%s): threads do not "
+                        "survive the fork, and a lock one holds as a worker is forked stays held in "
+                        "that worker (a hang); start them in the application, after the fork",
+                        len(strays), ", ".join(strays))
         stop = [signum for signum in queue.pending() if signum in STOP_SIGNALS]
         if stop:  # asked to stop while preloading: no worker is started
             log.info("%s during startup; exiting", signals.name(stop[0]))

@@ -55,6 +55,14 @@ def preload(modules: Iterable[str]) -> None:
             raise AppImportError(f"preload {name}", summarize(exc), traceback.format_exc()) from exc
 
 
+def stray_threads() -> list[str]:
+    """Threads other than the main one, running in the manager after the preload. A fork
+    copies only the thread that forks: a lock another thread holds at that moment (logging's,
+    a connection pool's) stays held in the worker for good, and its first use hangs."""
+    import threading
+    return [t.name for t in threading.enumerate() if t is not threading.main_thread()]
+
+
 def load_app(spec: str) -> WSGIApp:
     """Import `module:callable` and return the callable."""
     module_name, _, attr = spec.partition(":")
