@@ -450,6 +450,34 @@ def test_reload_check_refuses_code_that_fails_its_first_request(start_daemon, tm
     assert get(d.address, "/hello").body.startswith(b"hello v2 ")
 
 
+CHECKED_APPS = {  # what the new code does with the check's GET /health, and what the reload does
+    "str-body": ("start_response('200 OK', [('Content-Type', 'text/plain')])\n    return ['ok']",
+                 r"reload to generation 2 failed: --reload-check /health: TypeError .*must be bytes, not str"),
+    "latin-1": ("start_response('200 OK', [('X-Name', 'caf\\u20ac')])\n    return [b'ok']",
+                r"reload to generation 2 failed: --reload-check /health: UnicodeEncodeError"),
+    "file-wrapper": ("import io\n    start_response('200 OK', [])\n"
+                     "    return environ['wsgi.file_wrapper'](io.BytesIO(b'ok'))",
+                     r"reload complete: generation 2 serving"),
+}
+
+
+@pytest.mark.parametrize("kind", CHECKED_APPS)
+def test_reload_check_judges_the_request_as_serving_would(start_daemon, tmp_path, kind):
+    """--reload-check called the application with an environ and start_response of its own: a
+    str body and a header value outside latin-1 passed it (and got a 500 when served), and an
+    application that used wsgi.file_wrapper failed it with KeyError (and would have served).
+    The check's request now goes through the adapter a real one takes."""
+    body, outcome = CHECKED_APPS[kind]
+    src = app_copy(tmp_path)
+    d = start_daemon("liveapp", "--reload-check", "/health", workers=1, pythonpath=[src])
+    d.wait_workers(1)
+    (src / "liveapp.py").write_text(f"def application(environ, start_response):\n    {body}\n")
+    d.signal(signal.SIGHUP)
+    d.wait_log(r"reload complete: generation 2|reload to generation 2 failed")
+    print("\n" + "\n".join(line for line in d.log().splitlines() if "generation 2" in line))
+    assert re.search(outcome, d.log()), d.log()[-2000:]
+
+
 def test_a_connection_shared_with_a_forked_child_costs_no_cpu_once_closed(start_daemon):
     """The application forks (a background job; multiprocessing's default on Linux): the child
     inherits every descriptor, the connection too. Closing our descriptor does not take the

@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import NoReturn
 
-from . import accesslog, loader, logs, sharing, status, titles
+from . import accesslog, loader, logs, selfcheck, sharing, status, titles
 from .config import Config, in_networks
 from .scoreboard import Scoreboard, SlotState
 from .fastcgi import (DRAIN_LIMIT, Connection, ConnectionLost, Limits, ProtocolError,
@@ -141,7 +141,7 @@ class Worker:
             log.debug("import failed: %s", exc.summary)
             return self._failed_start(f"{exc.summary}\n{exc.text}")
         if self.config.reload_check:
-            failure = loader.self_check(app, self.config.reload_check)
+            failure = selfcheck.self_check(app, self.config.reload_check)
             if failure:
                 return self._failed_start(failure)
         if self.config.access_log:
