@@ -398,13 +398,43 @@ def test_reload_wait_status_stop(start_daemon, tmp_path):
     assert d.wait_exit(5) == 0
 
 
+def test_the_control_socket_cannot_be_taken_or_faked_by_another_user(start_daemon, tmp_path):
+    """The control socket was @fcgidaemon/<pid>: abstract names have no permissions, so any
+    local user could bind the names of the next pids, and the daemon could not start ("cannot
+    start: [Errno 98] Address already in use", exit 2, not restarted). Now its name has a random
+    part; and a socket bound under a running manager's pid is not taken for its own (clients
+    check the listener's pid)."""
+    from fcgidaemon import control
+    with open("/proc/sys/kernel/ns_last_pid") as fh:
+        last = int(fh.read())
+    squatters = []
+    for pid in range(last + 1, last + 300):  # the old names of the next 300 pids
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.bind(f"\0fcgidaemon/{pid}".encode())
+        sock.listen(1)
+        squatters.append(sock)
+    try:
+        d = start_daemon(workers=1)
+        d.wait_workers(1)
+        fake = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        fake.bind(f"\0fcgidaemon/{d.pid}/0000000000000000".encode())  # listed first, and not the manager
+        fake.listen(1)
+        squatters.append(fake)
+        assert len(control.candidates(d.pid)) == 2
+        out = run_cli(["status", "--json", "--pid", str(d.pid)], tmp_path)
+        assert out.returncode == 0, out.stderr
+        assert json.loads(out.stdout)["manager_pid"] == d.pid
+    finally:
+        for sock in squatters:
+            sock.close()
+
+
 def test_a_client_dribbling_its_command_holds_the_manager_at_most_a_second(start_daemon, tmp_path):
     """A control client that sends one byte every 0.3 s: the manager gives up on it after 1 s in
     all, so a `status` asked meanwhile is answered, and SIGHUP still works."""
     from fcgidaemon import control
     d = start_daemon(workers=1)
-    slow = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    slow.connect(control.address(d.pid))
+    slow = control.connect(d.pid, timeout=5)
     stop = threading.Event()
 
     def dribble() -> None:

@@ -1,8 +1,9 @@
 """The control channel: how `fcgidaemon reload --wait`, `status` and `stop` talk to a manager.
 
-The manager listens on an abstract unix socket named after its pid
-(``@fcgidaemon/<pid>``): nothing is written to disk, so it works with ``--pid``
-alone (systemd's ``$MAINPID``), and it vanishes with the process.  Only root
+The manager listens on an abstract unix socket named after its pid and a random
+token (``@fcgidaemon/<pid>/<token>``): nothing is written to disk, so it works
+with ``--pid`` alone (systemd's ``$MAINPID``: clients find the name in
+/proc/net/unix and check the listener's pid), and it vanishes with the process.  Only root
 and the manager's own user may use it (checked with SO_PEERCRED).  A request is
 one line (``reload``, ``status``); the answer is one JSON line.
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import secrets
 import signal
 import socket
 import struct
@@ -26,8 +28,57 @@ log = logging.getLogger("fcgidaemon")
 ENCODING = "utf-8"
 
 
-def address(pid: int) -> bytes:
-    return f"\0fcgidaemon/{pid}".encode()
+PREFIX = "fcgidaemon/"
+LISTENING = "00010000"  # /proc/net/unix's Flags of a listening socket (__SO_ACCEPTCON)
+
+
+def own_address() -> bytes:
+    """``@fcgidaemon/<pid>/<random>``: a name nobody can take first. Named after the pid alone,
+    any local user could bind the names of the next few hundred pids and the service could
+    not start (nor upgrade): abstract names have no permissions."""
+    return f"\0{PREFIX}{os.getpid()}/{secrets.token_hex(8)}".encode()
+
+
+def candidates(pid: int) -> list[bytes]:
+    """The listening abstract sockets named like manager `pid`'s control socket (read from
+    /proc/net/unix: this network namespace's). Anyone may bind such a name too: `connect`
+    tells the manager's own by its credentials."""
+    head = f"@{PREFIX}{pid}/"
+    found = []
+    try:
+        with open("/proc/net/unix") as fh:
+            for line in fh:
+                fields = line.split()
+                if len(fields) >= 8 and fields[3] == LISTENING and fields[7].startswith(head):
+                    found.append(b"\0" + fields[7][1:].encode())
+    except OSError as exc:
+        raise ControlError(f"cannot tell whether {pid} is a manager: {exc}") from None
+    return found
+
+
+def connect(pid: int, timeout: float) -> socket.socket:
+    """A connection to manager `pid`'s control socket: the one of its names whose listener is
+    process `pid` (SO_PEERCRED), not one another user bound to mislead us."""
+    names = candidates(pid)
+    if not names:
+        raise ControlError(f"process {pid} is not an fcgidaemon manager (no control socket)")
+    failure: OSError | None = None
+    for name in names:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(timeout)
+        try:
+            sock.connect(name)
+            creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        except OSError as exc:  # a full queue (TimeoutError), or gone since it was listed
+            sock.close()
+            failure = exc
+            continue
+        if struct.unpack("3i", creds)[0] == pid:
+            return sock
+        sock.close()
+    if isinstance(failure, TimeoutError):
+        raise ControlError(f"no answer from manager {pid} within {timeout:g}s")
+    raise ControlError(f"process {pid} is not an fcgidaemon manager (no control socket of its own)")
 
 
 class ControlError(Exception):
@@ -36,7 +87,7 @@ class ControlError(Exception):
 
 def listen() -> socket.socket:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.bind(address(os.getpid()))
+    sock.bind(own_address())
     sock.listen(16)
     sock.setblocking(False)
     return sock
@@ -71,10 +122,8 @@ def read_command(conn: socket.socket, timeout: float = 1.0) -> tuple[str, list[i
 
 def send_fds(pid: int, command: str, fds: list[int], timeout: float = 5.0) -> None:
     """Hand connections to manager `pid` (used by a retiring manager after an upgrade)."""
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.settimeout(timeout)
+    sock = connect(pid, timeout)
     try:
-        sock.connect(address(pid))
         socket.send_fds(sock, [command.encode(ENCODING) + b"\n"], fds)
         sock.recv(256)  # wait for the answer: the fds have been taken
     finally:
@@ -167,12 +216,7 @@ def is_manager(pid: int) -> bool:
     """Whether `pid` has bound a manager's control socket (from its first step, before the
     preload). Read from /proc/net/unix, not by connecting: the manager reads a command from
     each connection."""
-    name = " @" + address(pid)[1:].decode()
-    try:
-        with open("/proc/net/unix") as fh:  # this network namespace's sockets (as the control
-            return any(line.rstrip("\n").endswith(name) for line in fh)  # channel itself)
-    except OSError as exc:
-        raise ControlError(f"cannot tell whether {pid} is a manager: {exc}") from None
+    return bool(candidates(pid))
 
 
 def send_signal(pid: int, signum: int) -> None:
@@ -195,10 +239,8 @@ def alive(pid: int) -> bool:
 
 def ask(pid: int, command: str, timeout: float) -> dict[str, Any]:
     """Send one command and wait (bounded) for the manager's one-line JSON answer."""
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.settimeout(timeout)
+    sock = connect(pid, timeout)
     try:
-        sock.connect(address(pid))
         try:
             sock.sendall(command.encode(ENCODING) + b"\n")
         except BrokenPipeError:  # refused at once ("permission denied") and closed: the answer
