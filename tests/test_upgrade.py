@@ -493,3 +493,48 @@ def test_an_upgrade_whose_exec_fails_says_why(tmp_path):
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(15)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run the daemon as nobody")
+def test_with_user_the_pidfile_is_the_users_so_a_successor_can_rewrite_it(start_daemon, tmp_path):
+    """--user nobody, --pidfile in a directory only root may write (/run): the pidfile was root's,
+    so after a SIGUSR2 the new manager (nobody) could not replace it and it kept naming the old
+    manager, gone ("no process N" from `status` and `stop`; seen in the sandbox). The file is now
+    nobody's, and the handover's write, refused a new file there, rewrites it in place. (The
+    upgrade itself is not run here: nobody cannot exec this machine's interpreter under /root;
+    the write is run as nobody, in a child, as the new manager runs it.)"""
+    import pwd
+    from fcgidaemon import control
+    nobody = pwd.getpwnam("nobody")
+    appdir = Path(tempfile.mkdtemp(prefix="fcgidaemon-nobody-"))
+    run = Path(tempfile.mkdtemp(prefix="fcgidaemon-run-"))  # as /run: nobody may not create files in it
+    d = None
+    try:
+        for folder in (appdir, run):
+            folder.chmod(0o755)
+        shutil.copy(APPS / "testapp.py", appdir / "testapp.py")
+        tmp_path.chmod(0o755)
+        pidfile = run / "m.pid"
+        d = start_daemon("testapp", "--user", "nobody", "--pidfile", str(pidfile), workers=1,
+                         pythonpath=[appdir])
+        d.wait_workers(1)
+        assert os.stat(pidfile).st_uid == nobody.pw_uid
+        child = os.fork()
+        if child == 0:  # what the successor does at the handover, as nobody
+            code = 1
+            try:
+                os.setgid(nobody.pw_gid)
+                os.setuid(nobody.pw_uid)
+                control.write_pidfile(str(pidfile))
+                code = 0
+            finally:
+                os._exit(code)
+        _, status = os.waitpid(child, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        assert pidfile.read_text() == f"{child}\n"
+        pidfile.write_text(f"{d.pid}\n")  # the daemon's again, for its stop
+    finally:
+        shutil.rmtree(appdir)
+        if d is not None:
+            d.stop()
+        shutil.rmtree(run)

@@ -85,6 +85,14 @@ def drop_privileges(config: Config) -> None:
         os.setuid(uid)
 
 
+def give_pidfile(config: Config) -> None:
+    """With --user, the pidfile becomes that user's: a manager that replaces us (SIGUSR2) runs
+    as it, and must be able to rewrite the file where it may not create one (/run)."""
+    uid, gid = lookup_ids(config)
+    if config.pidfile and uid is not None:
+        os.chown(config.pidfile, uid, -1 if gid is None else gid)
+
+
 def check_access_log(path: str) -> None:
     """Open it once before any worker starts: a path that cannot be opened is a bad option,
     not a crash in every worker (respawned every 10 s, forever)."""
@@ -111,6 +119,7 @@ def serve(config: Config) -> int:
             ctl = control.listen()
             if predecessor is None:  # in an upgrade the pidfile names the old manager until
                 control.claim_pidfile(config.pidfile)  # we take over (_announce_to_predecessor)
+                give_pidfile(config)
             drop_privileges(config)
             if config.access_log and config.access_log != "-":  # the workers open it as this user
                 check_access_log(config.access_log)

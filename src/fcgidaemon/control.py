@@ -173,8 +173,21 @@ def write_pidfile(path: str | None) -> None:
         with open(tmp, "w") as fh:
             fh.write(f"{os.getpid()}\n")
         os.replace(tmp, path)
+    except PermissionError as exc:  # a directory --user may not write (/run): the file itself,
+        try:  # made ours at the start (cli), is rewritten in place; after a SIGUSR2 the pidfile
+            _rewrite(path)  # kept naming the old manager, gone, and `stop` said "no process"
+        except OSError:
+            raise OSError(exc.errno, exc.strerror, path) from None
     except OSError as exc:  # said of the pidfile, not of our temporary name for it
         raise OSError(exc.errno, exc.strerror, path) from None
+
+
+def _rewrite(path: str) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_TRUNC)
+    try:
+        os.write(fd, f"{os.getpid()}\n".encode())
+    finally:
+        os.close(fd)
 
 
 def claim_pidfile(path: str | None) -> None:
