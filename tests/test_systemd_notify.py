@@ -230,6 +230,12 @@ def test_failed_reload_sends_ready_with_the_reason(start_daemon, notify, tmp_pat
                         status), status
     assert get(d.address).body.startswith(b"hello v1 ")
     assert d.proc.poll() is None
+    # fixed and reloaded: STATUS says it serves, and no longer "last failure: ..." (it did, for
+    # good; the status page still has the last failure)
+    (src / "liveapp.py").write_text((APPS / "testapp.py").read_text())
+    d.signal(signal.SIGHUP)
+    again = notify.wait_for("READY=1", count=3)
+    assert again.value("STATUS") == "serving gen 3, 2/2 workers", again.value("STATUS")
 
 
 def test_sigterm_sends_stopping(start_daemon, notify):

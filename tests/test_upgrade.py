@@ -166,6 +166,7 @@ def test_stop_by_pidfile_during_an_upgrade_stops_both_managers(start_daemon, tmp
     with pytest.raises(OSError):
         socket.create_connection(d.address, timeout=2).close()
     d.wait_log(r"upgrade failed: the old manager is stopping")
+    assert d.count(r"the old manager is stopping; still serving") == 0  # it is not: it stops
 
 
 @pytest.mark.parametrize("name", ["up.sock", "my app.sock"])

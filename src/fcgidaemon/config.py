@@ -227,6 +227,8 @@ def parse_bind(text: str) -> Address:
         text = text[5:]
         if not text:
             raise ConfigError("empty unix socket path")
+        if text.startswith("@"):  # it made a file named "@name" in the working directory
+            raise ConfigError(f"abstract unix sockets are not supported: {text!r} (give a path)")
         return Address(path=text)
     if text.startswith("/") or text.startswith("./"):
         return Address(path=text)
@@ -567,6 +569,8 @@ def check_consistency(config: Config) -> None:
                               f"and --max-workers {config.max_workers}")
     elif config.min_workers:
         raise ConfigError("--min-workers needs --max-workers")
+    if config.socket_owner and config.bind.path is None:  # accepted, and silently unused
+        raise ConfigError("--socket-owner applies to a unix socket (--bind unix:PATH)")
     for name in ("status_path", "ping_path", "reload_check"):
         path = getattr(config, name)
         if path is not None and not path.startswith("/"):

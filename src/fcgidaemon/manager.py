@@ -69,6 +69,7 @@ class Manager(supervise.Supervision, control.ControlCommands, upgrade.Upgrading,
         self.config = config
         self.predecessor = predecessor  # the manager we replace (SIGUSR2), told once we are ready
         self.took_over = predecessor is None  # in charge: the predecessor has handed over
+        self.failed_last = False  # the last reload or upgrade failed (STATUS= says so)
         self.upgrade: upgrade.Upgrade | None = None  # our own successor, while one starts
         self.listeners = listeners
         self.target = config.workers
@@ -228,7 +229,7 @@ class Manager(supervise.Supervision, control.ControlCommands, upgrade.Upgrading,
         if not graceful and self.predecessor and self.took_over and control.alive(self.predecessor):
             os.kill(self.predecessor, signal.SIGQUIT)  # its retiring workers: a quick stop too
         if self.upgrade is not None:  # stopping during an upgrade stops the new manager too
-            self._upgrade_failed("the old manager is stopping", kill=True)
+            self._upgrade_failed("the old manager is stopping", kill=True, serving=False)
         self.phase = Phase.STOPPING if graceful else Phase.QUITTING
         self.respawn_at.clear()
         self.reload_pending = False
@@ -438,6 +439,7 @@ class Manager(supervise.Supervision, control.ControlCommands, upgrade.Upgrading,
                 self._announce_to_predecessor()
         else:
             self.pool.reloads_ok += 1
+            self.failed_last = False
             log.info("reload complete: generation %d serving (%d workers) in %.3fs, "
                      "generation %d retiring", generation, self.target,
                      time.monotonic() - self.reload_started, old)
@@ -452,7 +454,7 @@ class Manager(supervise.Supervision, control.ControlCommands, upgrade.Upgrading,
         """A new worker failed before its generation was ready: keep the old one serving."""
         failed = self.generation
         self.pool.reloads_failed += 1
-        self.pool.last_failure = reason
+        self.pool.last_failure, self.failed_last = reason, True
         log.error("reload to generation %d failed: %s; still serving generation %d%s",
                   failed, reason, self.serving, f"\n{detail.rstrip()}" if detail else "")
         for rec in list(self.workers.values()):
@@ -631,8 +633,8 @@ class Manager(supervise.Supervision, control.ControlCommands, upgrade.Upgrading,
         ready = sum(1 for w in self.workers.values()
                     if w.generation == self.serving and w.state is WState.READY)
         line = f"serving gen {self.serving}, {ready}/{self.target} workers"
-        if self.pool.last_failure:
-            line += f"; last failure: {self.pool.last_failure}"
+        if self.pool.last_failure and self.failed_last:  # not once a reload has succeeded since:
+            line += f"; last failure: {self.pool.last_failure}"  # the status page keeps it
         return line
 
     def _title(self) -> None:

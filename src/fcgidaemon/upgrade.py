@@ -184,7 +184,7 @@ class Upgrading:
                                  self.generation + 1, (self.config.workers, self.target))
         except OSError as exc:  # no process to fork (a limit)
             reason = f"cannot start a new manager: {exc.strerror or exc}"
-            self.pool.last_failure = reason
+            self.pool.last_failure, self.failed_last = reason, True
             log.error("upgrade failed: %s; still serving", reason)
             if waiter is not None:
                 control.reply(waiter, {"ok": False, "message": f"upgrade failed: {reason}"})
@@ -258,7 +258,7 @@ class Upgrading:
                 self._retire(rec)
         self._title()
 
-    def _upgrade_failed(self, reason: str, kill: bool = False) -> None:
+    def _upgrade_failed(self, reason: str, kill: bool = False, serving: bool = True) -> None:
         up = self.upgrade
         if up is None:
             return
@@ -268,8 +268,8 @@ class Upgrading:
                 os.kill(up.pid, signal.SIGTERM)
             except ProcessLookupError:
                 pass
-        self.pool.last_failure = reason
-        log.error("upgrade failed: %s; still serving", reason)
+        self.pool.last_failure, self.failed_last = reason, True
+        log.error("upgrade failed: %s%s", reason, "; still serving" if serving else "")
         systemd.notify(f"STATUS=upgrade failed: {reason}; {self.status_line()}")
         for waiter in up.waiters:
             control.reply(waiter, {"ok": False, "message": f"upgrade failed: {reason}"})
