@@ -518,3 +518,27 @@ def test_a_workers_counter_writes_are_never_read_as_zero():
     print(f"\n{requests} requests written in 2 s; reader exit {os.waitstatus_to_exitcode(status)}")
     assert slot.requests == slot.accepted == sum(slot.histogram) == requests
     assert os.waitstatus_to_exitcode(status) == 0  # 1: a counter went backwards; 2: too few reads
+
+
+def test_the_managers_signals_sent_to_a_worker_cost_no_request(start_daemon):
+    """`systemctl kill -s USR2` signals every process of the service, workers too. A worker had
+    SIGUSR2, SIGTTIN and SIGTTOU at their default actions: USR2 ended it mid-request (the
+    client got no answer) and TTIN/TTOU stopped it. Now it logs each and serves on."""
+    d = start_daemon("testapp", workers=1)
+    (pid,) = d.wait_workers(1)
+    out: dict = {}
+
+    def slow() -> None:
+        with FCGIClient(d.address, timeout=15) as client:
+            out["resp"] = client.request(make_params("GET", "/sleep?s=1.5"))
+
+    thread = threading.Thread(target=slow)
+    thread.start()
+    _wait_busy(d)
+    for signum in (signal.SIGUSR2, signal.SIGTTIN, signal.SIGTTOU):
+        os.kill(pid, signum)
+    thread.join(15)
+    assert out["resp"].status == 200
+    d.wait_log(r"SIGTTOU is the manager's signal; ignored by this worker")
+    assert d.count(r"is the manager's signal; ignored by this worker") == 3
+    assert d.workers() == [pid]

@@ -186,10 +186,14 @@ class Worker:
                 pass
         logs.set_context(role="worker", generation=self.spec.generation)
         self._title("starting")
-        for signum in (signal.SIGCHLD, signal.SIGTTIN, signal.SIGTTOU, signal.SIGUSR1,
-                       signal.SIGUSR2, signal.SIGPIPE):
+        for signum in (signal.SIGCHLD, signal.SIGUSR1, signal.SIGPIPE):
             signal.signal(signum, signal.SIG_DFL)
         signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+        # the manager's signals, sent to every process of the service (`systemctl kill -s USR2`
+        # signals the whole cgroup): by default USR2 ended a worker mid-request and TTIN/TTOU
+        # stopped it. A handler, not SIG_IGN, which programs the application runs would inherit
+        for signum in (signal.SIGUSR2, signal.SIGTTIN, signal.SIGTTOU):
+            signal.signal(signum, _not_for_workers)
         for end in (self._wake_r, self._wake_w):
             end.setblocking(False)
         signal.set_wakeup_fd(self._wake_w.fileno(), warn_on_full_buffer=False)
@@ -595,6 +599,10 @@ class Worker:
 
     def _title(self, state: str) -> None:
         self.title.set(state)
+
+
+def _not_for_workers(signum: int, frame: object) -> None:
+    log.info("%s is the manager's signal; ignored by this worker", signal.Signals(signum).name)
 
 
 def _exit_now(signum: int, frame: object) -> None:
