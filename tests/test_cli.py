@@ -487,6 +487,12 @@ def test_control_commands_report_missing_manager(tmp_path):
     assert out.returncode == 1 and f"no process {gone.pid}" in out.stderr
     out = run_cli(["status", "--pidfile", str(tmp_path / "none.pid")], tmp_path)
     assert out.returncode == 1 and "cannot read pid" in out.stderr
+    # as LSB init scripts answer (it was 1 for both): `status` of a manager that does not run
+    # is 3, a `stop` of one is done already (0); both say so
+    out = run_cli(["status", "--pid", str(gone.pid)], tmp_path)
+    assert (out.returncode, out.stderr) == (3, f"fcgidaemon status: no process {gone.pid}: not running\n")
+    out = run_cli(["stop", "--pid", str(gone.pid)], tmp_path)
+    assert (out.returncode, out.stderr) == (0, f"fcgidaemon stop: no process {gone.pid}: not running\n")
 
 
 def test_control_commands_never_signal_a_process_that_is_not_a_manager(tmp_path):
@@ -499,9 +505,9 @@ def test_control_commands_never_signal_a_process_that_is_not_a_manager(tmp_path)
         pidfile.write_text(f"{stranger.pid}\n")
         for command in (["stop"], ["reload"], ["upgrade"], ["stop", "--quick"], ["reload", "--wait"]):
             out = run_cli([*command, "--pidfile", str(pidfile)], tmp_path)
-            assert out.returncode == 1, (command, out.stdout, out.stderr)
+            assert out.returncode == (0 if command[0] == "stop" else 1), (command, out.stdout, out.stderr)
             assert out.stderr == (f"fcgidaemon {command[0]}: process {stranger.pid} is not an "
-                                  f"fcgidaemon manager (no control socket)\n")
+                                  f"fcgidaemon manager (no control socket): not running\n")
             assert stranger.poll() is None, command  # not signalled
     finally:
         stranger.kill()

@@ -20,6 +20,7 @@ from .config import ConfigError, ErrorParser
 COMMANDS = ("reload", "upgrade", "status", "stop")
 EXIT_FAILED = 1  # the application or a preloaded module failed to import or start; a command failed
 EXIT_USAGE = 2  # a bad option or configuration: the same error every time
+EXIT_NOT_RUNNING = 3  # `status` of a manager that does not run (LSB's "program is not running")
 
 
 def parser(command: str) -> argparse.ArgumentParser:
@@ -50,6 +51,10 @@ def run(command: str, argv: Sequence[str]) -> int:
         target = control.Target.from_args(args.pid, args.pidfile)
         return {"reload": reload, "upgrade": upgrade, "status": status,
                 "stop": stop}[command](target.pid, args)
+    except control.NotRunning as exc:  # as LSB init scripts answer: a status of a service
+        # that is not running is 3, a stop of one is done already
+        print(f"fcgidaemon {command}: {exc}: not running", file=sys.stderr)
+        return {"status": EXIT_NOT_RUNNING, "stop": 0}.get(command, EXIT_FAILED)
     except control.ControlError as exc:
         print(f"fcgidaemon {command}: {exc}", file=sys.stderr)
         return EXIT_FAILED

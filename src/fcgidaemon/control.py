@@ -85,6 +85,10 @@ class ControlError(Exception):
     """The manager could not be reached or answered with a failure."""
 
 
+class NotRunning(ControlError):
+    """No manager runs under that pid (gone, or another program has the pid now)."""
+
+
 def listen() -> socket.socket:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.bind(own_address())
@@ -158,9 +162,9 @@ class Target:
             except (OSError, ValueError) as exc:
                 raise ControlError(f"cannot read pid from {pidfile}: {exc}") from None
         if not alive(pid):
-            raise ControlError(f"no process {pid}")
+            raise NotRunning(f"no process {pid}")
         if not is_manager(pid):  # a pidfile left behind names whatever process has that pid now
-            raise ControlError(f"process {pid} is not an fcgidaemon manager (no control socket)")
+            raise NotRunning(f"process {pid} is not an fcgidaemon manager (no control socket)")
         return cls(pid)
 
 
