@@ -542,3 +542,30 @@ def test_the_managers_signals_sent_to_a_worker_cost_no_request(start_daemon):
     d.wait_log(r"SIGTTOU is the manager's signal; ignored by this worker")
     assert d.count(r"is the manager's signal; ignored by this worker") == 3
     assert d.workers() == [pid]
+
+
+def test_an_application_that_takes_sigterm_at_import_does_not_keep_it(start_daemon, tmp_path):
+    """The application sets its own SIGTERM handler at import (its own cleanup, as some
+    frameworks do). It replaced the worker's: a stop no longer waited for the request in flight
+    (the application's handler ran instead). The worker puts its own back, and says so."""
+    from test_lifecycle import app_copy
+    src = app_copy(tmp_path)
+    (src / "liveapp.py").write_text("import signal, sys\n"
+                                    "signal.signal(signal.SIGTERM, lambda *a: sys.exit(0))\n"
+                                    + (src / "liveapp.py").read_text())
+    d = start_daemon("liveapp", workers=1, pythonpath=[src])
+    d.wait_workers(1)
+    out: dict = {}
+
+    def slow() -> None:
+        with FCGIClient(d.address, timeout=15) as client:
+            out["resp"] = client.request(make_params("GET", "/sleep?s=1.5"))
+
+    thread = threading.Thread(target=slow)
+    thread.start()
+    _wait_busy(d)
+    d.signal(signal.SIGTERM)
+    thread.join(15)
+    assert out["resp"].status == 200 and out["resp"].body.startswith(b"slept 1.5 ")
+    assert d.wait_exit(10) == 0
+    assert d.count(r"the application set its own SIGTERM handler on import") == 1

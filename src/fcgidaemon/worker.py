@@ -140,6 +140,7 @@ class Worker:
         except loader.AppImportError as exc:
             log.debug("import failed: %s", exc.summary)
             return self._failed_start(f"{exc.summary}\n{exc.text}")
+        self._keep_signals()
         if self.config.reload_check:
             failure = selfcheck.self_check(app, self.config.reload_check)
             if failure:
@@ -206,6 +207,18 @@ class Worker:
         faulthandler.register(signal.SIGUSR1, file=sys.stderr, all_threads=True, chain=False)
         if self.spec.sigmask is not None:
             signal.pthread_sigmask(signal.SIG_SETMASK, self.spec.sigmask)
+
+    def _keep_signals(self) -> None:
+        """An application that set its own handler for a stop signal at import (for its own
+        cleanup) took it from us: SIGTERM no longer let the request in flight finish, and a
+        reload's retiring worker never left. Ours are put back, and that is said."""
+        ours = {signal.SIGTERM: self._on_stop_signal, signal.SIGHUP: self._on_stop_signal,
+                signal.SIGINT: _exit_now, signal.SIGQUIT: _exit_now}
+        for signum, handler in ours.items():
+            if signal.getsignal(signum) != handler:
+                log.warning("the application set its own %s handler on import; the worker's is "
+                            "put back (use atexit for cleanup)", signal.Signals(signum).name)
+                signal.signal(signum, handler)
 
     def _on_stop_signal(self, signum: int, frame: object) -> None:
         # only records: a request in progress finishes first. Before the listeners are watched
