@@ -569,3 +569,4 @@ def test_an_application_that_takes_sigterm_at_import_does_not_keep_it(start_daem
     assert out["resp"].status == 200 and out["resp"].body.startswith(b"slept 1.5 ")
     assert d.wait_exit(10) == 0
     assert d.count(r"the application set its own SIGTERM handler on import") == 1
+

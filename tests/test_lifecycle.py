@@ -620,3 +620,40 @@ def test_a_signal_during_a_slow_preload(start_daemon, tmp_path, signum):
     else:
         d.wait_serving(2, timeout=15)
         assert get(str(path), "/hello").status == 200 and d.proc.poll() is None
+
+
+def test_a_worker_still_importing_when_its_generation_retires_serves_nothing(start_daemon, tmp_path):
+    """SIGTTIN while slow code is on disk: the new worker of the serving generation imports it
+    (4 s). Meanwhile good code is deployed and reloaded, and the serving generation retires,
+    the importing worker with it. It was asked to retire like the others: it finished its
+    import, then took a connection waiting in the queue on its way out and answered it with
+    code that never reported ready (the soak saw a failed release answer 20 s after its
+    deploy). Now it is stopped at once: every queued request gets the new code."""
+    src = app_copy(tmp_path)
+    d = start_daemon("liveapp", workers=1, pythonpath=[src])
+    d.wait_workers(1)
+    text = (src / "liveapp.py").read_text()
+    (src / "liveapp.py").write_text("import time\ntime.sleep(4)\n" + text.replace('VERSION = "v1"', 'VERSION = "slow"'))
+    t0 = time.monotonic()
+    d.signal(signal.SIGTTIN)
+    d.wait_log(r"spawned worker \d+ \(slot 1, gen 1\)")
+    (src / "liveapp.py").write_text(text.replace('VERSION = "v1"', 'VERSION = "v3"'))
+    d.reload(2)  # both slots of generation 2 ready: generation 1 retires, the importer too
+    answers: dict = {}
+
+    def ask(name: str, uri: str) -> None:
+        answers[name] = get(d.address, uri, timeout=20).body.split(b" pid=")[0].decode()
+
+    time.sleep(max(0.0, 3.3 - (time.monotonic() - t0)))  # the schedule, not a readiness wait
+    busy = [threading.Thread(target=ask, args=(f"busy{i}", "/sleep?s=2")) for i in range(2)]
+    for thread in busy:  # both new workers busy as the importer's import ends (at 4 s)
+        thread.start()
+    time.sleep(0.3)
+    queued = [threading.Thread(target=ask, args=(f"q{i}", f"/id?id=q{i}")) for i in range(4)]
+    for thread in queued:
+        thread.start()
+    for thread in busy + queued:
+        thread.join(30)
+    versions = sorted(answers[f"q{i}"].split()[1] for i in range(4))
+    print(f"\nqueued requests answered by: {versions}")
+    assert versions == ["version=v3"] * 4

@@ -324,9 +324,18 @@ class Manager(supervise.Supervision, control.ControlCommands, upgrade.Upgrading,
             pass
 
     def _retire(self, rec: WorkerRecord) -> None:
-        """Ask a worker to finish, hand its idle connections over, and leave."""
+        """Ask a worker to finish, hand its idle connections over, and leave.
+
+        One still starting is stopped instead (SIGTERM: a worker that does not accept yet
+        exits at once). Asked to retire, it finished its import, then took a connection waiting
+        in the queue on its way out: code that never reported ready (a respawn's import of code
+        whose reload had failed) answered requests after the next reload had succeeded."""
+        starting = rec.state is WState.STARTING
         rec.move(WState.RETIRING)
         rec.deadline = time.monotonic() + self.config.graceful_timeout
+        if starting:
+            self._kill(rec, signal.SIGTERM)
+            return
         try:
             rec.channel.send(worker.MSG_RETIRE)
         except OSError:
@@ -461,6 +470,7 @@ class Manager(supervise.Supervision, control.ControlCommands, upgrade.Upgrading,
             if rec.generation == failed:
                 if rec.state is WState.STARTING:
                     rec.move(WState.RETIRING)
+                    rec.deadline = None  # its ready deadline, run out, read as "still busy"
                     self._kill(rec, signal.SIGKILL)
                 elif rec.state is WState.READY:
                     self._retire(rec)

@@ -253,6 +253,7 @@ class Upgrading:
         for rec in list(self.workers.values()):
             if rec.state is WState.STARTING:
                 rec.move(WState.RETIRING)
+                rec.deadline = None  # not its ready deadline: "still busy" at the next tick
                 self._kill(rec, signal.SIGKILL)
             elif rec.state is WState.READY:
                 self._retire(rec)
