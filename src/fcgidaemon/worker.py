@@ -133,6 +133,10 @@ class Worker:
 
     def run(self) -> int:
         self._setup_process()
+        try:
+            loader.pin_release()  # first: unshadow() looks along sys.path too
+        except loader.AppImportError as exc:
+            return self._failed_start(exc.summary)
         for name in sharing.unshadow(self.spec.shared):
             log.debug("the application has a module of its own named %s: not the shared one", name)
         try:
