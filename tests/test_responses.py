@@ -159,3 +159,16 @@ def test_a_request_header_sent_twice_is_joined_not_overwritten(start_daemon):
     env = json.loads(resp.body)
     assert (env["HTTP_COOKIE"], env["HTTP_X_DUP"]) == ("a=1; b=2", "one, two")
     assert (env["SCRIPT_NAME"], env["PATH_INFO"]) == ("", "/environ")
+
+
+def test_an_empty_query_string_stays_empty(start_daemon):
+    """nginx `rewrite ^ /x? break;` drops the query on purpose: QUERY_STRING comes empty while
+    REQUEST_URI keeps the client's. QUERY_STRING was filled from REQUEST_URI whenever empty,
+    giving the application the query the configuration had dropped. Now only a QUERY_STRING
+    that was not sent at all is taken from REQUEST_URI."""
+    d = start_daemon("testapp", workers=1)
+    dropped = make_params("GET", "/environ?secret=1", extra={"QUERY_STRING": ""})
+    missing = make_params("GET", "/environ?a=1", extra={"QUERY_STRING": None})
+    with FCGIClient(d.address, timeout=10) as client:
+        envs = [json.loads(client.request(p, keep_conn=True).body) for p in (dropped, missing)]
+    assert [e["QUERY_STRING"] for e in envs] == ["", "a=1"]

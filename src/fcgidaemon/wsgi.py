@@ -130,8 +130,8 @@ def normalise_paths(environ: dict[str, Any]) -> None:
         environ.setdefault("QUERY_STRING", "")
         return
     raw_path, _, query = uri.partition("?")
-    if not environ.get("QUERY_STRING"):
-        environ["QUERY_STRING"] = query
+    if "QUERY_STRING" not in environ:  # sent empty, it is empty: an nginx rewrite ending in "?"
+        environ["QUERY_STRING"] = query  # drops the query, and REQUEST_URI still has it
     path = unquote_to_bytes(raw_path.encode("latin-1")).decode("latin-1") if "%" in raw_path else raw_path
     if ("//" in path or "/." in path) and _unsettled(path):
         # Dot segments or repeated slashes (%2e%2e counts: decoded above): the front end matched
