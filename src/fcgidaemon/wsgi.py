@@ -368,7 +368,7 @@ def make_handler(app: Callable[..., Any], on_response: ResponseHook | None = Non
                         response.write(chunk)
                         req._conn.flush()
             response.write(b"")
-            if response.short():
+            if response.length is not None and response.short():
                 return response_short(req, response, environ)
             return 0
         except APP_EXITS as exc:  # sys.exit() in a request: answered, then the worker is replaced
