@@ -413,7 +413,11 @@ def test_the_control_socket_cannot_be_taken_or_faked_by_another_user(start_daemo
     squatters = []
     for pid in range(last + 1, last + 300):  # the old names of the next 300 pids
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.bind(f"\0fcgidaemon/{pid}".encode())
+        try:
+            sock.bind(f"\0fcgidaemon/{pid}".encode())
+        except OSError:  # taken already, by an old-style manager started meanwhile
+            sock.close()
+            continue
         sock.listen(1)
         squatters.append(sock)
     try:
