@@ -29,15 +29,50 @@ HEADER_NAME_RE = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 # header block; NUL and the others make nginx and Apache answer 502 for the whole response
 BAD_VALUE_RE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 # statuses and header names that passed the checks: the same few come with every request. Two
-# sets: with one, a status spelled like a checked header name ("Content-Type") skipped its check
-_CHECKED_STATUSES: set[str] = set()
-_CHECKED_NAMES: set[str] = set()
+# tables: with one, a status spelled like a checked header name ("Content-Type") skipped its check
+_CHECKED_STATUSES: dict[str, bool] = {}  # status -> whether its response has no body (1xx, 204, 304)
+_NAMES: dict[str, int] = {}  # header name -> its kind (_check_name)
 _CHECKED_MAX = 1024  # an application inventing names cannot grow them without bound
 
 
-def _remember(checked: set[str], text: str) -> None:
-    if len(checked) < _CHECKED_MAX:
-        checked.add(text)
+ORDINARY, CONTENT_LENGTH, HOP = 0, 1, 2  # what a response header name is to start_response
+
+
+def _check_name(name: Any) -> int:
+    """Validate a header name not seen before; what kind of header it is."""
+    if not isinstance(name, str) or not HEADER_NAME_RE.fullmatch(name):
+        raise ValueError(f"bad response header name {name!r}")
+    lower = name.lower()
+    kind = CONTENT_LENGTH if lower == "content-length" else HOP if lower in HOP_BY_HOP else ORDINARY
+    if len(_NAMES) < _CHECKED_MAX:
+        _NAMES[name] = kind
+    return kind
+
+
+def _without_hop(headers: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """The headers less the hop-by-hop ones, dropped as gunicorn does (one warning a name)."""
+    kept = []
+    for name, value in headers:
+        lower = name.lower()
+        if lower in HOP_BY_HOP:
+            if lower not in _hop_warned:
+                _hop_warned.add(lower)
+                log.warning("the application sent the hop-by-hop header %s: dropped (PEP 3333 "
+                            "forbids it; the web server decides the connection); said once", name)
+            continue
+        kept.append((name, value))
+    return kept
+
+
+def _check_status(status: Any) -> bool:
+    """Validate a status not seen before; whether its response has no body."""
+    if not isinstance(status, str) or not STATUS_RE.fullmatch(status):
+        raise ValueError(f"bad WSGI status {status!r}")
+    status.encode("latin-1")
+    bodiless = status[:3] in NO_BODY or status[0] == "1"
+    if len(_CHECKED_STATUSES) < _CHECKED_MAX:
+        _CHECKED_STATUSES[status] = bodiless
+    return bodiless
 
 
 ERROR_500 = (b"Status: 500 Internal Server Error\r\nContent-Type: text/plain; charset=utf-8\r\n"
@@ -182,16 +217,18 @@ class Response:
     some of the response has been handed to the kernel. Until then a failure can still become
     our 500 (PEP 3333: only headers actually sent bind the application)."""
 
+    # defaults read from the class until a response sets its own: fewer stores per request
+    status: str | None = None
+    head_sent = False
+    sent = 0  # body bytes written, for the access log
+    length: int | None = None  # the application's Content-Length
+    limit: int | None = None  # at most this many body bytes go out
+    overflowed = False  # the application wrote past `limit` (said once)
+
     def __init__(self, req: Request) -> None:
         self.req = req
-        self.status: str | None = None
         self.headers: list[tuple[str, str]] = []
-        self.head_sent = False
-        self.sent = 0  # body bytes written, for the access log
         self.mark = req._conn.sent
-        self.length: int | None = None  # the application's Content-Length
-        self.limit: int | None = None  # at most this many body bytes go out
-        self.overflowed = False  # the application wrote past `limit` (said once)
 
     @property
     def committed(self) -> bool:
@@ -222,58 +259,41 @@ class Response:
                 self.head_sent, self.sent = False, 0
         elif self.status is not None:
             raise AssertionError("start_response called twice without exc_info")
-        if status not in _CHECKED_STATUSES:
-            if not isinstance(status, str) or not STATUS_RE.fullmatch(status):
-                raise ValueError(f"bad WSGI status {status!r}")
-            status.encode("latin-1")
-            _remember(_CHECKED_STATUSES, status)
-        self.length = self.limit = None
-        special = False
+        bodiless = _CHECKED_STATUSES.get(status)
+        if bodiless is None:
+            bodiless = _check_status(status)
+        if self.limit is not None:  # an earlier start_response's (exc_info)
+            self.length = self.limit = None
+        hop = False
         for name, value in headers:
-            if name not in _CHECKED_NAMES:
-                special |= self._check_name(name)
+            kind = _NAMES.get(name)
+            if kind is None:
+                kind = _check_name(name)
             if not isinstance(value, str) or not value.isprintable() and BAD_VALUE_RE.search(value):
                 raise ValueError(f"bad value for response header {name}")
             value.encode("latin-1")  # UnicodeEncodeError: not representable
-        self.status, self.headers = status, (self._special(headers) if special else list(headers))
-        code = status[:3]
-        if code in NO_BODY or code[0] == "1":
+            if kind:
+                if kind != CONTENT_LENGTH:
+                    hop = True
+                elif value.isdigit() and value.isascii() and self.length is None:
+                    self.length = self.limit = int(value)
+                else:
+                    self._declare(value)
+        self.status, self.headers = status, (_without_hop(headers) if hop else list(headers))
+        if bodiless:
             self.limit = 0
         return self.write_now
 
-    @staticmethod
-    def _check_name(name: str) -> bool:
-        """Validate a header name not seen before; True for one handled on every response
-        (Content-Length, hop-by-hop), which is therefore never remembered as checked."""
-        if not isinstance(name, str) or not HEADER_NAME_RE.fullmatch(name):
-            raise ValueError(f"bad response header name {name!r}")
-        lower = name.lower()
-        if lower == "content-length" or lower in HOP_BY_HOP:
-            return True
-        _remember(_CHECKED_NAMES, name)
-        return False
-
-    def _special(self, headers: list[tuple[str, str]]) -> list[tuple[str, str]]:
-        """The headers less the hop-by-hop ones (dropped, as gunicorn does), with the declared
-        Content-Length taken note of: PEP 3333 has the server send no more than it, and treat a
-        response that ends short of it as failed."""
-        kept = []
-        for name, value in headers:
-            lower = name.lower()
-            if lower in HOP_BY_HOP:
-                if lower not in _hop_warned:
-                    _hop_warned.add(lower)
-                    log.warning("the application sent the hop-by-hop header %s: dropped (PEP 3333 "
-                                "forbids it; the web server decides the connection); said once", name)
-                continue
-            if lower == "content-length":
-                if not value.isdigit() or not value.isascii():
-                    raise ValueError(f"bad Content-Length {value!r}")
-                if self.length is not None and int(value) != self.length:
-                    raise ValueError("two different Content-Length headers")
-                self.length = self.limit = int(value)
-            kept.append((name, value))
-        return kept
+    def _declare(self, value: str) -> None:
+        """The application's Content-Length (inlined in start_response for the usual case):
+        PEP 3333 has the server send no more than it, and treat a response that ends short of
+        it as failed."""
+        if not value.isdigit() or not value.isascii():
+            raise ValueError(f"bad Content-Length {value!r}")
+        length = int(value)
+        if self.length is not None and length != self.length:
+            raise ValueError("two different Content-Length headers")
+        self.length = self.limit = length
 
     def head(self) -> bytes:
         lines = [f"Status: {self.status}\r\n"]
@@ -287,9 +307,11 @@ class Response:
             raise AssertionError("write() before start_response()")
         if not isinstance(data, (bytes, bytearray)):
             raise TypeError(f"response body must be bytes, not {type(data).__name__}")
-        if self.limit is not None and self.sent + len(data) > self.limit:
+        size = len(data)
+        if self.limit is not None and self.sent + size > self.limit:
             data = self._cut(data)
-        self.sent += len(data)
+            size = len(data)
+        self.sent += size
         if not self.head_sent:
             self.req.stdout.write(self.head() + bytes(data))
             self.head_sent = True
@@ -368,7 +390,7 @@ def make_handler(app: Callable[..., Any], on_response: ResponseHook | None = Non
                         response.write(chunk)
                         req._conn.flush()
             response.write(b"")
-            if response.length is not None and response.short():
+            if response.length is not None and response.sent < response.length and response.short():
                 return response_short(req, response, environ)
             return 0
         except APP_EXITS as exc:  # sys.exit() in a request: answered, then the worker is replaced
