@@ -520,12 +520,8 @@ def test_a_workers_counter_writes_are_never_read_as_zero():
     assert os.waitstatus_to_exitcode(status) == 0  # 1: a counter went backwards; 2: too few reads
 
 
-def test_the_managers_signals_sent_to_a_worker_cost_no_request(start_daemon):
-    """`systemctl kill -s USR2` signals every process of the service, workers too. A worker had
-    SIGUSR2, SIGTTIN and SIGTTOU at their default actions: USR2 ended it mid-request (the
-    client got no answer) and TTIN/TTOU stopped it. Now it logs each and serves on."""
-    d = start_daemon("testapp", workers=1)
-    (pid,) = d.wait_workers(1)
+def _slow_request_under_way(d) -> tuple[threading.Thread, dict]:
+    """A 1.5 s request in a thread, once a worker is busy with it; its response goes in out["resp"]."""
     out: dict = {}
 
     def slow() -> None:
@@ -535,6 +531,16 @@ def test_the_managers_signals_sent_to_a_worker_cost_no_request(start_daemon):
     thread = threading.Thread(target=slow)
     thread.start()
     _wait_busy(d)
+    return thread, out
+
+
+def test_the_managers_signals_sent_to_a_worker_cost_no_request(start_daemon):
+    """`systemctl kill -s USR2` signals every process of the service, workers too. A worker had
+    SIGUSR2, SIGTTIN and SIGTTOU at their default actions: USR2 ended it mid-request (the
+    client got no answer) and TTIN/TTOU stopped it. Now it logs each and serves on."""
+    d = start_daemon("testapp", workers=1)
+    (pid,) = d.wait_workers(1)
+    thread, out = _slow_request_under_way(d)
     for signum in (signal.SIGUSR2, signal.SIGTTIN, signal.SIGTTOU):
         os.kill(pid, signum)
     thread.join(15)
@@ -555,15 +561,7 @@ def test_an_application_that_takes_sigterm_at_import_does_not_keep_it(start_daem
                                     + (src / "liveapp.py").read_text())
     d = start_daemon("liveapp", workers=1, pythonpath=[src])
     d.wait_workers(1)
-    out: dict = {}
-
-    def slow() -> None:
-        with FCGIClient(d.address, timeout=15) as client:
-            out["resp"] = client.request(make_params("GET", "/sleep?s=1.5"))
-
-    thread = threading.Thread(target=slow)
-    thread.start()
-    _wait_busy(d)
+    thread, out = _slow_request_under_way(d)
     d.signal(signal.SIGTERM)
     thread.join(15)
     assert out["resp"].status == 200 and out["resp"].body.startswith(b"slept 1.5 ")
