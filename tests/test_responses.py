@@ -10,6 +10,8 @@ import http.client
 import json
 import re
 import socket
+import struct
+import time
 
 import pytest
 
@@ -73,6 +75,9 @@ def test_a_body_is_held_to_its_content_length(start_daemon):
     assert (head.status, head.body) == (200, b"only-ten!!")
     with FCGIClient(d.address, timeout=10) as client, pytest.raises(ConnectionClosed):
         client.request(make_params("GET", "/cl-short"))  # a block went out: no END_REQUEST
+    # as HTTP reads the field: spaces around it, or the same value listed twice (a 500 for a
+    # while, from the checks above)
+    assert [get(d.address, f"/cl-spaced?cl={cl}").body for cl in (" 5 ", "5,%205")] == [b"hello"] * 2
     assert d.count(r"more body than its Content-Length 5 allows on /cl-long") == 1
     assert d.count(r"it sent 10 of the 100 bytes its Content-Length declared") == 2
     assert d.workers() == [pid]
@@ -172,3 +177,72 @@ def test_an_empty_query_string_stays_empty(start_daemon):
     with FCGIClient(d.address, timeout=10) as client:
         envs = [json.loads(client.request(p, keep_conn=True).body) for p in (dropped, missing)]
     assert [e["QUERY_STRING"] for e in envs] == ["", "a=1"]
+
+
+def _until_closed(sock: socket.socket) -> tuple[bytes, str]:
+    data = b""
+    try:
+        while chunk := sock.recv(1 << 20):
+            data += chunk
+        return data, "EOF"
+    except ConnectionResetError:
+        return data, "reset"
+
+
+def test_on_a_unix_socket_the_failure_mark_waits_for_a_slow_reader(start_daemon, tmp_path):
+    """2 MB streamed to a web server that reads slowly, then the application fails. The mark
+    that tells the web server the response failed (a version-0 record header) was sent without
+    waiting: with the buffer full it was dropped, and the stream ended with a clean EOF, which
+    nginx without fastcgi_keep_conn takes for the response's end. Now it waits, as any write."""
+    path = str(tmp_path / "d.sock")
+    d = start_daemon("testapp", workers=1, bind=f"unix:{path}")
+    d.wait_workers(1)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.connect(path)
+        sock.sendall(build_request(make_params("GET", "/blocks-then-fail?n=8&size=250000")))
+        data, how = bytearray(), "EOF"
+        while chunk := sock.recv(4096):  # slower than the worker writes: its buffer stays full
+            data += chunk
+            time.sleep(0.0005)
+    print(f"\n{len(data):,} bytes, then {how}; the last 8: {data[-8:]!r}")
+    assert data[-8:] == bytes(8)  # the mark, after every byte of the response
+
+
+def test_a_body_over_max_body_after_the_response_began_cuts_it_visibly(start_daemon):
+    """The application sent a block, then read a body that outgrew --max-body (no
+    CONTENT_LENGTH). The 413 cannot replace a response that has begun: it raised an internal
+    error (UnboundLocalError in run_request) and the connection ended with a FIN, a complete-
+    looking response. Now it is reset, and said so."""
+    d = start_daemon("testapp", "--max-body", "1k", workers=1)
+    (pid,) = d.wait_workers(1)
+    params = make_params("POST", "/yield-then-read", extra={"CONTENT_LENGTH": None})
+    with socket.create_connection(d.address, timeout=10) as sock:
+        sock.sendall(build_request(params, b"x" * 5000))
+        data, how = _until_closed(sock)
+    print(f"\n{len(data)} bytes, then {how}")
+    assert b"first block" in data and how == "reset"
+    assert d.count(r"internal error|Traceback") == 0, d.log()[-2000:]
+    assert d.count(r"after part of the response went out") == 1
+    assert d.workers() == [pid]
+
+
+def test_a_management_answer_during_the_body_does_not_commit_the_response(start_daemon):
+    """While the application read the body, the web server asked FCGI_GET_VALUES and got its
+    answer. That answer counted as part of the response gone out: the application's body short
+    of its Content-Length then reset the connection instead of getting our 500 (nothing of the
+    response had left). Now only bytes sent after the response's headers count."""
+    from fcgiclient import FCGI_BEGIN_REQUEST, FCGI_GET_VALUES, FCGI_PARAMS, FCGI_STDIN, encode_record
+    d = start_daemon("testapp", workers=1)
+    d.wait_workers(1)
+    with socket.create_connection(d.address, timeout=10) as sock:
+        params = make_params("POST", "/read-short", body_len=10)
+        sock.sendall(encode_record(FCGI_BEGIN_REQUEST, 1, struct.pack("!HB5x", 1, 0))
+                     + encode_record(FCGI_PARAMS, 1, encode_params(params)) + encode_record(FCGI_PARAMS, 1, b"")
+                     + encode_record(FCGI_STDIN, 1, b"12345"))
+        wait_for(lambda: "busy" in open(f"/proc/{d.workers()[0]}/cmdline").read(), 5, "the worker reading")
+        sock.sendall(encode_record(FCGI_GET_VALUES, 0, encode_params({"FCGI_MAX_CONNS": ""})))
+        time.sleep(0.2)  # the answer goes out while the application still waits for the body
+        sock.sendall(encode_record(FCGI_STDIN, 1, b"67890") + encode_record(FCGI_STDIN, 1, b""))
+        data, how = _until_closed(sock)
+    print(f"\n{how}: {data[-80:]!r}")
+    assert b"Status: 500 Internal Server Error" in data and how == "EOF"

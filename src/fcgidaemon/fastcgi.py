@@ -554,8 +554,12 @@ class Connection:
             return
         try:
             app_status = self.server.handler(req)
-            if self.request is not req:  # the handler ended or dropped it
-                return
+        except RequestAborted as exc:
+            self._aborted(req, exc)
+            return
+        if self.request is not req:  # the handler ended or dropped it
+            return
+        try:
             req.stdin.drain()
         except RequestAborted as exc:
             self._aborted(req, exc)
@@ -744,14 +748,15 @@ class Connection:
         protocol version: 0"; Apache: AH01068) instead of ending it."""
         if self.closed:
             return
-        self.discard_output()
+        self.discard_output()  # what is not sent of a failed response is dropped
         try:
             if self.tcp:
                 self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RESET)
-            else:
-                self.sock.send(POISON, socket.MSG_DONTWAIT)
-        except OSError as exc:  # gone already, or no room: either way it cannot end well
-            log.debug("cannot mark the response failed: %s", exc)
+            else:  # behind the response's last bytes: a full buffer (a slow reader) waits, as
+                self._append(POISON)  # any write does, up to --read-timeout
+                self.flush()
+        except (OSError, ConnectionLost) as exc:  # gone already, or stalled: it ends as it can
+            log.info("cannot mark the response failed for the web server: %s", exc)
         self.close()
 
     def close(self) -> None:

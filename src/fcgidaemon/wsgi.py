@@ -225,10 +225,11 @@ class Response:
     limit: int | None = None  # at most this many body bytes go out
     overflowed = False  # the application wrote past `limit` (said once)
 
+    mark = 0  # the connection's bytes sent when the headers were written (`committed`)
+
     def __init__(self, req: Request) -> None:
         self.req = req
         self.headers: list[tuple[str, str]] = []
-        self.mark = req._conn.sent
 
     @property
     def committed(self) -> bool:
@@ -276,7 +277,7 @@ class Response:
                 if kind != CONTENT_LENGTH:
                     hop = True
                 elif value.isdigit() and value.isascii() and self.length is None:
-                    self.length = self.limit = int(value)
+                    self.length = self.limit = int(value)  # the usual case, inline
                 else:
                     self._declare(value)
         self.status, self.headers = status, (_without_hop(headers) if hop else list(headers))
@@ -288,9 +289,10 @@ class Response:
         """The application's Content-Length (inlined in start_response for the usual case):
         PEP 3333 has the server send no more than it, and treat a response that ends short of
         it as failed."""
-        if not value.isdigit() or not value.isascii():
+        values = {v.strip(" \t") for v in value.split(",")}  # "5 " and "5, 5" as HTTP reads them
+        if len(values) != 1 or not all(v.isdigit() and v.isascii() for v in values):
             raise ValueError(f"bad Content-Length {value!r}")
-        length = int(value)
+        length = int(values.pop())
         if self.length is not None and length != self.length:
             raise ValueError("two different Content-Length headers")
         self.length = self.limit = length
@@ -313,7 +315,8 @@ class Response:
             size = len(data)
         self.sent += size
         if not self.head_sent:
-            self.req.stdout.write(self.head() + bytes(data))
+            self.mark = self.req._conn.sent  # not at the start: a management record answered
+            self.req.stdout.write(self.head() + bytes(data))  # meanwhile is not the response
             self.head_sent = True
         elif data:
             self.req.stdout.write(bytes(data))
@@ -401,10 +404,15 @@ def make_handler(app: Callable[..., Any], on_response: ResponseHook | None = Non
             # GreenletExit are not Exceptions, and one of them ended the worker, its request
             # unanswered and every connection it held dropped
             fault = transport_fault(exc)
-            if isinstance(fault, BodyTooLarge) and not response.committed:
-                req._conn.refuse_body(req, fault)
-                response.replaced("413", TOO_LARGE_BODY)
-                return 0
+            if isinstance(fault, BodyTooLarge):
+                if not response.committed:
+                    req._conn.refuse_body(req, fault)
+                    response.replaced("413", TOO_LARGE_BODY)
+                    return 0
+                log.warning("%s (--max-body) after part of the response went out: %s", fault,
+                            req.params.get("REQUEST_URI", ""))
+                req._conn.abort()  # cut, visibly: see answer_500
+                raise ConnectionLost(f"{fault}; the response was cut") from None
             if fault is not None:
                 raise fault from None
             return application_failed(req, response, environ)

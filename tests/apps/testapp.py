@@ -156,6 +156,9 @@ def application(environ, start_response):
     if path.endswith("/cl-short-list"):  # the same as one list: nothing has gone out at the end
         start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", "100")])
         return [b"only-ten!!"]
+    if path.endswith("/cl-spaced"):  # a Content-Length with spaces, or a list of one value
+        start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", q.get("cl", " 5 "))])
+        return [b"hello"]
     if path.endswith("/cl-long"):  # declares less than it sends
         start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", "5")])
         return iter([b"hello", b"-and-more-after-the-length"])
@@ -184,6 +187,24 @@ def application(environ, start_response):
                 failures += 1
         environ["wsgi.errors"].write(f"swallowed write failures: {failures} of {blocks}\n")
         return []
+    if path.endswith("/blocks-then-fail"):  # n blocks of `size` bytes, each sent at once, then a failure
+        n, size = int(q.get("n", 8)), int(q.get("size", 250000))
+        start_response("200 OK", [("Content-Type", "application/octet-stream")])
+        def blocks():
+            for _ in range(n):
+                yield b"b" * size
+            raise RuntimeError("failed after the blocks")
+        return blocks()
+    if path.endswith("/yield-then-read"):  # a block goes out, then the body is read (all of it)
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        def later():
+            yield b"first block\n"
+            yield str(len(environ["wsgi.input"].read())).encode()
+        return later()
+    if path.endswith("/read-short"):  # reads the body, then a body short of its Content-Length
+        environ["wsgi.input"].read()
+        start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", "100")])
+        return [b"only-ten!!"]
     if path.endswith("/late-exc-info"):  # a block sent, then an error page asked for (PEP 3333)
         write = start_response("200 OK", [("Content-Type", "text/plain")])
         write(b"first block\n")
