@@ -427,7 +427,7 @@ def test_the_control_socket_cannot_be_taken_or_faked_by_another_user(start_daemo
         fake.bind(f"\0fcgidaemon/{d.pid}/0000000000000000".encode())  # listed first, and not the manager
         fake.listen(1)
         squatters.append(fake)
-        assert len(control.candidates(d.pid)) == 2
+        assert len(control.candidates(d.pid)) == 3  # its own, the fake, and a squatted old name
         out = run_cli(["status", "--json", "--pid", str(d.pid)], tmp_path)
         assert out.returncode == 0, out.stderr
         assert json.loads(out.stdout)["manager_pid"] == d.pid
@@ -585,3 +585,31 @@ def test_readme_bench_table_is_the_latest_run():
     finally:
         sys.path.remove(str(ROOT / "scripts"))
     assert bench_markdown() in (ROOT / "README.md").read_text(), "run `make readme` after `make bench`"
+
+
+def test_a_manager_of_the_previous_version_can_reach_this_one_and_be_reached(start_daemon, tmp_path):
+    """Managers before the random control name listened on @fcgidaemon/<pid>. Upgraded with
+    SIGUSR2 from such a version, the new manager could not reach the old one (it took over
+    nothing: both served until the old one's deadline), `status` said "not running" (3) and
+    `stop` "not running" (0) while the old one ran, and the old manager's kept connections had
+    no name to go to. The old name is still found (its listener's pid checked), and a manager
+    listens on it too, if it is free: an old-style client's command is answered."""
+    from fcgidaemon import control
+    legacy = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)  # this process as an old manager
+    legacy.bind(f"\0fcgidaemon/{os.getpid()}".encode())
+    legacy.listen(1)
+    try:
+        assert control.candidates(os.getpid()) == [f"\0fcgidaemon/{os.getpid()}".encode()]
+        control.connect(os.getpid(), timeout=5).close()
+    finally:
+        legacy.close()
+    d = start_daemon(workers=1)
+    d.wait_workers(1)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as old_client:
+        old_client.settimeout(5)
+        old_client.connect(f"\0fcgidaemon/{d.pid}".encode())
+        old_client.sendall(b"status\n")
+        answer = b""
+        while not answer.endswith(b"\n"):
+            answer += old_client.recv(65536)
+    assert json.loads(answer)["manager_pid"] == d.pid

@@ -43,17 +43,34 @@ def candidates(pid: int) -> list[bytes]:
     """The listening abstract sockets named like manager `pid`'s control socket (read from
     /proc/net/unix: this network namespace's). Anyone may bind such a name too: `connect`
     tells the manager's own by its credentials."""
-    head = f"@{PREFIX}{pid}/"
+    head, legacy = f"@{PREFIX}{pid}/", f"@{PREFIX}{pid}"
     found = []
     try:
         with open("/proc/net/unix") as fh:
             for line in fh:
                 fields = line.split()
-                if len(fields) >= 8 and fields[3] == LISTENING and fields[7].startswith(head):
+                if len(fields) >= 8 and fields[3] == LISTENING and (
+                        fields[7].startswith(head) or fields[7] == legacy):
                     found.append(b"\0" + fields[7][1:].encode())
     except OSError as exc:
         raise ControlError(f"cannot tell whether {pid} is a manager: {exc}") from None
     return found
+
+
+def listen_legacy() -> socket.socket | None:
+    """Also the name managers had before the random part (@fcgidaemon/<pid>), if nobody took
+    it: a manager of that version upgraded (SIGUSR2) to this one hands its kept connections to
+    it there. Our own clients check whose a socket is (`connect`). Drop with the next release."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(f"\0{PREFIX}{os.getpid()}".encode())
+        sock.listen(16)
+    except OSError as exc:
+        log.debug("the old-style control socket name is taken: %s", exc)
+        sock.close()
+        return None
+    sock.setblocking(False)
+    return sock
 
 
 def connect(pid: int, timeout: float) -> socket.socket:
@@ -298,9 +315,9 @@ def stop(pid: int, timeout: float, quick: bool = False) -> None:
 class ControlCommands:
     """The manager's side of the control socket (a mixin of the manager)."""
 
-    def _on_control(self) -> None:
+    def _on_control(self, listener: socket.socket | None = None) -> None:
         try:
-            conn, _ = self.control.accept()
+            conn, _ = (listener or self.control).accept()
         except BlockingIOError:
             return
         try:

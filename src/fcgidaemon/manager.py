@@ -99,6 +99,9 @@ class Manager(supervise.Supervision, control.ControlCommands, upgrade.Upgrading,
         self.reload_waiters: list[tuple[socket.socket, int]] = []  # (client, generation it waits for)
         self.control = control_sock or control.listen()  # cli's: bound before the pidfile
         self.selector.register(self.control, selectors.EVENT_READ, "control")
+        self.legacy_control = control.listen_legacy()  # for a manager of the previous version
+        if self.legacy_control is not None:
+            self.selector.register(self.legacy_control, selectors.EVENT_READ, "control")
         self._init_sharing()
 
     # ------------------------------------------------------------------ the loop
@@ -137,7 +140,7 @@ class Manager(supervise.Supervision, control.ControlCommands, upgrade.Upgrading,
                 for signum in self.queue.drain():
                     self._on_signal(signum)
             elif key.data == "control":
-                self._on_control()
+                self._on_control(key.fileobj)  # type: ignore[arg-type]
             else:
                 self._on_message(key.data)
         self._reap()
@@ -268,6 +271,8 @@ class Manager(supervise.Supervision, control.ControlCommands, upgrade.Upgrading,
             return
         close_fds = [parent_end.fileno(), self.selector.fileno(), self.control.fileno(),
                      *self.queue.fds()]
+        if self.legacy_control is not None:
+            close_fds.append(self.legacy_control.fileno())
         close_fds += [rec.channel.fileno() for rec in self.workers.values()]
         # clients waiting for an answer: a worker holding them open would keep them waiting
         # past the manager's death instead of seeing the connection close
@@ -326,10 +331,12 @@ class Manager(supervise.Supervision, control.ControlCommands, upgrade.Upgrading,
     def _retire(self, rec: WorkerRecord) -> None:
         """Ask a worker to finish, hand its idle connections over, and leave.
 
-        One still starting is stopped instead (SIGTERM: a worker that does not accept yet
-        exits at once). Asked to retire, it finished its import, then took a connection waiting
-        in the queue on its way out: code that never reported ready (a respawn's import of code
-        whose reload had failed) answered requests after the next reload had succeeded."""
+        One still starting gets SIGTERM as well, on which a worker that does not accept yet
+        exits at once; if an application's own handler swallowed it, the message, which such a
+        worker reads before it accepts, stops it. With the message alone, it finished its
+        import, then took a connection waiting in the queue on its way out: code that never
+        reported ready (a respawn's import of code whose reload had failed) answered requests
+        after the next reload had succeeded."""
         starting = rec.state is WState.STARTING
         rec.move(WState.RETIRING)
         rec.deadline = time.monotonic() + self.config.graceful_timeout
@@ -654,3 +661,5 @@ class Manager(supervise.Supervision, control.ControlCommands, upgrade.Upgrading,
 
     def close(self) -> None:
         self.control.close()
+        if self.legacy_control is not None:
+            self.legacy_control.close()
