@@ -622,18 +622,23 @@ def test_a_signal_during_a_slow_preload(start_daemon, tmp_path, signum):
         assert get(str(path), "/hello").status == 200 and d.proc.poll() is None
 
 
-def test_a_worker_still_importing_when_its_generation_retires_serves_nothing(start_daemon, tmp_path):
+@pytest.mark.parametrize("swallows", [False, True], ids=["plain", "app-takes-sigterm"])
+def test_a_worker_still_importing_when_its_generation_retires_serves_nothing(start_daemon, tmp_path, swallows):
     """SIGTTIN while slow code is on disk: the new worker of the serving generation imports it
     (4 s). Meanwhile good code is deployed and reloaded, and the serving generation retires,
     the importing worker with it. It was asked to retire like the others: it finished its
     import, then took a connection waiting in the queue on its way out and answered it with
     code that never reported ready (the soak saw a failed release answer 20 s after its
-    deploy). Now it is stopped at once: every queued request gets the new code."""
+    deploy). Now it is stopped at once (SIGTERM); and when the slow code's own SIGTERM handler
+    swallows that (app-takes-sigterm), it reads that it was retired before it accepts anything.
+    Either way every queued request gets the new code."""
     src = app_copy(tmp_path)
     d = start_daemon("liveapp", workers=1, pythonpath=[src])
     d.wait_workers(1)
     text = (src / "liveapp.py").read_text()
-    (src / "liveapp.py").write_text("import time\ntime.sleep(4)\n" + text.replace('VERSION = "v1"', 'VERSION = "slow"'))
+    swallow = "import signal\nsignal.signal(signal.SIGTERM, lambda *a: None)\n" if swallows else ""
+    (src / "liveapp.py").write_text(swallow + "import time\ntime.sleep(4)\n"
+                                    + text.replace('VERSION = "v1"', 'VERSION = "slow"'))
     t0 = time.monotonic()
     d.signal(signal.SIGTTIN)
     d.wait_log(r"spawned worker \d+ \(slot 1, gen 1\)")

@@ -340,9 +340,8 @@ class Manager(supervise.Supervision, control.ControlCommands, upgrade.Upgrading,
         starting = rec.state is WState.STARTING
         rec.move(WState.RETIRING)
         rec.deadline = time.monotonic() + self.config.graceful_timeout
-        if starting:
-            self._kill(rec, signal.SIGTERM)
-            return
+        if starting:  # and the message, which it reads before it accepts (an application's
+            self._kill(rec, signal.SIGTERM)  # own SIGTERM handler may swallow the signal)
         try:
             rec.channel.send(worker.MSG_RETIRE)
         except OSError:

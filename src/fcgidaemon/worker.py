@@ -162,6 +162,8 @@ class Worker:
         self.server = Server(make_handler(app, on_response), limits, max_conns=self.config.workers * 64,
                              max_reqs=self.config.workers, on_done=self._request_done,
                              on_exit_asked=self._on_exit_asked)
+        if self._retired_while_starting():
+            return EXIT_OK
         self._register()
         self.board.set_state(self.index, SlotState.IDLE)
         self._report_stdlib()
@@ -233,6 +235,22 @@ class Worker:
         # a retiring worker too: the stop that follows a reload has no generation to hand to,
         # so what waits on its connections is served, then they are closed
         self.stop_mode = StopMode.CLOSE
+
+    def _retired_while_starting(self) -> bool:
+        """Whether the manager retired us before we were ready (its generation was replaced
+        meanwhile): we leave without accepting anything. It sends SIGTERM too, which ends a
+        worker still importing at once, unless the application swallowed it with a handler of
+        its own; then this is what keeps the code of a worker nobody chose from serving."""
+        try:
+            msg = self.spec.channel.recv(MAX_MESSAGE, socket.MSG_DONTWAIT | socket.MSG_PEEK)
+        except BlockingIOError:
+            return False
+        except OSError:  # the manager is gone: the loop's check of the parent ends us
+            return False
+        if msg == MSG_RETIRE:
+            log.info("retired before it was ready; leaving without serving")
+            return True
+        return False
 
     def _register(self) -> None:
         self.accepting = True
