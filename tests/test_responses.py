@@ -246,3 +246,20 @@ def test_a_management_answer_during_the_body_does_not_commit_the_response(start_
         data, how = _until_closed(sock)
     print(f"\n{how}: {data[-80:]!r}")
     assert b"Status: 500 Internal Server Error" in data and how == "EOF"
+
+
+def test_a_stall_of_the_body_after_the_response_began_cuts_it_visibly(start_daemon):
+    """The application sent a block, then read a body the web server stopped sending: after
+    --read-timeout the connection was closed with a FIN, which a web server without kept
+    connections reads as the response's end. A connection dropped in the middle of a request
+    is now reset."""
+    d = start_daemon("testapp", "--read-timeout", "1", workers=1)
+    (pid,) = d.wait_workers(1)
+    request = build_request(make_params("POST", "/yield-then-read", body_len=5000), b"x" * 5000)
+    with socket.create_connection(d.address, timeout=10) as sock:
+        sock.sendall(request[:len(request) - 4000])  # most of the body is never sent
+        data, how = _until_closed(sock)
+    print(f"\n{len(data)} bytes, then {how}")
+    assert b"first block" in data and how == "reset"
+    d.wait_log(r"connection closed: no input for 1s")
+    assert d.workers() == [pid]

@@ -223,7 +223,12 @@ def claim_pidfile(path: str | None) -> None:
     except (OSError, ValueError):
         other = 0
     if other and other != os.getpid() and alive(other) and is_manager(other):
-        raise PidfileTaken(f"--pidfile {path} names manager {other}, which is running")
+        try:  # its own control socket, by the listener's pid: a pid reused by a process that
+            connect(other, 1.0).close()  # bound a name like it is no manager
+        except ControlError:
+            pass
+        else:
+            raise PidfileTaken(f"--pidfile {path} names manager {other}, which is running")
     write_pidfile(path)
 
 

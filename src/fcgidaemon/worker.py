@@ -418,7 +418,10 @@ class Worker:
             log.log(level, "connection closed: %s", reason)
         if self.conns.get(conn.fd) is conn:
             del self.conns[conn.fd]
-        conn.close()
+        if conn.request is not None:  # in the middle of a request (its response may have begun:
+            conn.abort()  # a stall of the web server's while the application read its body)
+        else:
+            conn.close()
 
     def _serve(self, conn: Connection, flags: int = 0) -> None:
         """Read what arrived on `conn` and run every request that is complete."""
