@@ -568,3 +568,35 @@ def test_an_application_that_takes_sigterm_at_import_does_not_keep_it(start_daem
     assert d.wait_exit(10) == 0
     assert d.count(r"the application set its own SIGTERM handler on import") == 1
 
+
+
+def test_kept_connections_handed_back_late_go_back_to_their_worker(start_daemon):
+    """Worker A holds 4 kept connections and is busy; SIGTTIN adds an idle worker B, and the
+    manager asks A for 2 back (the balance). SIGTTOU then retires B before A reads that. When A
+    hands the 2 over, there was no other ready worker: the manager closed them, though A was
+    ready, and the web server's next requests on them failed (the soak: "no ready worker to take
+    2 connection(s); closing them"). They now go back to A."""
+    d = start_daemon("testapp", workers=1)
+    (a,) = d.wait_workers(1)
+    conns = [FCGIClient(d.address, timeout=15) for _ in range(4)]
+    try:
+        for i, client in enumerate(conns):
+            assert client.request(make_params("GET", f"/id?id=first{i}"), keep_conn=True).status == 200
+        out: dict = {}
+        slow = threading.Thread(target=lambda: out.update(
+            resp=conns[0].request(make_params("GET", "/sleep?s=3"), keep_conn=True)))
+        slow.start()
+        _wait_busy(d)
+        d.signal(signal.SIGTTIN)
+        d.wait_log(rf"worker {a} holds 4 kept connections, \d+ more than the fewest; asking for 2 back")
+        d.signal(signal.SIGTTOU)
+        d.wait_log(r"worker count 2 -> 1")
+        slow.join(15)
+        assert out["resp"].status == 200
+        seconds = [client.request(make_params("GET", f"/id?id=second{i}"), keep_conn=True)
+                   for i, client in enumerate(conns[1:], 1)]
+        assert [r.status for r in seconds] == [200] * 3
+        assert d.count(r"no ready worker to take") == 0, d.log()[-2000:]
+    finally:
+        for client in conns:
+            client.close()

@@ -392,6 +392,11 @@ class Manager(supervise.Supervision, control.ControlCommands, upgrade.Upgrading,
             if self.phase is Phase.RETIRED and self.upgrade is not None:
                 control.send_fds(self.upgrade.pid, "adopt", fds)
                 return
+            if not targets and source is not None and source.state is WState.READY \
+                    and source.generation == self.serving and self.phase not in ENDING:
+                # a balance hand-back that found no other worker ready (it retired meanwhile):
+                # back to the one that sent them, not closed (their web server may be sending)
+                targets = [source]
             if not targets:
                 log.warning("no ready worker to take %d connection(s); closing them", len(fds))
                 return
