@@ -263,3 +263,22 @@ def test_a_stall_of_the_body_after_the_response_began_cuts_it_visibly(start_daem
     assert b"first block" in data and how == "reset"
     d.wait_log(r"connection closed: no input for 1s")
     assert d.workers() == [pid]
+
+
+def test_a_worker_killed_mid_response_leaves_it_visibly_cut(start_daemon):
+    """--timeout 1 and an application that sends a block, then hangs: the manager kills the
+    worker. The kernel then closed its connection with a FIN, which nginx without
+    fastcgi_keep_conn read as the response's end (the soak: 20,000 of 40,000 bytes as a
+    complete chunked body). A response sent in parts is now reset whoever ends it, until it is
+    whole; its normal end is still a FIN (checked below)."""
+    d = start_daemon("testapp", "--timeout", "1", workers=1)
+    d.wait_workers(1)
+    with socket.create_connection(d.address, timeout=15) as sock:
+        sock.sendall(build_request(make_params("GET", "/drip?n=2&d=5")))
+        data, how = _until_closed(sock)
+    print(f"\n{len(data)} bytes, then {how}")
+    assert b"data: 0 " in data and how == "reset"
+    with socket.create_connection(d.address, timeout=15) as sock:  # a whole one: a plain end
+        sock.sendall(build_request(make_params("GET", "/drip?n=2&d=0.1")))
+        data, how = _until_closed(sock)
+    assert b"data: 1 " in data and how == "EOF"

@@ -52,6 +52,7 @@ BAD_LENGTH = (b"Status: 400 Bad Request\r\nContent-Type: text/plain\r\nContent-L
 # send() errors that mean the web server closed the connection (others are logged with theirs)
 GONE = (errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN, errno.EBADF)
 LINGER_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() resets (Connection.abort)
+NO_LINGER = struct.pack("ii", 0, 0)
 POISON = bytes(8)  # a record header of FastCGI version 0: the end of a failed response (abort)
 # records of a type no request uses, for the active request: each is ignored, but a web server
 # (or anyone allowed to connect) sending them by the thousand must not flood the log
@@ -348,6 +349,7 @@ class Connection:
         self.tcp = sock.family in (socket.AF_INET, socket.AF_INET6)
         self.nodelay = not self.tcp  # set once needed
         self.sent = 0  # bytes handed to the kernel: a response counted here has (begun to) go out
+        self.lingering = False  # SO_LINGER 0 is set: closed, it resets (_linger)
         # Non-blocking, with our own bounded waits: a Python socket with a timeout polls
         # before every recv and send, two extra system calls per request.
         sock.setblocking(False)
@@ -635,7 +637,9 @@ class Connection:
         if self.server.on_done is not None:
             self.server.on_done(req)  # counted before the web server can see the response
         last = not req.keep_conn
-        self.flush(more=last and self.tcp)
+        if self.lingering:  # the response is whole: its end is a FIN again
+            self._linger(False)
+        self.flush(more=last and self.tcp, final=True)
         self.request = None
         self.served += 1
         self.last_active = time.monotonic()
@@ -701,10 +705,14 @@ class Connection:
         self._out.clear()
         self._out_size = 0
 
-    def flush(self, more: bool = False) -> None:
-        """Send what is buffered; `more`: the connection ends right after (see end_request)."""
+    def flush(self, more: bool = False, final: bool = False) -> None:
+        """Send what is buffered; `more`: the connection ends right after (see end_request);
+        `final`: this is the request's end (END_REQUEST is in it)."""
         if not self._out or self.closed:
             return
+        if not final and not self.lingering and self.tcp and self.request is not None \
+                and not self.request.keep_conn:
+            self._linger(True)
         data = b"".join(self._out) if len(self._out) > 1 else self._out[0]
         self.discard_output()
         self.sent += len(data)
@@ -736,6 +744,18 @@ class Connection:
     def between_requests(self) -> bool:
         """A kept connection waiting for its next request (not a new one waiting for its first)."""
         return (self.served > 0 or self.adopted) and not self.has_partial_input
+
+    def _linger(self, reset: bool) -> None:
+        """While part of a response has gone out on a connection the web server did not keep,
+        the connection's end is a reset, whoever ends it: a worker killed mid-response (by
+        --timeout, or at --graceful-timeout) had the kernel close it with a FIN, which nginx
+        without fastcgi_keep_conn read as the response's end (20,000 of 40,000 bytes as a
+        complete chunked body). Two system calls, only for a response sent in parts."""
+        try:
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RESET if reset else NO_LINGER)
+            self.lingering = reset
+        except OSError as exc:
+            log.debug("SO_LINGER failed: %s", exc)
 
     def abort(self) -> None:
         """Close so that the web server sees the response fail, not end: a reset on TCP.
