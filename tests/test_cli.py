@@ -613,3 +613,24 @@ def test_a_manager_of_the_previous_version_can_reach_this_one_and_be_reached(sta
         while not answer.endswith(b"\n"):
             answer += old_client.recv(65536)
     assert json.loads(answer)["manager_pid"] == d.pid
+
+
+def test_a_stale_pidfile_is_not_kept_alive_by_a_name_bound_for_its_pid(start_daemon, tmp_path):
+    """A stale pidfile names a pid now used by another program, and a third process bound a
+    control-socket name under that pid: the start refused ("names manager N, which is
+    running"). The name's listener is not process N, so it is not N's: the daemon starts."""
+    import subprocess
+    stranger = subprocess.Popen(["sleep", "60"])
+    fake = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        fake.bind(f"\0fcgidaemon/{stranger.pid}/0123456789abcdef".encode())
+        fake.listen(1)
+        pidfile = tmp_path / "d.pid"
+        pidfile.write_text(f"{stranger.pid}\n")
+        d = start_daemon("testapp", "--pidfile", str(pidfile), workers=1)
+        d.wait_workers(1)
+        assert pidfile.read_text().strip() == str(d.pid)
+    finally:
+        fake.close()
+        stranger.kill()
+        stranger.wait(5)

@@ -29,7 +29,7 @@ from unittest import mock
 import pytest
 
 import daemon as daemon_module
-from daemon import APPS
+from daemon import APPS, alive, wait_for
 from fcgiclient import Address, FCGIClient, Response, make_params
 from fcgidaemon import logs, systemd
 
@@ -270,6 +270,28 @@ def test_no_watchdog_pings_when_watchdog_pid_is_another_process(start_daemon, no
     notify.wait_for("READY=1")
     time.sleep(0.5)
     assert notify.with_field("WATCHDOG=1") == []
+
+
+def test_an_upgraded_manager_pings_the_watchdog_only_once_it_is_the_main_process(start_daemon, notify):
+    """After SIGUSR2 the new manager sent WATCHDOG=1 from its first turn, before the old one had
+    told systemd MAINPID=<new>: systemd refuses those (NotifyAccess=main), one journal warning
+    each ("reception only permitted for main PID"; seen in the sandbox). Now the first comes
+    after the hand-over."""
+    d = start_daemon(workers=1, env=notify_env(notify, WATCHDOG_USEC="200000"))
+    notify.wait_for("READY=1")
+    d.signal(signal.SIGUSR2)
+    d.wait_log(r"handed over to manager \d+", timeout=15)
+    new = int(re.search(r"handed over to manager (\d+)", d.log()).group(1))
+    try:
+        handover = next(m for m in notify.snapshot() if m.pid == new and m.value("MAINPID") == str(new))
+        wait_for(lambda: any(m.pid == new for m in notify.with_field("WATCHDOG=1")), 5,
+                 "the new manager's first ping")
+        first = min(m.at for m in notify.with_field("WATCHDOG=1") if m.pid == new)
+        print(f"\nfirst ping of the new manager {first - handover.at:+.3f}s after MAINPID={new}")
+        assert first > handover.at
+    finally:
+        os.kill(new, signal.SIGTERM)
+        wait_for(lambda: not alive(new), 10, "the new manager to stop")
 
 
 # ---------------------------------------------------------------- socket activation
