@@ -773,11 +773,20 @@ class Connection:
             if self.tcp:
                 self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RESET)
             else:  # behind the response's last bytes: a full buffer (a slow reader) waits, as
-                self._append(POISON)  # any write does, up to --read-timeout
-                self.flush()
-        except (OSError, ConnectionLost) as exc:  # gone already, or stalled: it ends as it can
+                self._send_mark()  # any write does, up to --read-timeout
+        except OSError as exc:  # the web server has gone: nobody to tell
+            log.debug("cannot mark the response failed: %s", exc)
+        except ConnectionLost as exc:  # it stopped reading: it ends as it can
             log.info("cannot mark the response failed for the web server: %s", exc)
         self.close()
+
+    def _send_mark(self) -> None:
+        view = memoryview(POISON)
+        while view:
+            try:
+                view = view[self.sock.send(view):]
+            except BlockingIOError:
+                self._wait(select.POLLOUT, "web server stopped reading the response")
 
     def close(self) -> None:
         """Close the socket, after `on_close`: the worker takes it out of its epoll set first.
