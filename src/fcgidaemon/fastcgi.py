@@ -716,14 +716,8 @@ class Connection:
         data = b"".join(self._out) if len(self._out) > 1 else self._out[0]
         self.discard_output()
         self.sent += len(data)
-        view = memoryview(data)
-        flags = socket.MSG_MORE if more else 0
         try:
-            while view:
-                try:
-                    view = view[self.sock.send(view, flags):]
-                except BlockingIOError:
-                    self._wait(select.POLLOUT, "web server stopped reading the response")
+            self._send_all(data, socket.MSG_MORE if more else 0)
         except (OSError, ConnectionLost) as exc:
             # Closed at once: the send may have stopped inside a record, and an application
             # that swallows the error and writes on would put bytes after the cut record,
@@ -773,18 +767,19 @@ class Connection:
             if self.tcp:
                 self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_RESET)
             else:  # behind the response's last bytes: a full buffer (a slow reader) waits, as
-                self._send_mark()  # any write does, up to --read-timeout
+                self._send_all(POISON)  # any write does, up to --read-timeout
         except OSError as exc:  # the web server has gone: nobody to tell
             log.debug("cannot mark the response failed: %s", exc)
         except ConnectionLost as exc:  # it stopped reading: it ends as it can
             log.info("cannot mark the response failed for the web server: %s", exc)
         self.close()
 
-    def _send_mark(self) -> None:
-        view = memoryview(POISON)
+    def _send_all(self, data: bytes, flags: int = 0) -> None:
+        """All of `data`, waiting (up to the read timeout) while the web server does not read."""
+        view = memoryview(data)
         while view:
             try:
-                view = view[self.sock.send(view):]
+                view = view[self.sock.send(view, flags):]
             except BlockingIOError:
                 self._wait(select.POLLOUT, "web server stopped reading the response")
 
