@@ -69,7 +69,7 @@ def _check_status(status: Any) -> bool:
     if not isinstance(status, str) or not STATUS_RE.fullmatch(status):
         raise ValueError(f"bad WSGI status {status!r}")
     status.encode("latin-1")
-    bodiless = status[:3] in NO_BODY or status[0] == "1"
+    bodiless = has_no_body(status)
     if len(_CHECKED_STATUSES) < _CHECKED_MAX:
         _CHECKED_STATUSES[status] = bodiless
     return bodiless
@@ -208,6 +208,10 @@ HOP_BY_HOP = frozenset(("connection", "keep-alive", "proxy-authenticate", "proxy
                         "te", "trailer", "trailers", "transfer-encoding", "upgrade"))
 _hop_warned: set[str] = set()
 NO_BODY = ("204", "304")  # and 1xx: statuses whose responses end with their headers
+
+
+def has_no_body(status: str) -> bool:
+    return status[:3] in NO_BODY or status[:1] == "1"
 
 
 class Response:
@@ -352,8 +356,7 @@ class Response:
         if isinstance(result, (list, tuple)) and len(result) == 1 and isinstance(result[0], bytes):
             if self.length is not None:
                 return
-            code = self.status[:3] if self.status else ""
-            if code in NO_BODY or code[:1] == "1" or self.req.params.get("REQUEST_METHOD") == "HEAD":
+            if has_no_body(self.status or "") or self.req.params.get("REQUEST_METHOD") == "HEAD":
                 return
             self.headers.append(("Content-Length", str(len(result[0]))))
 
