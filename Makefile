@@ -5,7 +5,7 @@ BIND   ?= 127.0.0.1:9005
 VENV   := .venv
 PY     := $(VENV)/bin/python
 # python3-venv and python3-dev: a plain Debian 12 python3 has no ensurepip and no Python.h,
-# and systemd-python is built from source
+# and systemd-python and our C decoder (src/fcgidaemon/_speedups.c, with gcc) are built from source
 APT_PACKAGES := python3-venv python3-dev apache2 nginx libfcgi-bin libfcgi-dev libsystemd-dev pkg-config gcc wrk curl
 STAMP_APT := $(VENV)/.apt-stamp
 STAMP_PIP := $(VENV)/.pip-stamp
@@ -27,7 +27,7 @@ $(STAMP_APT):
 	else echo "not root or no apt-get: assuming $(APT_PACKAGES) are installed"; fi
 	@touch $@
 
-$(STAMP_PIP): $(STAMP_APT) pyproject.toml
+$(STAMP_PIP): $(STAMP_APT) pyproject.toml setup.py src/fcgidaemon/_speedups.c
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[test]'
@@ -45,7 +45,7 @@ bench: deps
 	$(PY) bench/run.py
 
 clean:
-	rm -rf $(VENV) build src/*.egg-info .pytest_cache
+	rm -rf $(VENV) build src/*.egg-info .pytest_cache src/fcgidaemon/_speedups.*.so
 
 readme: deps
 	$(PY) scripts/update_readme.py

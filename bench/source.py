@@ -39,6 +39,19 @@ def snapshot(rev: str) -> tuple[Path, str]:
     return dest, sha
 
 
+def build_speedups(dest: Path) -> None:
+    """Compile the snapshot's C decoder (fcgidaemon/_speedups.c) next to its sources, as
+    `pip install` does for the working tree: without it the snapshot would silently measure the
+    pure-Python fallback. Revisions from before the C decoder have none to build."""
+    if not (dest / "fcgidaemon" / "_speedups.c").exists():
+        return
+    script = ("from setuptools import Extension, setup; setup(name='fcgidaemon-snapshot', "
+              "ext_modules=[Extension('fcgidaemon._speedups', ['fcgidaemon/_speedups.c'])], "
+              "script_args=['-q', 'build_ext', '--inplace', '--build-temp', 'build'])")
+    subprocess.run([paths.PYTHON, "-c", script], cwd=dest, check=True, capture_output=True,
+                   timeout=300)
+
+
 def compile_bytecode(*dirs: Path) -> None:
     """Write the .pyc files of everything under `dirs`, as an installed package has them."""
     subprocess.run([paths.PYTHON, "-m", "compileall", "-q", *map(str, dirs)], check=True,
@@ -52,7 +65,17 @@ def use(rev: str | None) -> str:
         compile_bytecode(paths.ROOT / "src" / "fcgidaemon")
         sha = git("rev-parse", "--short=12", "HEAD")
         dirty = git("status", "--porcelain", "--", "src")
-        return f"{sha} (working tree{', with uncommitted changes in src/' if dirty else ''})"
+        return (f"{sha} (working tree{', with uncommitted changes in src/' if dirty else ''}"
+                f"{_decoder(paths.ROOT / 'src')})")
     paths.FCGIDAEMON_SRC, sha = snapshot(rev)
+    build_speedups(paths.FCGIDAEMON_SRC)
     compile_bytecode(paths.FCGIDAEMON_SRC)
-    return f"{sha[:12]} (snapshot of {rev})"
+    return f"{sha[:12]} (snapshot of {rev}{_decoder(paths.FCGIDAEMON_SRC)})"
+
+
+def _decoder(tree: Path) -> str:
+    """Which params decoder the measured tree runs: said in the report's versions line."""
+    package = tree / "fcgidaemon"
+    if not (package / "_speedups.c").exists():
+        return ""
+    return ", C params decoder" if any(package.glob("_speedups.*.so")) else ", Python params decoder (C not built)"
