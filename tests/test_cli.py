@@ -489,14 +489,31 @@ def test_control_commands_report_missing_manager(tmp_path):
     gone.wait(5)  # reaped: its pid names no process (until the kernel reuses it)
     out = run_cli(["reload", "--wait", "--pid", str(gone.pid)], tmp_path)
     assert out.returncode == 1 and f"no process {gone.pid}" in out.stderr
-    out = run_cli(["status", "--pidfile", str(tmp_path / "none.pid")], tmp_path)
-    assert out.returncode == 1 and "cannot read pid" in out.stderr
+    # no pidfile is a manager that does not run (it removes its pidfile on exit, and systemd's
+    # RuntimeDirectory= its directory): status said "cannot read pid" and exit 1, not 3
+    none = tmp_path / "none.pid"
+    for command, code in (("status", 3), ("stop", 0), ("reload", 1)):
+        out = run_cli([command, "--pidfile", str(none)], tmp_path)
+        assert (out.returncode, out.stderr) == (code, f"fcgidaemon {command}: no pidfile {none}: not running\n")
+    garbage = tmp_path / "garbage.pid"
+    garbage.write_text("")
+    out = run_cli(["status", "--pidfile", str(garbage)], tmp_path)
+    assert (out.returncode, out.stderr) == (1, f"fcgidaemon status: --pidfile {garbage} holds no pid ('')\n")
     # as LSB init scripts answer (it was 1 for both): `status` of a manager that does not run
     # is 3, a `stop` of one is done already (0); both say so
     out = run_cli(["status", "--pid", str(gone.pid)], tmp_path)
     assert (out.returncode, out.stderr) == (3, f"fcgidaemon status: no process {gone.pid}: not running\n")
     out = run_cli(["stop", "--pid", str(gone.pid)], tmp_path)
     assert (out.returncode, out.stderr) == (0, f"fcgidaemon stop: no process {gone.pid}: not running\n")
+
+
+@pytest.mark.parametrize("value", ["-1", "nan", "inf", "0", "abc"])
+def test_control_commands_refuse_a_bad_timeout_in_one_line(tmp_path, value):
+    """-1, nan and inf reached the socket's timeout (a 19-line traceback, exit 1), and `stop
+    --timeout 0` signalled the manager, then called the stop a failure."""
+    out = run_cli(["status", "--pid", "1", "--timeout", value], tmp_path)
+    assert out.returncode == 2 and out.stderr.count("\n") == 1, out.stderr
+    assert out.stderr.startswith("fcgidaemon status: argument --timeout: "), out.stderr
 
 
 def test_control_commands_never_signal_a_process_that_is_not_a_manager(tmp_path):

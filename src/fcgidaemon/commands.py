@@ -28,7 +28,7 @@ def parser(command: str) -> argparse.ArgumentParser:
     target = p.add_mutually_exclusive_group(required=True)
     target.add_argument("--pid", type=int, help="the manager's pid")
     target.add_argument("--pidfile", help="file holding the manager's pid")
-    p.add_argument("--timeout", type=float, default=120.0, help="seconds to wait (default 120)")
+    p.add_argument("--timeout", type=_seconds, default=120.0, help="seconds to wait (default 120)")
     if command in ("reload", "upgrade"):
         p.add_argument("--wait", action="store_true",
                        help=f"wait until the {command} is done; exit 1 if it failed")
@@ -37,6 +37,18 @@ def parser(command: str) -> argparse.ArgumentParser:
     if command == "stop":
         p.add_argument("--quick", action="store_true", help="SIGQUIT: do not wait for requests")
     return p
+
+
+def _seconds(text: str) -> float:
+    """--timeout: a number of seconds above 0. -1, nan and inf reached the socket's timeout
+    and ended in a traceback; 0 waited for nothing and called a stop that went on a failure."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid number of seconds: {text!r}") from None
+    if not 0 < value < 1e6:
+        raise argparse.ArgumentTypeError(f"must be above 0 and below 1e6 seconds: {text!r}")
+    return value
 
 
 def run(command: str, argv: Sequence[str]) -> int:

@@ -174,16 +174,28 @@ class Target:
         if pid is None:
             if not pidfile:
                 raise ControlError("give --pid PID or --pidfile FILE")
-            try:
-                with open(pidfile) as fh:
-                    pid = int(fh.read().strip())
-            except (OSError, ValueError) as exc:
-                raise ControlError(f"cannot read pid from {pidfile}: {exc}") from None
+            pid = read_pidfile(pidfile)
         if not alive(pid):
             raise NotRunning(f"no process {pid}")
         if not is_manager(pid):  # a pidfile left behind names whatever process has that pid now
             raise NotRunning(f"process {pid} is not an fcgidaemon manager (no control socket)")
         return cls(pid)
+
+
+def read_pidfile(pidfile: str) -> int:
+    """The pid a pidfile names. No pidfile is a manager that does not run: the manager
+    removes it on exit, and systemd's RuntimeDirectory= takes its directory away at stop,
+    where `status` said "cannot read pid" and exit 1, not LSB's 3."""
+    try:
+        with open(pidfile) as fh:
+            text = fh.read(64).strip()
+    except FileNotFoundError:
+        raise NotRunning(f"no pidfile {pidfile}") from None
+    except OSError as exc:
+        raise ControlError(f"cannot read --pidfile {pidfile}: {exc.strerror or exc}") from None
+    if not text.isdigit() or not text.isascii() or int(text) < 1:
+        raise ControlError(f"--pidfile {pidfile} holds no pid ({text[:20]!r})")
+    return int(text)
 
 
 def write_pidfile(path: str | None) -> None:
