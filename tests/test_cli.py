@@ -99,6 +99,11 @@ BAD = {
     # accepted: one made a file named "@name" in the working directory, one was never used
     "abstract-socket": ["--bind", "unix:@name"],
     "socket-owner-with-tcp": ["--socket-owner", "nobody"],
+    # 0 means "off" for --timeout and --slow-log, not for these waits: every start failed
+    # (exit 1, restarted by systemd without end), or any body that paused was dropped
+    "ready-timeout-0": ["--ready-timeout", "0"],
+    "read-timeout-0": ["--read-timeout", "0"],
+    "keep-conn-idle-0": ["--keep-conn-idle", "0"],
 }
 
 

@@ -74,6 +74,16 @@ def parse_seconds(text: str) -> float:
     return value
 
 
+def parse_positive_seconds(text: str) -> float:
+    """Seconds above 0, for a wait that cannot be "none": --ready-timeout 0 failed every start
+    (exit 1, which systemd restarts without end) and --read-timeout 0 closed any request whose
+    body paused for a moment, where --timeout 0 and --slow-log 0 mean "off"."""
+    value = parse_seconds(text)
+    if value == 0:
+        raise ConfigError("must be above 0 (this wait has no 'off')")
+    return value
+
+
 def parse_octal(value: str | int) -> int:
     """A mode. Text (command line, environment, a TOML string such as "0660") is octal; a TOML
     integer is the mode itself, since TOML has already read `0o660` as 432, and reading
@@ -300,12 +310,12 @@ OPTIONS: tuple[Option, ...] = (
     Option("graceful_timeout", "--graceful-timeout", "FCGIDAEMON_GRACEFUL_TIMEOUT", "30",
            parse_seconds, "seconds a stopping worker may take to finish its request before SIGKILL",
            "S"),
-    Option("ready_timeout", "--ready-timeout", "FCGIDAEMON_READY_TIMEOUT", "60", parse_seconds,
+    Option("ready_timeout", "--ready-timeout", "FCGIDAEMON_READY_TIMEOUT", "60", parse_positive_seconds,
            "seconds a new worker may take to import the app and become ready; a reload whose "
            "workers are not ready by then is aborted", "S"),
-    Option("read_timeout", "--read-timeout", "FCGIDAEMON_READ_TIMEOUT", "30", parse_seconds,
+    Option("read_timeout", "--read-timeout", "FCGIDAEMON_READ_TIMEOUT", "30", parse_positive_seconds,
            "seconds a connection may stall in the middle of a request before it is closed", "S"),
-    Option("keep_conn_idle", "--keep-conn-idle", "FCGIDAEMON_KEEP_CONN_IDLE", "60", parse_seconds,
+    Option("keep_conn_idle", "--keep-conn-idle", "FCGIDAEMON_KEEP_CONN_IDLE", "60", parse_positive_seconds,
            "seconds an idle kept (FCGI_KEEP_CONN) connection is held open", "S"),
     Option("timeout", "--timeout", "FCGIDAEMON_TIMEOUT", "0", parse_seconds,
            "seconds one request may run; a worker busy longer has its stack logged and is killed "
