@@ -16,7 +16,7 @@ import time
 import pytest
 
 from daemon import APPS, ROOT, free_port, run_cli, wait_for
-from fcgidaemon.config import Address, options_markdown, resolve
+from fcgidaemon.config import Address, ConfigError, options_markdown, resolve
 from test_lifecycle import app_copy, get, set_version
 
 
@@ -656,3 +656,33 @@ def test_a_stale_pidfile_is_not_kept_alive_by_a_name_bound_for_its_pid(start_dae
         fake.close()
         stranger.kill()
         stranger.wait(5)
+
+
+def _unit_environment(unit: str) -> dict[str, str]:
+    env = {}
+    for line in (ROOT / "deploy" / "systemd" / unit).read_text().splitlines():
+        if line.startswith("Environment="):
+            name, _, value = line.removeprefix("Environment=").partition("=")
+            env[name] = value.replace("%i", "blog")
+    return env
+
+
+def test_the_template_units_tcp_variant_starts(tmp_path):
+    """fcgidaemon@.service sets a unix socket's owner in Environment= and says: set bind =
+    "HOST:PORT" in the TOML file for TCP instead. Doing so was refused (exit 2: "--socket-owner
+    applies to a unix socket", an option the operator never wrote), and RestartPreventExitStatus=2
+    kept the instance down. An owner given on the command line or in the file is still refused,
+    and the error says where each value came from."""
+    env = _unit_environment("fcgidaemon@.service")
+    assert env["FCGIDAEMON_SOCKET_OWNER"] and env["FCGI_SOCKET_PATH"].startswith("unix:")
+    conf = tmp_path / "blog.toml"
+    conf.write_text('app = "testapp:application"\nbind = "127.0.0.1:9010"\n')
+    config = resolve(["--config", str(conf)], env)
+    assert (str(config.bind), config.socket_owner) == ("127.0.0.1:9010", None)
+    conf.write_text('app = "testapp:application"\nbind = "127.0.0.1:9010"\nsocket-owner = "nobody"\n')
+    with pytest.raises(ConfigError, match=rf"--socket-owner \(config file {conf}\) applies to a unix "
+                                          rf"socket \(--bind unix:PATH\), not --bind 127.0.0.1:9010 "
+                                          rf"\(config file {conf}\)"):
+        resolve(["--config", str(conf)], env)
+    # the unit's own default, a unix socket, keeps its owner
+    assert resolve(["testapp:application"], env).socket_owner == "fcgidaemon:www-data"

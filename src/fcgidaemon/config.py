@@ -377,7 +377,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("socket_mode", "--socket-mode", "FCGIDAEMON_SOCKET_MODE", "0660", parse_octal,
            "permissions of a unix socket (octal)", "MODE"),
     Option("socket_owner", "--socket-owner", "FCGIDAEMON_SOCKET_OWNER", None, parse_optional_str,
-           "owner of a unix socket, `user[:group]`", "USER[:GROUP]"),
+           "owner of a unix socket, `user[:group]` (from the environment, ignored for a TCP "
+           "--bind: a site default for unix sockets)", "USER[:GROUP]"),
     Option("log_level", "--log-level", "FCGIDAEMON_LOG_LEVEL", "info", parse_log_level,
            "debug, info, warning, error or critical", "LEVEL"),
 )
@@ -556,8 +557,10 @@ def resolve(argv: Sequence[str], environ: Mapping[str, str] | None = None,
     config_file = given.pop("config_file", None)
     from_file = read_toml(config_file) if config_file else {}
     values: dict[str, Any] = {}
+    sources: dict[str, str] = {}
     for opt in OPTIONS:
         source, raw = _pick(opt, given, from_file, environ, config_file)
+        sources[opt.name] = source
         if raw is None and opt.name == "app":
             raise ConfigError("no application given (APP as module:callable)")
         if isinstance(raw, list) and not opt.repeat:
@@ -566,25 +569,36 @@ def resolve(argv: Sequence[str], environ: Mapping[str, str] | None = None,
             values[opt.name] = None if raw is None else opt.parse(raw)
         except ConfigError as exc:
             raise ConfigError(f"{opt.flag or opt.name} ({source}): {exc}") from None
+    if values["socket_owner"] and values["bind"].path is None and sources["socket_owner"].startswith("environment"):
+        # a site default for unix sockets (fcgidaemon@.service sets one, and tells how to
+        # bind TCP in the instance's TOML file instead): refused, that instance never started
+        values["socket_owner"] = None
     config = Config(config_file=config_file, **values)
-    check_consistency(config)
+    check_consistency(config, sources)
     return config
 
 
-def check_consistency(config: Config) -> None:
+def check_consistency(config: Config, sources: Mapping[str, str] | None = None) -> None:
+    """Options that contradict each other; the error says where each value came from (an
+    Environment= line of a unit is easily forgotten)."""
+    def said(name: str) -> str:
+        return f" ({sources[name]})" if sources and sources.get(name, "default") != "default" else ""
+
     if config.max_workers:
         low = config.min_workers or 1
         if not low <= config.workers <= config.max_workers:
-            raise ConfigError(f"--workers {config.workers} must lie within --min-workers {low} "
-                              f"and --max-workers {config.max_workers}")
+            raise ConfigError(f"--workers {config.workers}{said('workers')} must lie within "
+                              f"--min-workers {low}{said('min_workers')} and --max-workers "
+                              f"{config.max_workers}{said('max_workers')}")
     elif config.min_workers:
-        raise ConfigError("--min-workers needs --max-workers")
+        raise ConfigError(f"--min-workers{said('min_workers')} needs --max-workers")
     if config.socket_owner and config.bind.path is None:  # accepted, and silently unused
-        raise ConfigError("--socket-owner applies to a unix socket (--bind unix:PATH)")
+        raise ConfigError(f"--socket-owner{said('socket_owner')} applies to a unix socket "
+                          f"(--bind unix:PATH), not --bind {config.bind}{said('bind')}")
     for name in ("status_path", "ping_path", "reload_check"):
         path = getattr(config, name)
         if path is not None and not path.startswith("/"):
-            raise ConfigError(f"--{name.replace('_', '-')} must start with /: {path!r}")
+            raise ConfigError(f"--{name.replace('_', '-')}{said(name)} must start with /: {path!r}")
 
 
 def _pick(opt: Option, given: dict[str, Any], from_file: dict[str, Any],
