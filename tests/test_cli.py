@@ -686,3 +686,18 @@ def test_the_template_units_tcp_variant_starts(tmp_path):
         resolve(["--config", str(conf)], env)
     # the unit's own default, a unix socket, keeps its owner
     assert resolve(["testapp:application"], env).socket_owner == "fcgidaemon:www-data"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to start as root and drop to --user")
+def test_an_access_log_the_user_cannot_write_is_one_line_and_leaves_no_pidfile(tmp_path):
+    """--user nobody with an access log in a directory nobody may not write: the log was checked
+    after the privileges were dropped and the pidfile written, so the start failed with a second
+    line ("cannot remove pidfile ... Permission denied") and left a pidfile naming a dead pid."""
+    os.chmod(tmp_path, 0o755)  # nobody may enter, not write
+    pidfile, access = tmp_path / "d.pid", tmp_path / "logs" / "access.log"
+    access.parent.mkdir(mode=0o755)
+    out = run_cli(["testapp", "--pythonpath", str(APPS), "--bind", f"127.0.0.1:{free_port()}",
+                   "--workers", "1", "--user", "nobody", "--pidfile", str(pidfile),
+                   "--access-log", str(access)], tmp_path)
+    assert (out.returncode, out.stderr) == (2, f"fcgidaemon: --access-log {access}: Permission denied\n")
+    assert not pidfile.exists() and not access.exists()

@@ -17,7 +17,8 @@ import signal
 import socket
 import sys
 import traceback
-from typing import Sequence
+from contextlib import contextmanager
+from typing import Iterator, Sequence
 
 from . import accesslog, commands, control, loader, logs, signals, upgrade
 from .commands import EXIT_FAILED, EXIT_USAGE
@@ -93,13 +94,41 @@ def give_pidfile(config: Config) -> None:
         os.chown(config.pidfile, uid, -1 if gid is None else gid)
 
 
-def check_access_log(path: str) -> None:
+def check_access_log(config: Config) -> None:
     """Open it once before any worker starts: a path that cannot be opened is a bad option,
-    not a crash in every worker (respawned every 10 s, forever)."""
+    not a crash in every worker (respawned every 10 s, forever). Opened as the workers will
+    open it (--user), but before the pidfile is written: checked after the privileges were
+    dropped, a failure left the pidfile behind (the user could not remove it from /run) and
+    a second line on stderr saying so."""
+    path = config.access_log
+    if not path or path == "-":
+        return
     try:
-        os.close(accesslog.AccessLog.open(path))
+        with acting_as(config):
+            os.close(accesslog.AccessLog.open(path))
     except OSError as exc:
         raise ConfigError(f"--access-log {path}: {exc.strerror or exc}") from None
+
+
+@contextmanager
+def acting_as(config: Config) -> Iterator[None]:
+    """Root taking on --user/--group for a moment (effective ids and groups), then back."""
+    uid, gid = lookup_ids(config)
+    if os.geteuid() != 0 or (uid is None and gid is None):
+        yield  # not root: drop_privileges fails later anyway, or there is nothing to drop
+        return
+    groups, egid = os.getgroups(), os.getegid()
+    target_gid = egid if gid is None else gid
+    os.setgroups(os.getgrouplist(config.user, target_gid) if config.user else [target_gid])
+    os.setegid(target_gid)
+    if uid is not None:
+        os.seteuid(uid)
+    try:
+        yield
+    finally:
+        os.seteuid(0)
+        os.setegid(egid)
+        os.setgroups(groups)
 
 
 def serve(config: Config) -> int:
@@ -117,12 +146,11 @@ def serve(config: Config) -> int:
         try:
             # bound before the pidfile names us: `fcgidaemon stop` checks that the pid has one
             ctl = control.listen()
+            check_access_log(config)
             if predecessor is None:  # in an upgrade the pidfile names the old manager until
                 control.claim_pidfile(config.pidfile)  # we take over (_announce_to_predecessor)
                 give_pidfile(config)
             drop_privileges(config)
-            if config.access_log and config.access_log != "-":  # the workers open it as this user
-                check_access_log(config.access_log)
         except ConfigError as exc:
             return usage_error(exc)
         except control.PidfileTaken as exc:
