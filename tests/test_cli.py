@@ -349,6 +349,28 @@ def test_check_reports_traceback(tmp_path):
     assert "SyntaxError" in out.stderr and "broken_syntax.py" in out.stderr
 
 
+def test_check_judges_as_the_daemon_does(tmp_path):
+    """`check` gates deploy scripts, so it must refuse what the daemon refuses: an import that
+    calls os._exit(0) ended `check` with 0 and no word (the daemon: "worker starting exit 0"),
+    and an import that hangs hung it past the --ready-timeout it accepts. A callable that is
+    not there is "not found" (2), said plainly, not as an AttributeError in our loader.py."""
+    (tmp_path / "exits.py").write_text("import os\nos._exit(0)\n")
+    (tmp_path / "hangs.py").write_text("import time\ntime.sleep(60)\n")
+    (tmp_path / "nocallable.py").write_text("x = 1\n")
+    cases = {
+        "exits": (1, "fcgidaemon check: FAILED: the import ended the process without a verdict "
+                     "(exit status 0)\n"),
+        "hangs": (1, "fcgidaemon check: FAILED: not imported within 2s (--ready-timeout)\n"),
+        "nocallable:app": (2, f"fcgidaemon check: FAILED: application nocallable:app: 'app' not "
+                              f"found in {tmp_path / 'nocallable.py'}\n"),
+    }
+    for app, (code, stderr) in cases.items():
+        started = time.monotonic()
+        out = run_cli(["check", app, "--pythonpath", str(tmp_path), "--ready-timeout", "2"], tmp_path)
+        assert (out.returncode, out.stderr, out.stdout) == (code, stderr, ""), app
+        assert time.monotonic() - started < 15, app
+
+
 # ---------------------------------------------------------------- reload --wait, status, stop
 
 

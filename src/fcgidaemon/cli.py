@@ -192,21 +192,78 @@ def serve(config: Config) -> int:
 
 
 def check(argv: Sequence[str]) -> int:
-    """Import the application here, in a fresh process, and report."""
+    """Import the application in a fresh process, as a worker would, and report: exit 0, 1 if
+    it fails, 2 if it is not found (module or callable) or an option is wrong.
+
+    The import runs in a child, bounded by --ready-timeout, and only the child's own verdict
+    counts: imported in this process, an os._exit(0) at import ended `check` with 0 and no
+    word (the daemon refuses that code), and an import that hangs hung the deploy script."""
     try:
         config = resolve(argv, prog="fcgidaemon check")
         prepare(config)
     except ConfigError as exc:
         return usage_error(exc, "fcgidaemon check")
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # never returns into the caller's code
+        code = EXIT_FAILED
+        try:
+            os.close(read_end)
+            code = _import_and_tell(config, write_end)
+        finally:
+            os._exit(code)
+    os.close(write_end)
+    verdict, status = _wait_for_verdict(read_end, pid, config.ready_timeout)
+    if verdict.startswith("OK "):
+        print(f"fcgidaemon check: OK: {verdict[3:]}")
+        return 0
+    if verdict.startswith("FAILED "):
+        print(f"fcgidaemon check: FAILED: {verdict[7:]}", file=sys.stderr)
+        return EXIT_USAGE if status == EXIT_USAGE else EXIT_FAILED
+    print(f"fcgidaemon check: FAILED: {verdict}", file=sys.stderr)
+    return EXIT_FAILED
+
+
+def _import_and_tell(config: Config, out: int) -> int:
+    """In the child: import, write the verdict line to `out`; the exit status to use."""
     try:
         loader.preload(config.preload)
         app = loader.load_app(config.app)
     except loader.AppImportError as exc:
         print(exc.text, end="", file=sys.stderr)
-        print(f"fcgidaemon check: FAILED: {exc}", file=sys.stderr)
-        return EXIT_FAILED
-    except Exception:  # noqa: BLE001 - anything else is a failure to report too
+        os.write(out, f"FAILED {exc}".encode(errors="replace"))
+        return EXIT_USAGE if exc.not_found else EXIT_FAILED
+    except BaseException as exc:  # noqa: BLE001 - anything else is a failure to report too
         traceback.print_exc()
+        os.write(out, f"FAILED {loader.summarize(exc)}".encode(errors="replace"))
         return EXIT_FAILED
-    print(f"fcgidaemon check: OK: {config.app} is {type(app).__name__} {getattr(app, '__qualname__', '')}")
+    os.write(out, f"OK {config.app} is {type(app).__name__} {getattr(app, '__qualname__', '')}"
+             .encode(errors="replace"))
     return 0
+
+
+def _wait_for_verdict(fd: int, pid: int, timeout: float) -> tuple[str, int]:
+    """The child's verdict line (or why there is none) and its exit status."""
+    import select
+    import time
+
+    chunks: list[bytes] = []
+    deadline = time.monotonic() + timeout
+    with os.fdopen(fd, "rb", buffering=0) as pipe:
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([pipe], [], [], left)[0]:
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+                return f"not imported within {timeout:g}s (--ready-timeout)", EXIT_FAILED
+            chunk = pipe.read(65536)
+            if not chunk:
+                break
+            chunks.append(chunk)
+    _, raw = os.waitpid(pid, 0)
+    status = os.waitstatus_to_exitcode(raw)
+    verdict = b"".join(chunks).decode(errors="replace")
+    if verdict:
+        return verdict, status
+    how = f"killed by signal {-status}" if status < 0 else f"exit status {status}"
+    return f"the import ended the process without a verdict ({how})", EXIT_FAILED

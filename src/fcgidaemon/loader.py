@@ -20,10 +20,11 @@ WSGIApp = Callable[..., Any]
 class AppImportError(Exception):
     """The application (or a preload module) failed to import; carries the traceback."""
 
-    def __init__(self, what: str, summary: str, text: str) -> None:
+    def __init__(self, what: str, summary: str, text: str, not_found: bool = False) -> None:
         super().__init__(f"{what}: {summary}")
         self.summary = summary
         self.text = text
+        self.not_found = not_found  # the module imported, the callable is not in it
 
 
 # what setup_paths did, for pin_release: --chdir as given (a symlink stays one), the sys.path
@@ -100,10 +101,21 @@ def load_app(spec: str) -> WSGIApp:
     module_name, _, attr = spec.partition(":")
     try:
         obj: Any = importlib.import_module(module_name)
-        for part in attr.split("."):
-            obj = getattr(obj, part)
     except BaseException as exc:  # noqa: BLE001 - any failure of user code is reported
         raise AppImportError(f"application {spec}", summarize(exc), traceback.format_exc()) from exc
+    for part in attr.split("."):
+        try:
+            obj = getattr(obj, part)
+        except AttributeError as exc:
+            if exc.obj is not obj or exc.name != part:  # raised inside a module __getattr__
+                raise AppImportError(f"application {spec}", summarize(exc), traceback.format_exc()) from exc
+            # a typo or a renamed callable: said plainly, without a traceback through this
+            # function ("AttributeError in .../loader.py:104" sent operators into our code)
+            where = getattr(obj, "__file__", None) or getattr(obj, "__name__", repr(obj))
+            raise AppImportError(f"application {spec}", f"{part!r} not found in {where}", "",
+                                 not_found=True) from None
+        except BaseException as exc:  # noqa: BLE001 - a module __getattr__ that failed otherwise
+            raise AppImportError(f"application {spec}", summarize(exc), traceback.format_exc()) from exc
     if not callable(obj):
         raise AppImportError(f"application {spec}", f"{attr} is not callable", f"{spec} is {obj!r}\n")
     return obj
