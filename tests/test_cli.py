@@ -120,6 +120,17 @@ def test_bad_option_exit_2_one_line_nothing_left(tmp_path, args):
     assert processes_mentioning(marker) == []
 
 
+def test_an_option_given_twice_in_the_config_file_is_refused(tmp_path):
+    """The file may spell a key with - or _, and `graceful-timeout = 5` with `graceful_timeout
+    = 50` silently gave 50: TOML itself refuses a repeated key, and so must we."""
+    conf = tmp_path / "c.toml"
+    conf.write_text("graceful-timeout = 5\ngraceful_timeout = 50\n")
+    out = run_cli(["testapp", "--pythonpath", str(APPS), "--config", str(conf)], tmp_path)
+    assert (out.returncode, out.stderr) == (2, f"fcgidaemon: config file {conf}: 'graceful_timeout' is "
+                                               f"given twice (as 'graceful-timeout' and as "
+                                               f"'graceful_timeout')\n")
+
+
 def test_non_finite_numbers_from_environment_and_file_are_one_line(tmp_path):
     """TOML gives inf and nan as floats, not text; the environment gives text like a flag."""
     conf = tmp_path / "c.toml"
@@ -313,6 +324,15 @@ def test_toml_integer_modes_are_the_mode_itself(start_daemon, tmp_path):
     conf.write_text("socket-mode = 0o10000\n")
     out = run_cli(["check", "testapp", "--pythonpath", str(APPS), "--config", str(conf)], tmp_path)
     assert out.returncode == 2 and "mode out of range" in out.stderr, out.stderr
+    # a decimal 660 is the mode 0o1224 (sticky, -w--w-r--): it gave such a socket; refused now,
+    # with the way to write it (no setuid, setgid or sticky bit means anything here)
+    conf.write_text("socket-mode = 660\n")
+    out = run_cli(["check", "testapp", "--pythonpath", str(APPS), "--config", str(conf)], tmp_path)
+    assert (out.returncode, out.stderr) == (2, f"fcgidaemon check: --socket-mode (config file {conf}): "
+                                               f"mode out of range 0..0777: 660 (a TOML integer is "
+                                               f"decimal: write 0o660 or \"0660\")\n")
+    out = run_cli(["check", "testapp", "--pythonpath", str(APPS), "--config", ""], tmp_path)
+    assert (out.returncode, out.stderr) == (2, "fcgidaemon check: --config: empty file name\n")
 
 
 def test_min_workers_help_says_what_zero_does(start_daemon, tmp_path):

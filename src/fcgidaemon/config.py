@@ -95,8 +95,9 @@ def parse_octal(value: str | int) -> int:
             mode = int(str(value).strip(), 8)
         except ValueError:
             raise ConfigError(f"not an octal mode: {value!r}") from None
-    if not 0 <= mode <= 0o7777:
-        raise ConfigError(f"mode out of range: {value!r}")
+    if not 0 <= mode <= 0o777:  # no setuid, setgid or sticky bit means anything for these
+        hint = f" (a TOML integer is decimal: write 0o{value} or \"0{value}\")" if isinstance(value, int) else ""
+        raise ConfigError(f"mode out of range 0..0777: {value!r}{hint}")
     return mode
 
 
@@ -546,7 +547,14 @@ def read_toml(path: str) -> dict[str, Any]:
     unknown = sorted(k for k in table if k not in known)
     if unknown:
         raise ConfigError(f"config file {path}: unknown option {unknown[0]!r}")
-    return {k.replace("-", "_"): v for k, v in table.items()}
+    values: dict[str, Any] = {}
+    for key, value in table.items():
+        name = key.replace("-", "_")
+        if name in values:  # both spellings: TOML refuses a repeated key, so do we
+            raise ConfigError(f"config file {path}: {key!r} is given twice (as "
+                              f"{name.replace('_', '-')!r} and as {name!r})")
+        values[name] = value
+    return values
 
 
 def resolve(argv: Sequence[str], environ: Mapping[str, str] | None = None,
@@ -555,6 +563,8 @@ def resolve(argv: Sequence[str], environ: Mapping[str, str] | None = None,
     environ = os.environ if environ is None else environ
     given = vars(build_parser(prog).parse_args(list(argv)))
     config_file = given.pop("config_file", None)
+    if config_file == "":  # `--config "$UNSET"` read no file and said nothing
+        raise ConfigError("--config: empty file name")
     from_file = read_toml(config_file) if config_file else {}
     values: dict[str, Any] = {}
     sources: dict[str, str] = {}
