@@ -94,7 +94,10 @@ def test_upgrade_with_broken_preload_keeps_the_old_manager(start_daemon, tmp_pat
     print(result.summary())
     assert result.failures == 0, result.errors
     assert outcome["cli"].returncode == 1
-    assert "upgrade failed: new manager" in outcome["cli"].stderr
+    # why, not only "exited before it was ready" (the new manager tells the old one)
+    assert re.fullmatch(r"upgrade failed: new manager \d+: preload failed: preload preloaded_mod: "
+                        r"ImportError in \S+preloaded_mod.py:1: broken preload\n", outcome["cli"].stderr), \
+        outcome["cli"].stderr
     assert d.proc.poll() is None and d.workers() == workers
     assert pidfile.read_text().strip() == str(d.pid)  # it named the old manager all along
     assert preload_info(d.address)["preload_pid"] == d.pid
@@ -218,6 +221,23 @@ def test_upgrade_through_apache_enablereuse_loses_nothing(tmp_path):
         d.wait_log(r"handed over to manager \d+")
 
 
+def test_an_upgrade_to_a_bad_config_file_says_why(start_daemon, tmp_path):
+    """The new manager re-reads --config; an error there is the new manager's exit 2, which the
+    old one, watching it through /proc, reported as "exited before it was ready" (as it did a
+    failed preload): the operator could not tell them apart without the log."""
+    conf = tmp_path / "d.toml"
+    conf.write_text("backlog = 64\n")
+    d = start_daemon("testapp", "--config", str(conf), workers=1)
+    d.wait_workers(1)
+    conf.write_text('max-params = "100"\n')
+    out = run_cli(["upgrade", "--wait", "--pid", str(d.pid)], tmp_path)
+    new_pid = re.search(r"upgrade: started new manager (\d+)", d.log()).group(1)
+    assert (out.returncode, out.stderr) == (1, f"upgrade failed: new manager {new_pid}: configuration "
+                                               f"error: --max-params (config file {conf}): must be at "
+                                               f"least 1k (every request's params count), got '100'\n"), out.stderr
+    assert d.proc.poll() is None and get(d.address, "/hello").status == 200
+
+
 def test_a_failed_upgrade_leaves_the_old_manager_its_unix_socket(start_daemon, tmp_path):
     """The new manager inherits the duty to remove the socket file, but only once the old one
     has accepted it: a new manager that fails (here its preload) used to remove the file on its
@@ -229,7 +249,7 @@ def test_a_failed_upgrade_leaves_the_old_manager_its_unix_socket(start_daemon, t
     workers = d.wait_workers(1)
     (src / "preloaded_mod.py").write_text("raise ImportError('broken preload')\n")
     d.signal(signal.SIGUSR2)
-    d.wait_log(r"upgrade failed: new manager \d+ exited before it was ready")
+    d.wait_log(r"upgrade failed: new manager \d+: preload failed: ")
     assert path.exists()
     assert get(str(path), "/hello").status == 200
     assert d.workers() == workers
@@ -261,7 +281,8 @@ def test_a_failed_upgrade_lets_the_new_managers_ready_workers_finish(start_daemo
     with FCGIChecker(d.address, keep_conn=False, uri_template="/id?id={uid}&sleep=0.2") as checker:
         result = run_load(checker, clients=6, duration=3)
     print(result.summary())
-    d.wait_log(r"upgrade failed: new manager \d+ exited before it was ready")
+    d.wait_log(r"upgrade failed: new manager \d+: application failed to start: RuntimeError in "
+               r"\S+flaky.py:7: this worker failed to import")
     assert result.failures == 0, result.errors
     assert d.count(r"\[manager \d+ gen 2\] graceful stop") == 1
     assert d.workers() == old_workers and d.proc.poll() is None

@@ -45,8 +45,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     return serve(config)
 
 
-def usage_error(exc: Exception, prog: str = "fcgidaemon") -> int:
+def usage_error(exc: Exception, prog: str = "fcgidaemon", predecessor: int | None = None) -> int:
     print(f"{prog}: {exc}", file=sys.stderr)
+    if prog == "fcgidaemon":  # a new manager in an upgrade: the old one says why it failed
+        upgrade.tell_predecessor(f"configuration error: {exc}", predecessor)
     return EXIT_USAGE
 
 
@@ -137,7 +139,7 @@ def serve(config: Config) -> int:
     try:
         listeners = open_listeners(config, upgrade.inherited_unlink_paths())
     except ConfigError as exc:
-        return usage_error(exc)
+        return usage_error(exc, predecessor=predecessor)
     # Signals are recorded from here on, for the manager's loop: a SIGHUP during a slow preload
     # (the default action) killed the manager, and a SIGTERM left the pidfile and socket behind.
     queue = signals.SignalQueue(MANAGER_SIGNALS)
@@ -152,11 +154,11 @@ def serve(config: Config) -> int:
                 give_pidfile(config)
             drop_privileges(config)
         except ConfigError as exc:
-            return usage_error(exc)
+            return usage_error(exc, predecessor=predecessor)
         except control.PidfileTaken as exc:
-            return usage_error(ConfigError(str(exc)))
+            return usage_error(ConfigError(str(exc)), predecessor=predecessor)
         except OSError as exc:
-            return usage_error(ConfigError(f"cannot start: {exc}"))
+            return usage_error(ConfigError(f"cannot start: {exc}"), predecessor=predecessor)
         # only now: a startup error above is then the one line on stderr, not the second
         for lst in listeners:
             log.info("listening on %s", lst.name)
@@ -165,6 +167,7 @@ def serve(config: Config) -> int:
         except loader.AppImportError as exc:  # found, but raised: not a configuration error,
             # so exit 1, which systemd's Restart=on-failure retries (a database down at import)
             log.error("preload failed:\n%s", exc.text.rstrip())
+            upgrade.tell_predecessor(f"preload failed: {exc}", predecessor)
             return EXIT_FAILED
         strays = loader.stray_threads()
         if strays:

@@ -356,6 +356,9 @@ class ControlCommands:
             os.close(fd)
         if command.startswith("upgraded "):
             self._on_successor(conn, command.split()[1])
+        elif command.startswith("successor-failed "):
+            _, pid_text, reason = (command + " ").split(" ", 2)
+            self._on_successor_failed(conn, pid_text, reason.strip())
         elif command == "upgrade":
             self.start_upgrade(conn)
         elif command == "status":

@@ -539,6 +539,8 @@ class Manager(supervise.Supervision, control.ControlCommands, upgrade.Upgrading,
             failure = rec.failure or f"worker {rec.pid} {how} while importing the application"
             log.error("application failed to start: %s", failure.rstrip())
             self.exit_code = 1
+            if self.predecessor is not None and not self.took_over:
+                upgrade.tell_predecessor(f"application failed to start: {reason}", self.predecessor)
             # graceful: workers already ready may be serving (beside an old manager, in an
             # upgrade); those still importing leave at once on SIGTERM (worker._on_stop_signal)
             self.stop(graceful=True)

@@ -145,6 +145,23 @@ def parent_pid() -> int | None:
     return int(text) if text.isdigit() else None
 
 
+def tell_predecessor(reason: str, pid: int | None = None) -> None:
+    """A new manager that cannot start tells the manager it was to replace why: that one
+    sees us only through /proc, and `upgrade --wait` said "exited before it was ready" for a
+    bad config file and a failed preload alike. `pid`: the predecessor, once parent_pid() has
+    taken it from the environment; before that (a config error in cli.main) it is read there."""
+    if pid is None:
+        text = os.environ.get(PARENT_ENV, "")
+        pid = int(text) if text.isdigit() else None
+    if pid is None:
+        return
+    line = " ".join(reason.split())[:400]  # one line: the control protocol is line-based
+    try:
+        control.ask(pid, f"successor-failed {os.getpid()} {line}", 5.0)
+    except control.ControlError as exc:  # it is gone or stopping: nobody waits for the reason
+        log.debug("cannot tell manager %d why the upgrade failed: %s", pid, exc)
+
+
 def worker_count(configured: int) -> int:
     """How many workers a new manager starts: the old manager's count when SIGTTIN/SIGTTOU
     had changed it and our own configuration says what the old one's did (a --config file
@@ -258,6 +275,15 @@ class Upgrading:
             elif rec.state is WState.READY:
                 self._retire(rec)
         self._title()
+
+    def _on_successor_failed(self, conn: socket.socket, pid_text: str, reason: str) -> None:
+        """Our successor could not start, and says why (tell_predecessor) before it exits."""
+        up = self.upgrade
+        if up is None or pid_text != str(up.pid):
+            control.reply(conn, {"ok": False, "message": "no such upgrade in progress"})
+            return
+        control.reply(conn, {"ok": True})
+        self._upgrade_failed(f"new manager {up.pid}: {reason}")
 
     def _upgrade_failed(self, reason: str, kill: bool = False, serving: bool = True) -> None:
         up = self.upgrade
