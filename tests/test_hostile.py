@@ -244,6 +244,30 @@ def test_abort_while_the_app_reads_the_body(daemon):
     assert_worker_unharmed(daemon, before)
 
 
+def test_abort_the_application_swallows_ends_the_request_at_once(daemon):
+    """The application catches the RequestAborted its read raised (a "bad body -> 400" handler)
+    and returns: END_REQUEST must follow at once. drain() waited for the rest of the body,
+    which the web server never sends after an abort: the worker was held for --read-timeout
+    (its other clients waited), and the kept connection was then reset."""
+    before = daemon.wait_workers(1)
+    with FCGIClient(daemon.address, timeout=5) as client:
+        head = build_request(make_params("POST", "/read-or-400", body_len=90_000), b"", keep_conn=True)
+        head = head[: head.rindex(encode_record(FCGI_STDIN, 1))]  # no end of stdin
+        client.send_raw(head + encode_record(FCGI_STDIN, 1, b"q" * 1000))
+        time.sleep(0.3)  # the application waits in its read
+        started = time.monotonic()
+        client.send_raw(encode_record(2, 1))  # FCGI_ABORT_REQUEST
+        end = client.read_record(time.monotonic() + 3)
+        took = time.monotonic() - started
+        after = client.request(make_params("GET", "/hello"), keep_conn=True, request_id=2)
+    print(f"\nEND_REQUEST {took:.2f}s after the abort")
+    assert end is not None and end.type == FCGI_END_REQUEST and end.request_id == 1, end
+    assert after.status == 200 and after.body.startswith(b"hello v1 ")
+    daemon.wait_log(r"request 1 aborted by the web server; response ended")
+    assert daemon.count(r"no input for") == 0
+    assert_worker_unharmed(daemon, before)
+
+
 def test_random_garbage_live(daemon):
     """200 blobs of random bytes, each on its own connection: no worker dies."""
     import random

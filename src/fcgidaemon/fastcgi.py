@@ -473,6 +473,8 @@ class Connection:
         """Called by flup's InputStream: wait (bounded) for more of the current request's input."""
         req = self.request
         assert req is not None
+        if req.aborted:  # read again after the abort it was told of: no more input will come
+            raise RequestAborted(f"request {req.requestId} aborted by the web server")
         while True:
             rec = next_record(self.inbuf)
             if rec is None:
@@ -585,6 +587,13 @@ class Connection:
             self._aborted(req, exc)
             return
         if self.request is not req:  # the handler ended or dropped it
+            return
+        if req.aborted:
+            # The application caught the RequestAborted its read raised (a "bad body -> 400"
+            # handler catches every exception) and returned: the web server sends no more input
+            # and waits for END_REQUEST. drain() waited for the rest of the body instead, for
+            # --read-timeout, holding the worker, then reset the kept connection.
+            self._aborted(req, RequestAborted(f"request {req.requestId} aborted by the web server"))
             return
         try:
             req.stdin.drain()

@@ -36,6 +36,13 @@ def application(environ, start_response):
         except Exception as exc:
             raise ValueError("unreadable request body") from exc
         return _text(start_response, body)
+    if path.endswith("/read-or-400"):  # the usual "bad body -> 400": every read failure caught
+        try:
+            body = environ["wsgi.input"].read()
+        except Exception:
+            start_response("400 Bad Request", [("Content-Type", "text/plain")])
+            return [b"bad body\n"]
+        return _text(start_response, body)
     if path.endswith("/id"):
         time.sleep(float(q.get("sleep", 0)))
         body = f"id={q.get('id', '')} version={VERSION} pid={os.getpid()}".encode()
