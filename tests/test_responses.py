@@ -94,6 +94,11 @@ def test_a_failure_inside_a_list_body_gives_a_500(start_daemon, tmp_path):
     assert (resp.status, resp.body) == (500, b"Internal Server Error")
     wait_for(lambda: log.exists() and log.read_text().endswith("\n"), 5, "the access log line")
     assert '"GET /mixed-list HTTP/1.1" 500 21 ' in log.read_text()
+    # and past the 256 KiB at which output is flushed: the items are checked before any is
+    # written (a 300,000-byte first item went out as a 200, then the connection was reset)
+    for n in (262_144, 300_000, 2_000_000):
+        resp = get(d.address, f"/mixed-list?n={n}")
+        assert (resp.status, resp.body) == (500, b"Internal Server Error"), n
     assert d.workers() == [pid]
 
 

@@ -387,6 +387,12 @@ def make_handler(app: Callable[..., Any], on_response: ResponseHook | None = Non
             if response.status is not None:
                 response.add_length_if_known(result)
             if isinstance(result, (list, tuple)):  # all there: sent with END_REQUEST, one send
+                # every item is checked before any is written (write() raises for the first
+                # that is not bytes): output is flushed at 256 KiB (FLUSH_AT), and a str item
+                # after that much got half a 200 and a reset, not the 500 nothing-sent allows
+                for chunk in result:
+                    if not isinstance(chunk, (bytes, bytearray)):
+                        response.write(chunk)
                 for chunk in result:
                     if chunk:
                         response.write(chunk)

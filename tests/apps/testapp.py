@@ -171,7 +171,7 @@ def application(environ, start_response):
         return iter([b"hello", b"-and-more-after-the-length"])
     if path.endswith("/mixed-list"):  # a list whose second item is not bytes
         start_response("200 OK", [("Content-Type", "text/plain")])
-        return [b"ok", "str"]
+        return [b"o" * int(q.get("n", 0)) or b"ok", "str"]  # n: the first item's size
     if path.endswith("/hop"):  # hop-by-hop headers, which PEP 3333 forbids
         start_response("200 OK", [("Content-Type", "text/plain"), ("Connection", "close"),
                                   ("Keep-Alive", "timeout=5"), ("X-Kept", "yes")])
