@@ -268,6 +268,40 @@ def test_abort_the_application_swallows_ends_the_request_at_once(daemon):
     assert_worker_unharmed(daemon, before)
 
 
+def test_management_answers_nobody_reads_do_not_hold_the_worker(start_daemon):
+    """A connection sending only management records (400,000 unknown types) and never reading
+    the answers: each answer was a blocking send, so the worker (idle to the manager: --timeout
+    does not apply) waited --read-timeout at every stall, and its other clients with it.
+    Between requests an answer the socket does not take at once now closes that connection."""
+    d = start_daemon("testapp", "--read-timeout", "10", workers=1)
+    before = d.wait_workers(1)
+    flooder = socket.socket()
+    flooder.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    flooder.connect(d.address)
+    flood = struct.pack("!BBHHBx", 1, 77, 0, 0, 0) * 400_000  # unknown type 77, request id 0
+    sender = threading.Thread(target=lambda: _send_quietly(flooder, flood), daemon=True)
+    sender.start()
+    try:
+        time.sleep(1.0)  # the answers have filled both socket buffers by now
+        started = time.monotonic()
+        resp = get(d.address, "/hello")
+        took = time.monotonic() - started
+    finally:
+        flooder.close()
+        sender.join(10)
+    print(f"\nanother client's request answered in {took:.2f}s (--read-timeout 10)")
+    assert resp.status == 200 and took < 3
+    d.wait_log(r"protocol error: the peer does not read the answers to its management records")
+    assert_worker_unharmed(d, before)
+
+
+def _send_quietly(sock: socket.socket, data: bytes) -> None:
+    try:
+        sock.sendall(data)
+    except OSError:  # closed by the daemon (or by the test): expected
+        return
+
+
 def test_random_garbage_live(daemon):
     """200 blobs of random bytes, each on its own connection: no worker dies."""
     import random

@@ -529,7 +529,14 @@ class Connection:
             self.write_stream(flup.FCGI_GET_VALUES_RESULT, 0, answer)
         else:
             self.write_stream(flup.FCGI_UNKNOWN_TYPE, 0, UNKNOWN_BODY.pack(rtype))
-        self.flush()
+        if self.request is not None:  # in a request: the worker is busy, and --timeout bounds it
+            self.flush()
+        elif not self._send_now():
+            # Between requests the worker is idle to the manager (no --timeout), and a blocking
+            # send held it for --read-timeout per stall while the peer sent records it never
+            # read (400,000 unknown types: other clients waited 5.5 s of a 6 s timeout, again
+            # at each stall). nginx and Apache send none; a peer that asks reads the answer.
+            raise ProtocolError("the peer does not read the answers to its management records")
 
     def _begin(self, request_id: int, content: bytes) -> None:
         if len(content) != BEGIN_BODY.size:
@@ -807,6 +814,21 @@ class Connection:
         except ConnectionLost as exc:  # it stopped reading: it ends as it can
             log.info("cannot mark the response failed for the web server: %s", exc)
         self.close()
+
+    def _send_now(self) -> bool:
+        """Send what is buffered without waiting; False when the socket did not take it all
+        (the caller closes the connection: what is left is not kept for later)."""
+        data = b"".join(self._out)
+        self.discard_output()
+        try:
+            sent = self.sock.send(data)
+        except BlockingIOError:
+            return False
+        except OSError as exc:
+            self.close()
+            raise ConnectionLost(f"send failed: {exc.strerror or exc}") from None
+        self.sent += sent
+        return sent == len(data)
 
     def _send_all(self, data: bytes, flags: int = 0) -> None:
         """All of `data`, waiting (up to the read timeout) while the web server does not read."""
