@@ -427,6 +427,90 @@ def test_a_busy_kept_connection_does_not_starve_the_others(start_daemon):
     assert a_done_before_b < total // 2
 
 
+def test_pipelined_requests_take_turns_with_other_connections(start_daemon):
+    """One worker; A pipelines 40 kept requests of 0.1 s each in one send, then a kept
+    connection B and a new connection C each send one. The worker ran every complete request
+    in A's buffer before returning to its loop: B and C waited for all of A's (4 s here, 5.7 s
+    at 60). Now each connection gets one request per turn."""
+    d = start_daemon(workers=1)
+    total = 40
+    answered: list[str] = []
+    a = socket.create_connection(d.address, timeout=20)
+    b = FCGIClient(d.address, timeout=20)
+    try:
+        assert b.request(make_params("GET", "/id?id=b0"), keep_conn=True).status == 200
+        reader = threading.Thread(target=_read_ids, args=(a, total, answered))
+        reader.start()
+        a.sendall(b"".join(build_request(make_params("GET", f"/id?id=a{i}&sleep=0.1"), keep_conn=True)
+                           for i in range(total)))
+        wait_for(lambda: answered, 10, "A's first response")
+        started = time.monotonic()
+        kept = b.request(make_params("GET", "/id?id=b1"), keep_conn=True)
+        kept_took = time.monotonic() - started
+        with FCGIClient(d.address, timeout=20) as c:
+            new = c.request(make_params("GET", "/id?id=c"), keep_conn=False)
+        new_took = time.monotonic() - started - kept_took
+        a_before = len(answered)
+        reader.join(30)
+    finally:
+        a.close()
+        b.close()
+    print(f"\nB answered in {kept_took:.2f}s, C in {new_took:.2f}s, after {a_before} of A's {total}")
+    assert kept.body.startswith(b"id=b1 ") and new.body.startswith(b"id=c ")
+    assert kept_took < 1.0 and new_took < 1.0
+    assert answered == [f"a{i}" for i in range(total)]  # all of A's, each its own, in order
+
+
+def test_a_stop_does_not_wait_for_a_connection_that_always_has_a_next_request(start_daemon):
+    """SIGTERM while a client keeps two requests in flight on one kept connection: the worker
+    served what waited there, then found the next request waiting, and the next, until
+    --graceful-timeout, whose SIGKILL cut the request it was running. Now it serves what was
+    waiting when the stop began, then lets the connection go (the web server retries a request
+    a kept connection closed on): the stop takes a request's time, and no response is cut."""
+    d = start_daemon("testapp", "--graceful-timeout", "6", workers=1)
+    sock = socket.create_connection(d.address, timeout=10)
+    ids = iter(range(1_000_000))
+    answered: list[str] = []
+
+    def send_one() -> None:
+        sock.sendall(build_request(make_params("GET", f"/id?id=r{next(ids)}&sleep=0.05"), keep_conn=True))
+
+    send_one()
+    send_one()
+    buf = bytearray()
+    stopped_at = None
+    cut = False
+    while True:
+        try:
+            chunk = sock.recv(65536)
+        except ConnectionResetError:
+            chunk = b""
+        if not chunk:
+            cut = bool(buf)  # a record begun and not finished
+            break
+        buf += chunk
+        while len(buf) >= 8:
+            _, rtype, _, clen, plen = struct.unpack_from("!BBHHB", buf)
+            if len(buf) < 8 + clen + plen:
+                break
+            del buf[:8 + clen + plen]
+            if rtype == FCGI_END_REQUEST:
+                answered.append("x")
+                if len(answered) == 10:
+                    d.signal(signal.SIGTERM)
+                    stopped_at = time.monotonic()
+                try:
+                    send_one()
+                except OSError:  # closed by the stopping worker
+                    pass
+    code = d.wait_exit(10)
+    took = time.monotonic() - stopped_at
+    sock.close()
+    print(f"\n{len(answered)} answered; the stop took {took:.2f}s (--graceful-timeout 6)")
+    assert code == 0 and not cut and took < 3
+    assert d.count(r"did not stop in time") == 0
+
+
 def _sleeps(pids: list[int]) -> int:
     """Times these processes' main threads went to sleep (each wait in epoll_wait is one)."""
     total = 0

@@ -367,7 +367,8 @@ class Connection:
         self.keep = True  # False once a request without FCGI_KEEP_CONN was seen
         self.closed = False
         self.lost: str | None = None  # why receive() found the connection gone, if not a reset
-        self.last_call = False  # a retiring worker serves what is waiting here once, then lets go
+        # a stopping worker serves what was waiting here once, then lets go: `served` then
+        self.last_call: int | None = None
         self.draining = False  # answered before its body was read: reading it to the end (drain)
         self.drain_started = 0.0
         self.last_active = time.monotonic()
