@@ -370,6 +370,31 @@ def test_process_title_shows_the_busy_request_and_its_age(start_daemon):
     wait_for(lambda: proc_title(worker) == "fcgidaemon: worker 0 gen 1 idle", 5, "the idle title")
 
 
+def test_a_control_character_in_the_request_does_not_stop_the_titles(start_daemon):
+    """A NUL in the request line (REQUEST_METHOD "G\\0T"): setproctitle raised ValueError in the
+    ticker thread, which died, and the worker's title stayed frozen for its life (idle while
+    busy, or busy with a request long over). Control characters are shown as "?"."""
+    from fcgiclient import FCGIClient, make_params
+    from test_lifecycle import proc_title
+    d = start_daemon("testapp", workers=1)
+    worker = d.wait_workers(1)[0]
+
+    def slow(method: str, seconds: float) -> None:
+        with FCGIClient(d.address, timeout=10) as client:
+            client.request(make_params(method, f"/sleep?s={seconds}"), keep_conn=False)
+
+    def busy(pattern: str):
+        return lambda: re.fullmatch(pattern, proc_title(worker))
+
+    for method, shown in (("G\0T", "G\\?T"), ("POST", "POST")):
+        thread = threading.Thread(target=slow, args=(method, 1.5))
+        thread.start()
+        wait_for(busy(rf"fcgidaemon: worker 0 gen 1 busy [0-9]\.\ds {shown} /sleep"), 5, f"busy {method!r}")
+        thread.join(10)
+        wait_for(busy(r"fcgidaemon: worker 0 gen 1 idle"), 5, "the idle title")
+    assert d.count(r"Exception in thread") == 0
+
+
 def test_the_manager_loads_no_module_it_never_uses(start_daemon, tmp_path):
     """Every page the manager holds at a fork counts, shared, in each worker's PSS. argparse
     imports shutil (and with it zlib, bz2, lzma) for the terminal width, and getaddrinfo() of

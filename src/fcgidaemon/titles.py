@@ -24,6 +24,11 @@ PREFIX = "fcgidaemon: "
 
 
 def set_title(text: str) -> None:
+    """Control characters (a client's request line may hold any: NUL made setproctitle raise
+    ValueError, which ended the ticker thread and froze the title for the worker's life) are
+    shown as "?"."""
+    if not text.isprintable():
+        text = "".join(c if c.isprintable() else "?" for c in text)
     _set(PREFIX + text)
 
 
