@@ -295,6 +295,26 @@ def test_management_answers_nobody_reads_do_not_hold_the_worker(start_daemon):
     assert_worker_unharmed(d, before)
 
 
+def test_a_flood_of_half_sent_connections_is_one_log_line(daemon):
+    """50 connections that each send half a request and stall (slowloris) are closed at
+    --read-timeout as before, but said in one line, not one each (3,000 such connections
+    wrote 3,000 warnings)."""
+    before = daemon.wait_workers(1)
+    socks = []
+    for _ in range(50):
+        sock = socket.create_connection(daemon.address, timeout=10)
+        sock.sendall(BEGIN[:12])  # a record cut short
+        socks.append(sock)
+    try:
+        for sock in socks:  # each closed by the daemon (--read-timeout 1)
+            assert sock.recv(1) == b""
+    finally:
+        for sock in socks:
+            sock.close()
+    assert daemon.count(r"no complete request within 1s") == 1
+    assert_worker_unharmed(daemon, before)
+
+
 def _send_quietly(sock: socket.socket, data: bytes) -> None:
     try:
         sock.sendall(data)

@@ -130,6 +130,7 @@ class Worker:
         self.replace_at = quota or sys.maxsize  # --max-requests: this many requests, then replaced
         self.paused: dict[int, float] = {}  # listener fd -> when to watch it again (_pause)
         self.accept_failures = logs.Throttle(10.0)  # for want of descriptors or memory
+        self.stall_lines = logs.Throttle(10.0)  # "no complete request within" (_sweep)
         self.modules_mark = sharing.newest_module()  # the manager's last, then the last reported
 
     # ------------------------------------------------------------------ start
@@ -647,8 +648,11 @@ class Worker:
                     self._drop(conn, "stopped reading the rest of a refused request")
             elif not conn.between_requests:  # a request coming in, or a new connection's first
                 if idle > self.config.read_timeout and not _readable(conn.sock):
-                    self._drop(conn, f"no complete request within {self.config.read_timeout:g}s",
-                               logging.WARNING)
+                    # throttled: a flood of half-sent connections (slowloris) gave a line each
+                    count = self.stall_lines.due()
+                    self._drop(conn, f"no complete request within {self.config.read_timeout:g}s"
+                               f"{f' ({count} connections since the last such line)' if count > 1 else ''}"
+                               if count else None, logging.WARNING)
             elif idle > self.config.keep_conn_idle and not _readable(conn.sock):
                 self._drop(conn)
         if self.access_log is not None:
