@@ -78,6 +78,7 @@ BAD = {
     "unknown-preload": ["--preload", "no_such_module_xyz"],
     "missing-config": ["--config", "/nonexistent/fcgi.toml"],
     "unknown-user": ["--user", "no-such-user-xyz"],
+    "unknown-group": ["--group", "no-such-group-xyz"],
     "missing-chdir": ["--chdir", "/nonexistent/dir"],
     # not finite, or too large for the C int they end up in (a traceback, a spinning manager
     # or failing requests, not one line)
@@ -183,8 +184,8 @@ def test_error_after_binding_is_the_only_line(start_daemon, tmp_path):
                    "--workers", "1", "--pidfile", str(pidfile)], tmp_path)
     assert out.returncode == 2, out.stderr
     lines = out.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("fcgidaemon: cannot start: "), out.stderr
-    assert lines[0].endswith(f"'{pidfile}'"), lines[0]  # its own name, not our temporary one
+    # said of the option and its path, not our temporary name nor a bare errno
+    assert lines == [f"fcgidaemon: --pidfile {pidfile}: No such file or directory"], out.stderr
     # when startup succeeds the line is still there
     d = start_daemon("testapp", "--pidfile", str(tmp_path / "d.pid"), workers=1, bind=f"127.0.0.1:{port}")
     d.wait_log(rf"listening on 127\.0\.0\.1:{port}")
@@ -743,3 +744,10 @@ def test_an_access_log_the_user_cannot_write_is_one_line_and_leaves_no_pidfile(t
                    "--access-log", str(access)], tmp_path)
     assert (out.returncode, out.stderr) == (2, f"fcgidaemon: --access-log {access}: Permission denied\n")
     assert not pidfile.exists() and not access.exists()
+
+
+def test_an_unknown_user_or_group_is_named(tmp_path):
+    """It said "unknown user or group: nosuchuser:" for either."""
+    for flag, name, what in (("--user", "no-such-user-xyz", "user"), ("--group", "no-such-group-xyz", "group")):
+        out = run_cli(["check", "testapp", "--pythonpath", str(APPS), flag, name], tmp_path)
+        assert (out.returncode, out.stderr) == (2, f"fcgidaemon check: {flag} {name}: no such {what}\n")

@@ -30,7 +30,7 @@ REASON = {
     "syntax-error": r"SyntaxError in .*liveapp\.py:1",
     "import-error": r"ModuleNotFoundError in .*liveapp\.py:1: No module named 'no_such_dependency_xyz'",
     "raises-at-import": r"RuntimeError in .*liveapp\.py:1: config missing at import",
-    "dies-at-import": r"worker starting exit 9",
+    "dies-at-import": r"worker \d+ exit 9 while importing the application",
 }
 
 

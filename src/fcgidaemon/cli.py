@@ -69,12 +69,14 @@ def prepare(config: Config) -> None:
 
 def lookup_ids(config: Config) -> tuple[int | None, int | None]:
     try:
-        uid = pwd.getpwnam(config.user).pw_uid if config.user else None
-        gid = grp.getgrnam(config.group).gr_gid if config.group else (
-            pwd.getpwnam(config.user).pw_gid if config.user else None)
+        user = pwd.getpwnam(config.user) if config.user else None
     except KeyError:
-        raise ConfigError(f"unknown user or group: {config.user or ''}:{config.group or ''}") from None
-    return uid, gid
+        raise ConfigError(f"--user {config.user}: no such user") from None
+    try:
+        gid = grp.getgrnam(config.group).gr_gid if config.group else (user.pw_gid if user else None)
+    except KeyError:
+        raise ConfigError(f"--group {config.group}: no such group") from None
+    return (user.pw_uid if user else None), gid
 
 
 def drop_privileges(config: Config) -> None:
@@ -150,8 +152,11 @@ def serve(config: Config) -> int:
             ctl = control.listen()
             check_access_log(config)
             if predecessor is None:  # in an upgrade the pidfile names the old manager until
-                control.claim_pidfile(config.pidfile)  # we take over (_announce_to_predecessor)
-                give_pidfile(config)
+                try:  # we take over (_announce_to_predecessor)
+                    control.claim_pidfile(config.pidfile)
+                    give_pidfile(config)
+                except OSError as exc:  # said of the option, not as a bare errno
+                    raise ConfigError(f"--pidfile {config.pidfile}: {exc.strerror or exc}") from None
             drop_privileges(config)
         except ConfigError as exc:
             return usage_error(exc, predecessor=predecessor)

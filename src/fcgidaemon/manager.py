@@ -529,7 +529,9 @@ class Manager(supervise.Supervision, control.ControlCommands, upgrade.Upgrading,
             self.backoff.pop(rec.slot, None)
         if expected:
             return
-        reason = rec.failure.splitlines()[0] if rec.failure else f"worker {rec.state.value} {how}"
+        reason = rec.failure.splitlines()[0] if rec.failure else (
+            f"worker {rec.pid} {how} while importing the application" if rec.state is WState.STARTING
+            else f"worker {rec.state.value} {how}")  # "worker starting exit 0" said little
         if self.phase is Phase.RELOADING and rec.generation == self.generation:
             self._abort_reload(reason, rec.failure)
             return
