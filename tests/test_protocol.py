@@ -511,6 +511,33 @@ def test_a_stop_does_not_wait_for_a_connection_that_always_has_a_next_request(st
     assert d.count(r"did not stop in time") == 0
 
 
+def test_a_stopping_worker_ends_a_kept_connection_with_its_last_response(start_daemon):
+    """SIGTERM while a request runs on a kept connection: its FIN must leave with END_REQUEST,
+    so a web server checking the connection before reusing it (Apache's enablereuse peeks)
+    finds it closed. The worker closed it a turn later, after the web server could have sent
+    the next request on it: Apache does not retry that one (503)."""
+    d = start_daemon("testapp", workers=1)
+    with FCGIClient(d.address, timeout=10) as client:
+        assert client.request(make_params("GET", "/hello"), keep_conn=True).status == 200
+        client.send_raw(build_request(make_params("GET", "/sleep?s=0.5"), keep_conn=True))
+        time.sleep(0.2)
+        d.signal(signal.SIGTERM)
+        sock = client._socket()
+        data = b""
+        while not data.endswith(encode_record(FCGI_END_REQUEST, 1, bytes(8))):
+            chunk = sock.recv(65536)
+            assert chunk, data
+            data += chunk
+        # at once, as Apache does before reusing a pooled connection: is it still there?
+        try:
+            peek = sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            peek = None  # open: it would have been reused
+    assert b"Status: 200 OK" in data
+    assert peek == b"", peek
+    assert d.wait_exit(10) == 0
+
+
 def _sleeps(pids: list[int]) -> int:
     """Times these processes' main threads went to sleep (each wait in epoll_wait is one)."""
     total = 0

@@ -104,6 +104,9 @@ class Server:
     # the application raised SystemExit or KeyboardInterrupt (which, as text): the worker asks
     # for its replacement
     on_exit_asked: Callable[[str], None] | None = None
+    # the worker is stopping (not retiring into a new generation, which takes the kept
+    # connections over): a kept connection ends with the response that leaves it idle
+    closing: bool = False
 
     def capabilities(self) -> dict[bytes, bytes]:
         return {
@@ -369,6 +372,7 @@ class Connection:
         self.lost: str | None = None  # why receive() found the connection gone, if not a reset
         # a stopping worker serves what was waiting here once, then lets go: `served` then
         self.last_call: int | None = None
+        self.stop_extended = False  # stopping, it was kept open once for what had come (end_request)
         self.draining = False  # answered before its body was read: reading it to the end (drain)
         self.drain_started = 0.0
         self.last_active = time.monotonic()
@@ -678,7 +682,7 @@ class Connection:
         self._append(end_record(req.requestId, app_status, protocol_status))
         if self.server.on_done is not None:
             self.server.on_done(req)  # counted before the web server can see the response
-        last = not req.keep_conn
+        last = not req.keep_conn or (self.server.closing and self._last_while_closing())
         if self.lingering:  # the response is whole: its end is a FIN again
             self._linger(False)
         self.flush(more=last and self.tcp, final=True)
@@ -697,6 +701,22 @@ class Connection:
                 self._drain_then_close()
             else:
                 self.close()
+
+    def _last_while_closing(self) -> bool:
+        """Stopping: whether a kept connection ends with this response. It does unless more has
+        come (buffered here, or once: waiting in the kernel since before we knew), so its FIN
+        leaves with END_REQUEST (MSG_MORE, then shutdown) and a web server checking it before
+        reuse finds it closed. Closed at the worker's next turn instead, a web server that
+        reused it at once met the close mid-request (Apache's enablereuse does not retry: 503).
+        A peer that pipelines gets what it had sent, not every request it goes on sending."""
+        if self.inbuf:
+            return False
+        if not self.stop_extended:
+            self.stop_extended = True
+            poller = select.poll()
+            poller.register(self.sock, select.POLLIN)
+            return not poller.poll(0)
+        return True
 
     def _drain_then_close(self) -> None:
         """The request was answered before its body was read (413, an abort, an unknown role)

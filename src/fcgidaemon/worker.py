@@ -238,7 +238,7 @@ class Worker:
             os._exit(EXIT_OK)
         # a retiring worker too: the stop that follows a reload has no generation to hand to,
         # so what waits on its connections is served, then they are closed
-        self.stop_mode = StopMode.CLOSE
+        self._closing()
 
     def _retired_while_starting(self) -> bool:
         """Whether the manager retired us before we were ready (its generation was replaced
@@ -568,8 +568,16 @@ class Worker:
                 return
 
     def _begin_stop(self, mode: StopMode) -> None:
-        if self.stop_mode is StopMode.NONE or mode is StopMode.CLOSE:
+        if mode is StopMode.CLOSE:
+            self._closing()
+        elif self.stop_mode is StopMode.NONE:
             self.stop_mode = mode
+
+    def _closing(self) -> None:
+        """Stop, closing the connections (a signal handler may call this: it only records)."""
+        self.stop_mode = StopMode.CLOSE
+        if self.server is not None:
+            self.server.closing = True
 
     # ------------------------------------------------------------------ stopping
 
@@ -621,7 +629,7 @@ class Worker:
             socket.send_fds(self.spec.channel, [MSG_HANDOFF], [conn.fileno()])
         except OSError as exc:
             log.warning("cannot hand a connection to the manager: %s", exc)
-            self.stop_mode = StopMode.CLOSE
+            self._closing()
             return
         self._drop(conn)
 
@@ -659,7 +667,7 @@ class Worker:
             self.access_log.reopen_if_moved()
         if os.getppid() != self.spec.manager_pid and self.stop_mode is StopMode.NONE:
             log.warning("manager %d is gone; stopping", self.spec.manager_pid)
-            self.stop_mode = StopMode.CLOSE
+            self._closing()
 
     def _title(self, state: str) -> None:
         self.title.set(state)
