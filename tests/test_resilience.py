@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import resource
 import shutil
 import signal
 import socket
@@ -16,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from daemon import APPS, alive, tcp_sockets, wait_for
-from fcgiclient import ConnectionClosed, FCGIClient, build_request, make_params
+from fcgiclient import FCGI_END_REQUEST, ConnectionClosed, FCGIClient, build_request, make_params
 from load import FCGIChecker, run_load
 from test_lifecycle import app_copy, get
 
@@ -553,3 +554,63 @@ def test_a_reload_waiter_learns_of_the_managers_death_at_once(start_daemon, tmp_
         if waiter.poll() is None:
             waiter.kill()
             waiter.wait(5)
+
+
+def test_a_paused_listener_comes_back_while_a_pipelining_peer_keeps_the_worker_busy(start_daemon):
+    """accept() ran out of descriptors and the listener was paused (0.5 s); the loop put it back
+    only when no connection held buffered requests, so a peer keeping three requests in flight
+    kept it paused for as long as it went on: a connection queued meanwhile waited 6 s and more,
+    though descriptors were free again. (From a review of the one-request-per-turn change.)"""
+    d = start_daemon("testapp", workers=1)
+    (wpid,) = d.wait_workers(1)
+    p = socket.create_connection(d.address, timeout=10)
+    p.sendall(build_request(make_params("GET", "/id?id=p0"), keep_conn=True))
+    time.sleep(0.3)
+    p.recv(65536)
+    used = {int(x) for x in os.listdir(f"/proc/{wpid}/fd")}
+    free = [n for n in range(4096) if n not in used]
+    limit = free[1]  # exactly one free descriptor number below the limit
+    resource.prlimit(wpid, resource.RLIMIT_NOFILE, (limit, limit))
+    k = [FCGIClient(d.address, timeout=10) for _ in range(1)]
+    for i, c in enumerate(k):
+        assert c.request(make_params("GET", f"/id?id=k{i}"), keep_conn=True).status == 200
+    late = socket.create_connection(d.address, timeout=10)  # accept() fails: EMFILE, paused
+    late.sendall(build_request(make_params("GET", "/id?id=late"), keep_conn=False))
+    stop = threading.Event()
+
+    def pipeline():  # three requests of 0.05 s in flight, for 6 s
+        ids = iter(range(10**6))
+        def send() -> None:
+            p.sendall(build_request(make_params("GET", f"/id?id=p{next(ids)}&sleep=0.05"), keep_conn=True))
+        for _ in range(3):
+            send()
+        buf = bytearray()
+        while not stop.is_set():
+            buf += p.recv(65536)
+            while len(buf) >= 8:
+                _, rtype, _, clen, plen = struct.unpack_from("!BBHHB", buf)
+                if len(buf) < 8 + clen + plen:
+                    break
+                del buf[:8 + clen + plen]
+                if rtype == FCGI_END_REQUEST:
+                    send()
+
+    t = threading.Thread(target=pipeline, daemon=True)
+    t.start()
+    time.sleep(0.1)
+    for c in k:  # descriptors free again
+        c.close()
+    started = time.monotonic()
+    late.settimeout(6)
+    try:
+        got = late.recv(65536)
+    except socket.timeout:
+        got = b""
+    took = time.monotonic() - started
+    stop.set()
+    t.join(5)
+    print(f"\nthe connection queued during the pause answered after {took:.2f}s ({len(got)} bytes); "
+          f"'accept failed' lines: {d.count('accept failed')}")
+    late.close()
+    p.close()
+    assert got and took < 2

@@ -238,6 +238,38 @@ def test_an_upgrade_to_a_bad_config_file_says_why(start_daemon, tmp_path):
     assert d.proc.poll() is None and get(d.address, "/hello").status == 200
 
 
+def test_only_the_successor_may_say_it_failed_and_only_while_it_starts(start_daemon):
+    """'successor-failed PID reason' was taken from any process of the manager's user (the
+    application's workers included), pid and all from the text, and in any phase: sent after
+    the hand-over, the retired manager dropped its successor and closed the kept connections
+    its workers handed back instead of passing them on. The kernel's peer pid must be the
+    successor's, while it starts."""
+    from fcgidaemon import control
+    d = start_daemon("testapp", workers=1)
+    d.wait_workers(1)
+    kept = FCGIClient(d.address, timeout=10)
+    try:
+        assert kept.request(make_params("GET", "/id?id=k0"), keep_conn=True).status == 200
+        slow = threading.Thread(target=lambda: get(d.address, "/sleep?s=3", timeout=15))
+        slow.start()
+        time.sleep(0.5)  # the only old worker runs the slow request; `kept` waits on it, idle
+        d.signal(signal.SIGUSR2)
+        d.wait_log(r"upgrade: manager \d+ is ready; retiring 1 workers")
+        new_pid = int(re.search(r"upgrade: manager (\d+) is ready", d.log()).group(1))
+        answer = control.ask(d.pid, f"successor-failed {new_pid} spoofed", 5.0)
+        slow.join(15)
+        time.sleep(0.5)
+        after = kept.request(make_params("GET", "/id?id=k1"), keep_conn=True)
+    finally:
+        kept.close()
+    assert answer == {"ok": False, "message": "no such upgrade in progress"}
+    assert after.status == 200 and after.body.startswith(b"id=k1 ")
+    assert d.count(r"spoofed") == 0
+    wait_for(lambda: not alive(d.pid), 15, "the old manager to exit")
+    os.kill(new_pid, signal.SIGTERM)
+    wait_for(lambda: not alive(new_pid), 15, "the new manager to exit")
+
+
 def test_a_failed_upgrade_leaves_the_old_manager_its_unix_socket(start_daemon, tmp_path):
     """The new manager inherits the duty to remove the socket file, but only once the old one
     has accepted it: a new manager that fails (here its preload) used to remove the file on its

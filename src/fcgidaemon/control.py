@@ -116,9 +116,15 @@ def listen() -> socket.socket:
 
 
 def peer_allowed(conn: socket.socket) -> bool:
-    creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-    _, uid, _ = struct.unpack("3i", creds)
+    _, uid, _ = peer_credentials(conn)
     return uid in (0, os.geteuid())
+
+
+def peer_credentials(conn: socket.socket) -> tuple[int, int, int]:
+    """(pid, uid, gid) of the process at the other end, from the kernel."""
+    creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    pid, uid, gid = struct.unpack("3i", creds)
+    return pid, uid, gid
 
 
 def read_command(conn: socket.socket, timeout: float = 1.0) -> tuple[str, list[int]]:

@@ -249,7 +249,8 @@ class Upgrading:
 
     def _on_successor(self, conn: socket.socket, pid_text: str) -> None:
         up = self.upgrade
-        if up is None or pid_text != str(up.pid) or self.phase is not Phase.RUNNING:
+        if (up is None or pid_text != str(up.pid) or self.phase is not Phase.RUNNING
+                or control.peer_credentials(conn)[0] != up.pid):  # the successor itself says so
             control.reply(conn, {"ok": False, "message": "no such upgrade in progress"})
             return
         up.successor_ready = True
@@ -279,7 +280,11 @@ class Upgrading:
     def _on_successor_failed(self, conn: socket.socket, pid_text: str, reason: str) -> None:
         """Our successor could not start, and says why (tell_predecessor) before it exits."""
         up = self.upgrade
-        if up is None or pid_text != str(up.pid):
+        # only the successor itself (the kernel's word, not the message's: any process of the
+        # same user may connect, the application's workers included), and only while it starts:
+        # accepted after the hand-over, it cut the retired manager off from its successor
+        if (up is None or pid_text != str(up.pid) or up.successor_ready or self.phase is not Phase.RUNNING
+                or control.peer_credentials(conn)[0] != up.pid):
             control.reply(conn, {"ok": False, "message": "no such upgrade in progress"})
             return
         control.reply(conn, {"ok": True})

@@ -277,8 +277,9 @@ class Worker:
         while True:
             if self.stop_mode is not StopMode.NONE and self._wind_down():
                 return
+            wait = self._resume() if self.paused else 1.0  # a paused listener comes back in time
             try:
-                events = self.epoll.poll(0 if self.backlog else self._resume() if self.paused else 1.0)
+                events = self.epoll.poll(0 if self.backlog else wait)
             except InterruptedError:
                 continue
             # Everything the kernel reported gets a turn: each ready connection one request,
