@@ -268,17 +268,22 @@ def test_abort_the_application_swallows_ends_the_request_at_once(daemon):
     assert_worker_unharmed(daemon, before)
 
 
-def test_management_answers_nobody_reads_do_not_hold_the_worker(start_daemon):
+@pytest.mark.parametrize("begun", [False, True], ids=["no-request", "after-a-begin-request"])
+def test_management_answers_nobody_reads_do_not_hold_the_worker(start_daemon, begun):
     """A connection sending only management records (400,000 unknown types) and never reading
     the answers: each answer was a blocking send, so the worker (idle to the manager: --timeout
     does not apply) waited --read-timeout at every stall, and its other clients with it.
-    Between requests an answer the socket does not take at once now closes that connection."""
+    Between requests an answer the socket does not take at once now closes that connection;
+    so too while a request is still in its params (one BEGIN_REQUEST first was enough to get
+    the blocking send back: the worker is not busy with such a request either)."""
     d = start_daemon("testapp", "--read-timeout", "10", workers=1)
     before = d.wait_workers(1)
     flooder = socket.socket()
     flooder.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     flooder.connect(d.address)
     flood = struct.pack("!BBHHBx", 1, 77, 0, 0, 0) * 400_000  # unknown type 77, request id 0
+    if begun:
+        flood = BEGIN + flood
     sender = threading.Thread(target=lambda: _send_quietly(flooder, flood), daemon=True)
     sender.start()
     try:

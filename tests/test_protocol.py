@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from daemon import APPS, Daemon, free_port, wait_for
-from fcgiclient import (FCGI_BEGIN_REQUEST, FCGI_CANT_MPX_CONN, FCGI_END_REQUEST, FCGI_KEEP_CONN, FCGI_PARAMS, FCGI_STDIN, FCGI_STDOUT, FCGI_UNKNOWN_ROLE,
+from fcgiclient import (FCGI_BEGIN_REQUEST, FCGI_CANT_MPX_CONN, FCGI_END_REQUEST, FCGI_GET_VALUES, FCGI_KEEP_CONN, FCGI_PARAMS, FCGI_STDIN, FCGI_STDOUT, FCGI_UNKNOWN_ROLE,
                         FCGI_UNKNOWN_TYPE, ConnectionClosed, FCGIClient, build_request, encode_params, encode_record, make_params)
 
 
@@ -461,7 +461,8 @@ def test_pipelined_requests_take_turns_with_other_connections(start_daemon):
     assert answered == [f"a{i}" for i in range(total)]  # all of A's, each its own, in order
 
 
-def test_a_stop_does_not_wait_for_a_connection_that_always_has_a_next_request(start_daemon):
+@pytest.mark.parametrize("in_flight", [2, 3])
+def test_a_stop_does_not_wait_for_a_connection_that_always_has_a_next_request(start_daemon, in_flight):
     """SIGTERM while a client keeps two requests in flight on one kept connection: the worker
     served what waited there, then found the next request waiting, and the next, until
     --graceful-timeout, whose SIGKILL cut the request it was running. Now it serves what was
@@ -475,8 +476,8 @@ def test_a_stop_does_not_wait_for_a_connection_that_always_has_a_next_request(st
     def send_one() -> None:
         sock.sendall(build_request(make_params("GET", f"/id?id=r{next(ids)}&sleep=0.05"), keep_conn=True))
 
-    send_one()
-    send_one()
+    for _ in range(in_flight):
+        send_one()
     buf = bytearray()
     stopped_at = None
     cut = False
@@ -509,6 +510,78 @@ def test_a_stop_does_not_wait_for_a_connection_that_always_has_a_next_request(st
     print(f"\n{len(answered)} answered; the stop took {took:.2f}s (--graceful-timeout 6)")
     assert code == 0 and not cut and took < 3
     assert d.count(r"did not stop in time") == 0
+
+
+def test_the_close_after_a_stop_does_not_cut_the_last_response(start_daemon):
+    """R1 runs when SIGTERM comes, R2 (16 MiB) waits in the kernel, and the client sends R3 as
+    R2 begins to arrive. The connection was closed with R3 unread: the kernel then resets it
+    and drops what of R2 is still unsent (cut at 13 of 16 MB, logged as complete). What came
+    after the stop began is now read and thrown away, and the connection ends with a FIN."""
+    size = 16 << 20
+    d = start_daemon("testapp", "--graceful-timeout", "10", workers=1)
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+    sock.connect(d.address)
+    sock.settimeout(10)
+    sock.sendall(build_request(make_params("GET", "/id?id=r1&sleep=1"), keep_conn=True, request_id=1))
+    time.sleep(0.3)
+    sock.sendall(build_request(make_params("GET", f"/big?n={size}"), keep_conn=True, request_id=2))
+    time.sleep(0.2)
+    d.signal(signal.SIGTERM)
+    buf, ends, r2_stdout, sent_r3, error = bytearray(), [], 0, False, None
+    while True:
+        try:
+            chunk = sock.recv(65536)
+        except OSError as exc:
+            error = exc
+            break
+        if not chunk:
+            break
+        buf += chunk
+        while len(buf) >= 8:
+            _, rtype, rid, clen, plen = struct.unpack_from("!BBHHB", buf)
+            if len(buf) < 8 + clen + plen:
+                break
+            if rtype == FCGI_STDOUT and rid == 2:
+                r2_stdout += clen
+            if rtype == FCGI_END_REQUEST:
+                ends.append(rid)
+            del buf[:8 + clen + plen]
+        if r2_stdout and not sent_r3:  # a client with two in flight: the next one, now
+            sock.sendall(build_request(make_params("GET", "/id?id=r3"), keep_conn=True, request_id=3))
+            sent_r3 = True
+        if r2_stdout:
+            time.sleep(0.002)  # a reader a little slower than loopback
+    sock.close()
+    print(f"\nEND_REQUEST for {ends}; R2: {r2_stdout} stdout bytes; {error!r}")
+    assert d.wait_exit(15) == 0
+    assert ends[:2] == [1, 2] and r2_stdout > size and error is None
+
+
+def test_a_management_record_waiting_at_a_stop_does_not_hold_it(start_daemon):
+    """A kept connection whose waiting bytes at the stop are a management record, not a
+    request: answering it served no request, and the connection was never let go (the stop
+    waited for --graceful-timeout's SIGKILL)."""
+    d = start_daemon("testapp", "--graceful-timeout", "6", workers=1)
+    a = FCGIClient(d.address, timeout=10)
+    b = FCGIClient(d.address, timeout=10)
+    try:
+        assert a.request(make_params("GET", "/id?id=a0"), keep_conn=True).status == 200
+        slow = threading.Thread(target=lambda: b.request(make_params("GET", "/id?id=b&sleep=1"),
+                                                         keep_conn=False))
+        slow.start()
+        time.sleep(0.3)  # the worker runs b's request
+        a.send_raw(encode_record(FCGI_GET_VALUES, 0, encode_params({"FCGI_MAX_CONNS": ""})))
+        d.signal(signal.SIGTERM)
+        started = time.monotonic()
+        code = d.wait_exit(15)
+        took = time.monotonic() - started
+        slow.join(5)
+    finally:
+        a.close()
+        b.close()
+    print(f"\nthe stop took {took:.2f}s (--graceful-timeout 6)")
+    assert code == 0 and took < 3 and d.count("did not stop in time") == 0
 
 
 def test_a_stopping_worker_ends_a_kept_connection_with_its_last_response(start_daemon):

@@ -21,6 +21,7 @@ fills.  Workarounds for flup6's defects live here, each with a test:
 from __future__ import annotations
 
 import errno
+import fcntl
 import logging
 import select
 import socket
@@ -137,6 +138,24 @@ def next_record(buf: bytearray, pos: int = 0) -> tuple[int, int, bytes, int] | N
 END_RECORD = struct.Struct("!" + flup.FCGI_Header[1:] + flup.FCGI_EndRequestBody[1:])
 CHUNK = MAX_CONTENT - 7  # 65528: a multiple of 8, so only a stream's last record has padding
 PADDING = [b"\0" * n for n in range(8)]
+
+
+SIOCINQ = 0x541B  # linux/sockios.h (= FIONREAD): bytes waiting to be read
+SIOCOUTQ = 0x5411  # linux/sockios.h (= TIOCOUTQ): bytes of ours not yet sent (or acknowledged)
+
+
+def readable(sock: socket.socket) -> bool:
+    poller = select.poll()  # not select(): descriptors may be above 1024
+    poller.register(sock, select.POLLIN)
+    return bool(poller.poll(0))
+
+
+def pending(sock: socket.socket) -> int:
+    """Bytes waiting in the kernel to be read from `sock`."""
+    try:
+        return struct.unpack("i", fcntl.ioctl(sock.fileno(), SIOCINQ, b"\0" * 4))[0]
+    except OSError:
+        return 0
 
 
 def end_record(request_id: int, app_status: int, protocol_status: int) -> bytes:
@@ -370,9 +389,10 @@ class Connection:
         self.keep = True  # False once a request without FCGI_KEEP_CONN was seen
         self.closed = False
         self.lost: str | None = None  # why receive() found the connection gone, if not a reset
-        # a stopping worker serves what was waiting here once, then lets go: `served` then
-        self.last_call: int | None = None
-        self.stop_extended = False  # stopping, it was kept open once for what had come (end_request)
+        self.received = 0  # bytes read from the socket
+        # stopping: `received` plus what waited in the kernel when the worker began to stop.
+        # What came up to there is served; then the connection is let go (served_what_waited)
+        self.stop_mark: int | None = None
         self.draining = False  # answered before its body was read: reading it to the end (drain)
         self.drain_started = 0.0
         self.last_active = time.monotonic()
@@ -404,6 +424,7 @@ class Connection:
         if not data:
             return False
         self.inbuf += data
+        self.received += len(data)
         self.last_active = time.monotonic()
         return True
 
@@ -429,6 +450,7 @@ class Connection:
         if not data:
             raise ConnectionLost("web server closed the connection in the middle of a request")
         self.inbuf += data
+        self.received += len(data)
 
     def parse_available(self) -> None:
         """Handle the buffered records until a request is ready to run or the buffer runs dry.
@@ -534,8 +556,8 @@ class Connection:
             self.write_stream(flup.FCGI_GET_VALUES_RESULT, 0, answer)
         else:
             self.write_stream(flup.FCGI_UNKNOWN_TYPE, 0, UNKNOWN_BODY.pack(rtype))
-        if self.request is not None:  # in a request: the worker is busy, and --timeout bounds it
-            self.flush()
+        if self.request is not None and self.request.runnable:  # the worker is busy with it,
+            self.flush()  # and --timeout bounds that (a request still in its params is not)
         elif not self._send_now():
             # Between requests the worker is idle to the manager (no --timeout), and a blocking
             # send held it for --read-timeout per stall while the peer sent records it never
@@ -682,7 +704,13 @@ class Connection:
         self._append(end_record(req.requestId, app_status, protocol_status))
         if self.server.on_done is not None:
             self.server.on_done(req)  # counted before the web server can see the response
-        last = not req.keep_conn or (self.server.closing and self._last_while_closing())
+        # Stopping, a kept connection ends with the response that serves the last of what had
+        # come when the stop began: its FIN leaves with END_REQUEST (MSG_MORE, then shutdown),
+        # so a web server checking it before reuse finds it closed. Closed at the worker's next
+        # turn instead, one that reused it at once met the close mid-request (Apache's
+        # enablereuse does not retry: 503); and a peer that pipelines gets what it had sent,
+        # not every request it goes on sending (a stop waited for --graceful-timeout's SIGKILL).
+        last = not req.keep_conn or (self.server.closing and self.served_what_waited())
         if self.lingering:  # the response is whole: its end is a FIN again
             self._linger(False)
         self.flush(more=last and self.tcp, final=True)
@@ -690,7 +718,9 @@ class Connection:
         self.served += 1
         self.last_active = time.monotonic()
         if last:
-            unread = not req.stdin.eof
+            # unread input (the body, or requests sent after the stop began): closed, the
+            # kernel would answer it with a reset, dropping what of the response is still unsent
+            unread = not req.stdin.eof or (self.server.closing and readable(self.sock))
             if (self.tcp or unread) and not self.closed:
                 try:
                     self.sock.shutdown(socket.SHUT_WR)
@@ -702,21 +732,38 @@ class Connection:
             else:
                 self.close()
 
-    def _last_while_closing(self) -> bool:
-        """Stopping: whether a kept connection ends with this response. It does unless more has
-        come (buffered here, or once: waiting in the kernel since before we knew), so its FIN
-        leaves with END_REQUEST (MSG_MORE, then shutdown) and a web server checking it before
-        reuse finds it closed. Closed at the worker's next turn instead, a web server that
-        reused it at once met the close mid-request (Apache's enablereuse does not retry: 503).
-        A peer that pipelines gets what it had sent, not every request it goes on sending."""
-        if self.inbuf:
-            return False
-        if not self.stop_extended:
-            self.stop_extended = True
-            poller = select.poll()
-            poller.register(self.sock, select.POLLIN)
-            return not poller.poll(0)
-        return True
+    def served_what_waited(self) -> bool:
+        """Stopping: whether everything that had come when the stop began (buffered, or in the
+        kernel) has been taken; marked at the first call."""
+        if self.stop_mark is None:
+            self.stop_mark = self.received + pending(self.sock)
+        return self.received - len(self.inbuf) >= self.stop_mark
+
+    def let_go(self) -> None:
+        """Stopping, between requests: close, as a FIN. Input that came after the stop began is
+        read and thrown away (drain) rather than left unread: closed with unread input, the
+        kernel sends a reset and drops what of the last response is still unsent (a 16 MiB
+        response cut at 13 MB, with nothing logged)."""
+        if self.closed:
+            return
+        if not readable(self.sock):
+            self.close()
+            return
+        try:
+            self.sock.shutdown(socket.SHUT_WR)
+        except OSError as exc:
+            log.debug("shutdown failed: %s", exc)
+            self.close()
+            return
+        self._drain_then_close()
+
+    def output_sent(self) -> bool:
+        """Whether the kernel holds none of our output unsent (SIOCOUTQ): closing with unread
+        input then drops nothing of ours."""
+        try:
+            return struct.unpack("i", fcntl.ioctl(self.sock.fileno(), SIOCOUTQ, b"\0" * 4))[0] == 0
+        except OSError:
+            return True
 
     def _drain_then_close(self) -> None:
         """The request was answered before its body was read (413, an abort, an unknown role)

@@ -596,23 +596,23 @@ class Worker:
         self._title("retiring")
         self.board.set_state(self.index, SlotState.RETIRING)
         for conn in list(self.conns.values()):
+            if self.stop_mode is StopMode.CLOSE:
+                conn.served_what_waited()  # marks what had come by now: that much is served
             if conn.has_partial_input:
-                continue  # half-received: serve it first
+                continue  # half-received, or complete requests buffered: served first
             if self.stop_mode is StopMode.HANDOFF:
                 # A request waiting in the kernel goes with the connection, to the generation
                 # that is ready and idle. Served here, one after another, the last ones were cut
                 # off at --graceful-timeout (1 of 4 answered, 3 waiting behind a 2 s request).
                 self._hand_off(conn)
-            elif conn.last_call is None:
-                if _readable(conn.sock):
-                    conn.last_call = conn.served  # stopping: what already waits here is served first
-                elif conn.between_requests:
+            elif conn.served_what_waited():
+                # Let go once what waited when the stop began is served, even if the peer has
+                # sent more since (a client keeping requests in flight kept the worker serving
+                # until --graceful-timeout, whose SIGKILL cut a request in the middle); what
+                # came after is read and thrown away, not answered with a reset (let_go).
+                conn.let_go()
+                if conn.closed:
                     self._drop(conn)
-            elif conn.served > conn.last_call:
-                # served what waited when the stop began: let go, even if the peer has sent
-                # the next one (a client keeping two requests in flight kept the worker serving
-                # until --graceful-timeout, whose SIGKILL then cut a request in the middle)
-                self._drop(conn)
         for sock in waiting:
             # The wake-up for this connection may have come to this worker, alone
             # (EPOLLEXCLUSIVE), with the retire message: no other worker is woken for it, and
@@ -655,6 +655,10 @@ class Worker:
                 if now - conn.drain_started > DRAIN_LIMIT or (
                         idle > self.config.read_timeout and not _readable(conn.sock)):
                     self._drop(conn, "stopped reading the rest of a refused request")
+                elif self.stop_mode is not StopMode.NONE and conn.output_sent():
+                    _drain(conn.sock)  # stopping: all of ours is out, and what it sent is read:
+                    self._drop(conn)  # closing now drops nothing (a peer that keeps a pooled
+                    # connection open while idle, as Apache does, held the stop until here)
             elif not conn.between_requests:  # a request coming in, or a new connection's first
                 if idle > self.config.read_timeout and not _readable(conn.sock):
                     # throttled: a flood of half-sent connections (slowloris) gave a line each
