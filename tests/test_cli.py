@@ -325,13 +325,16 @@ def test_toml_integer_modes_are_the_mode_itself(start_daemon, tmp_path):
     conf.write_text("socket-mode = 0o10000\n")
     out = run_cli(["check", "testapp", "--pythonpath", str(APPS), "--config", str(conf)], tmp_path)
     assert out.returncode == 2 and "mode out of range" in out.stderr, out.stderr
-    # a decimal 660 is the mode 0o1224 (sticky, -w--w-r--): it gave such a socket; refused now,
-    # with the way to write it (no setuid, setgid or sticky bit means anything here)
-    conf.write_text("socket-mode = 660\n")
-    out = run_cli(["check", "testapp", "--pythonpath", str(APPS), "--config", str(conf)], tmp_path)
-    assert (out.returncode, out.stderr) == (2, f"fcgidaemon check: --socket-mode (config file {conf}): "
-                                               f"mode out of range 0..0777: 660 (a TOML integer is "
-                                               f"decimal: write 0o660 or \"0660\")\n")
+    # a bare TOML integer is decimal: 660 was the mode 0o1224 (sticky, -w--w-r--), and
+    # `umask = 77` the mask 0o115 (files world-writable), both silently; refused now
+    for line, literal, fix in (("socket-mode = 660", "660", "0o660"), ("umask = 77", "77", "0o77"),
+                               ("umask = 0", "0", "0o0")):
+        conf.write_text(line + "\n")
+        out = run_cli(["check", "testapp", "--pythonpath", str(APPS), "--config", str(conf)], tmp_path)
+        key = line.split()[0]
+        assert (out.returncode, out.stderr) == (2, f"fcgidaemon check: config file {conf}: {key} = "
+                                                   f"{literal} is a decimal number; write a mode as "
+                                                   f"{fix} or \"{literal}\"\n"), out.stderr
     out = run_cli(["check", "testapp", "--pythonpath", str(APPS), "--config", ""], tmp_path)
     assert (out.returncode, out.stderr) == (2, "fcgidaemon check: --config: empty file name\n")
 
@@ -378,6 +381,15 @@ def test_check_judges_as_the_daemon_does(tmp_path):
     (tmp_path / "exits.py").write_text("import os\nos._exit(0)\n")
     (tmp_path / "hangs.py").write_text("import time\ntime.sleep(60)\n")
     (tmp_path / "nocallable.py").write_text("x = 1\n")
+    helper_pid = tmp_path / "helper.pid"
+    (tmp_path / "forks.py").write_text(  # a helper process started at import holds the pipe
+        "import os, time\n"
+        "if os.fork() == 0:\n"
+        f"    open({str(helper_pid)!r}, 'w').write(str(os.getpid()))\n"
+        "    time.sleep(30)\n"
+        "    os._exit(0)\n"
+        "def application(environ, start_response):\n"
+        "    return []\n")
     cases = {
         "exits": (1, "fcgidaemon check: FAILED: the import ended the process without a verdict "
                      "(exit status 0)\n"),
@@ -390,6 +402,14 @@ def test_check_judges_as_the_daemon_does(tmp_path):
         out = run_cli(["check", app, "--pythonpath", str(tmp_path), "--ready-timeout", "2"], tmp_path)
         assert (out.returncode, out.stderr, out.stdout) == (code, stderr, ""), app
         assert time.monotonic() - started < 15, app
+    # a good app whose import starts a helper: OK at once (it waited for the helper, then said
+    # "not imported within 2s"), and nothing of it is left running
+    out = run_cli(["check", "forks", "--pythonpath", str(tmp_path), "--ready-timeout", "2"], tmp_path)
+    assert (out.returncode, out.stdout) == (0, "fcgidaemon check: OK: forks:application is function "
+                                               "application\n"), out.stderr
+    helper = int(wait_for(lambda: helper_pid.exists() and helper_pid.read_text(), 5, "the helper's pid"))
+    wait_for(lambda: not os.path.exists(f"/proc/{helper}") or
+             open(f"/proc/{helper}/stat").read().split()[2] == "Z", 5, "the helper to be gone")
 
 
 # ---------------------------------------------------------------- reload --wait, status, stop

@@ -123,11 +123,11 @@ def acting_as(config: Config) -> Iterator[None]:
         return
     groups, egid = os.getgroups(), os.getegid()
     target_gid = egid if gid is None else gid
-    os.setgroups(os.getgrouplist(config.user, target_gid) if config.user else [target_gid])
-    os.setegid(target_gid)
-    if uid is not None:
-        os.seteuid(uid)
-    try:
+    try:  # inside: a failed setegid or seteuid leaves nothing changed behind
+        os.setgroups(os.getgrouplist(config.user, target_gid) if config.user else [target_gid])
+        os.setegid(target_gid)
+        if uid is not None:
+            os.seteuid(uid)
         yield
     finally:
         os.seteuid(0)
@@ -216,12 +216,23 @@ def check(argv: Sequence[str]) -> int:
     if pid == 0:  # never returns into the caller's code
         code = EXIT_FAILED
         try:
+            os.setpgid(0, 0)  # a group of its own: whatever the import starts goes with it
             os.close(read_end)
             code = _import_and_tell(config, write_end)
         finally:
             os._exit(code)
     os.close(write_end)
-    verdict, status = _wait_for_verdict(read_end, pid, config.ready_timeout)
+    try:
+        try:
+            os.setpgid(pid, pid)  # as the child does: whichever comes first
+        except OSError:
+            pass  # it already has, or has exited
+        verdict, status = _wait_for_verdict(read_end, pid, config.ready_timeout)
+    finally:  # processes the import started (a metrics agent, a multiprocessing helper): the
+        try:  # daemon's workers would own theirs; `check` leaves nothing running
+            os.killpg(pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass  # none left
     if verdict.startswith("OK "):
         print(f"fcgidaemon check: OK: {verdict[3:]}")
         return 0
@@ -239,15 +250,20 @@ def _import_and_tell(config: Config, out: int) -> int:
         app = loader.load_app(config.app)
     except loader.AppImportError as exc:
         print(exc.text, end="", file=sys.stderr)
-        os.write(out, f"FAILED {exc}".encode(errors="replace"))
+        _tell(out, f"FAILED {exc}")
         return EXIT_USAGE if exc.not_found else EXIT_FAILED
     except BaseException as exc:  # noqa: BLE001 - anything else is a failure to report too
         traceback.print_exc()
-        os.write(out, f"FAILED {loader.summarize(exc)}".encode(errors="replace"))
+        _tell(out, f"FAILED {loader.summarize(exc)}")
         return EXIT_FAILED
-    os.write(out, f"OK {config.app} is {type(app).__name__} {getattr(app, '__qualname__', '')}"
-             .encode(errors="replace"))
+    _tell(out, f"OK {config.app} is {type(app).__name__} {getattr(app, '__qualname__', '')}")
     return 0
+
+
+def _tell(out: int, verdict: str) -> None:
+    """One line: the parent reads up to its newline, not to EOF (a process the import started
+    holds the pipe open: check waited for it, then said "not imported" of a good app)."""
+    os.write(out, (" ".join(verdict.split()) + "\n").encode(errors="replace"))
 
 
 def _wait_for_verdict(fd: int, pid: int, timeout: float) -> tuple[str, int]:
@@ -268,9 +284,11 @@ def _wait_for_verdict(fd: int, pid: int, timeout: float) -> tuple[str, int]:
             if not chunk:
                 break
             chunks.append(chunk)
+            if chunk.endswith(b"\n"):
+                break
     _, raw = os.waitpid(pid, 0)
     status = os.waitstatus_to_exitcode(raw)
-    verdict = b"".join(chunks).decode(errors="replace")
+    verdict = b"".join(chunks).decode(errors="replace").strip()
     if verdict:
         return verdict, status
     how = f"killed by signal {-status}" if status < 0 else f"exit status {status}"

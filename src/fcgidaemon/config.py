@@ -96,8 +96,7 @@ def parse_octal(value: str | int) -> int:
         except ValueError:
             raise ConfigError(f"not an octal mode: {value!r}") from None
     if not 0 <= mode <= 0o777:  # no setuid, setgid or sticky bit means anything for these
-        hint = f" (a TOML integer is decimal: write 0o{value} or \"0{value}\")" if isinstance(value, int) else ""
-        raise ConfigError(f"mode out of range 0..0777: {value!r}{hint}")
+        raise ConfigError(f"mode out of range 0..0777: {value if isinstance(value, str) else oct(value)}")
     return mode
 
 
@@ -547,6 +546,7 @@ def read_toml(path: str) -> dict[str, Any]:
     unknown = sorted(k for k in table if k not in known)
     if unknown:
         raise ConfigError(f"config file {path}: unknown option {unknown[0]!r}")
+    _decimal_modes(path, table)
     values: dict[str, Any] = {}
     for key, value in table.items():
         name = key.replace("-", "_")
@@ -555,6 +555,25 @@ def read_toml(path: str) -> dict[str, Any]:
                               f"{name.replace('_', '-')!r} and as {name!r})")
         values[name] = value
     return values
+
+
+MODE_KEYS = ("umask", "socket-mode", "socket_mode")
+
+
+def _decimal_modes(path: str, table: dict[str, Any]) -> None:
+    """A mode written as a bare TOML integer is decimal: `umask = 77` was the mask 0o115 and
+    left files world-writable, silently. Only 0o... or a string may say a mode; the file's text
+    tells how the value was written (TOML has already turned it into a number)."""
+    import re
+    for key in MODE_KEYS:
+        if isinstance(table.get(key), int) and not isinstance(table[key], bool):
+            with open(path, encoding="utf-8") as fh:
+                text = fh.read()
+            written = re.search(rf"^\s*{re.escape(key)}\s*=\s*(\S+)", text, re.M)
+            if written is None or not written.group(1).lower().startswith("0o"):
+                literal = written.group(1) if written else str(table[key])
+                raise ConfigError(f"config file {path}: {key} = {literal} is a decimal number; "
+                                  f"write a mode as 0o{literal.lstrip('0') or '0'} or \"{literal}\"")
 
 
 def resolve(argv: Sequence[str], environ: Mapping[str, str] | None = None,
