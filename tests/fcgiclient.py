@@ -88,6 +88,18 @@ def encode_record(type: int, request_id: int, content: bytes = b"",
     return header + content + b"\0" * padding
 
 
+def take_records(buf: bytearray) -> Iterator[Record]:
+    """The complete records at the head of `buf`, each removed as it is yielded; a record
+    still coming stays (for a reader that appends what each recv() brings)."""
+    while len(buf) >= FCGI_HEADER_LEN:
+        _, rtype, rid, clen, plen = _HEADER.unpack_from(buf)
+        if len(buf) < FCGI_HEADER_LEN + clen + plen:
+            return
+        content = bytes(buf[FCGI_HEADER_LEN:FCGI_HEADER_LEN + clen])
+        del buf[:FCGI_HEADER_LEN + clen + plen]
+        yield Record(rtype, rid, content)
+
+
 def decode_records(data: bytes) -> list[Record]:
     """Decode a byte string holding whole records; raise on truncation."""
     records, pos = [], 0

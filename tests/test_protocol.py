@@ -22,7 +22,8 @@ import pytest
 
 from daemon import APPS, Daemon, free_port, wait_for
 from fcgiclient import (FCGI_BEGIN_REQUEST, FCGI_CANT_MPX_CONN, FCGI_END_REQUEST, FCGI_GET_VALUES, FCGI_KEEP_CONN, FCGI_PARAMS, FCGI_STDIN, FCGI_STDOUT, FCGI_UNKNOWN_ROLE,
-                        FCGI_UNKNOWN_TYPE, ConnectionClosed, FCGIClient, build_request, encode_params, encode_record, make_params)
+                        FCGI_UNKNOWN_TYPE, ConnectionClosed, FCGIClient, build_request, encode_params, encode_record, make_params,
+                        take_records)
 
 
 class FlupServer:
@@ -401,14 +402,9 @@ def test_a_busy_kept_connection_does_not_starve_the_others(start_daemon):
     total = 6000
     stream = b"".join(build_request(make_params("GET", f"/id?id=a{i}"), keep_conn=True)
                       for i in range(1, total))
-    answered = []  # ids of A's responses, in order
-    a = socket.create_connection(d.address, timeout=20)
-    b = FCGIClient(d.address, timeout=20)
+    answered: list[str] = []  # ids of A's responses, in order
+    a, b, reader = _a_reading_and_b_kept(d, total, answered)
     try:
-        # both kept and waiting in the worker's epoll set before the stream starts
-        assert b.request(make_params("GET", "/id?id=b0"), keep_conn=True).status == 200
-        reader = threading.Thread(target=_read_ids, args=(a, total, answered))
-        reader.start()
         a.sendall(build_request(make_params("GET", "/id?id=a0"), keep_conn=True))
         wait_for(lambda: answered, 10, "A's first response")
         writer = threading.Thread(target=a.sendall, args=(stream,))
@@ -427,6 +423,18 @@ def test_a_busy_kept_connection_does_not_starve_the_others(start_daemon):
     assert a_done_before_b < total // 2
 
 
+def _a_reading_and_b_kept(d, total: int, answered: list[str]
+                          ) -> tuple[socket.socket, FCGIClient, threading.Thread]:
+    """A (a raw socket whose responses a thread reads into `answered`) and B, kept and waiting
+    in the worker's epoll set before A sends anything."""
+    a = socket.create_connection(d.address, timeout=20)
+    b = FCGIClient(d.address, timeout=20)
+    assert b.request(make_params("GET", "/id?id=b0"), keep_conn=True).status == 200
+    reader = threading.Thread(target=_read_ids, args=(a, total, answered))
+    reader.start()
+    return a, b, reader
+
+
 def test_pipelined_requests_take_turns_with_other_connections(start_daemon):
     """One worker; A pipelines 40 kept requests of 0.1 s each in one send, then a kept
     connection B and a new connection C each send one. The worker ran every complete request
@@ -435,12 +443,8 @@ def test_pipelined_requests_take_turns_with_other_connections(start_daemon):
     d = start_daemon(workers=1)
     total = 40
     answered: list[str] = []
-    a = socket.create_connection(d.address, timeout=20)
-    b = FCGIClient(d.address, timeout=20)
+    a, b, reader = _a_reading_and_b_kept(d, total, answered)
     try:
-        assert b.request(make_params("GET", "/id?id=b0"), keep_conn=True).status == 200
-        reader = threading.Thread(target=_read_ids, args=(a, total, answered))
-        reader.start()
         a.sendall(b"".join(build_request(make_params("GET", f"/id?id=a{i}&sleep=0.1"), keep_conn=True)
                            for i in range(total)))
         wait_for(lambda: answered, 10, "A's first response")
@@ -490,12 +494,8 @@ def test_a_stop_does_not_wait_for_a_connection_that_always_has_a_next_request(st
             cut = bool(buf)  # a record begun and not finished
             break
         buf += chunk
-        while len(buf) >= 8:
-            _, rtype, _, clen, plen = struct.unpack_from("!BBHHB", buf)
-            if len(buf) < 8 + clen + plen:
-                break
-            del buf[:8 + clen + plen]
-            if rtype == FCGI_END_REQUEST:
+        for record in take_records(buf):
+            if record.type == FCGI_END_REQUEST:
                 answered.append("x")
                 if len(answered) == 10:
                     d.signal(signal.SIGTERM)
@@ -538,15 +538,11 @@ def test_the_close_after_a_stop_does_not_cut_the_last_response(start_daemon):
         if not chunk:
             break
         buf += chunk
-        while len(buf) >= 8:
-            _, rtype, rid, clen, plen = struct.unpack_from("!BBHHB", buf)
-            if len(buf) < 8 + clen + plen:
-                break
-            if rtype == FCGI_STDOUT and rid == 2:
-                r2_stdout += clen
-            if rtype == FCGI_END_REQUEST:
-                ends.append(rid)
-            del buf[:8 + clen + plen]
+        for record in take_records(buf):
+            if record.type == FCGI_STDOUT and record.request_id == 2:
+                r2_stdout += len(record.content)
+            if record.type == FCGI_END_REQUEST:
+                ends.append(record.request_id)
         if r2_stdout and not sent_r3:  # a client with two in flight: the next one, now
             sock.sendall(build_request(make_params("GET", "/id?id=r3"), keep_conn=True, request_id=3))
             sent_r3 = True

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from daemon import APPS, alive, tcp_sockets, wait_for
-from fcgiclient import FCGI_END_REQUEST, ConnectionClosed, FCGIClient, build_request, make_params
+from fcgiclient import FCGI_END_REQUEST, ConnectionClosed, FCGIClient, build_request, make_params, take_records
 from load import FCGIChecker, run_load
 from test_lifecycle import app_copy, get
 
@@ -587,12 +587,8 @@ def test_a_paused_listener_comes_back_while_a_pipelining_peer_keeps_the_worker_b
         buf = bytearray()
         while not stop.is_set():
             buf += p.recv(65536)
-            while len(buf) >= 8:
-                _, rtype, _, clen, plen = struct.unpack_from("!BBHHB", buf)
-                if len(buf) < 8 + clen + plen:
-                    break
-                del buf[:8 + clen + plen]
-                if rtype == FCGI_END_REQUEST:
+            for record in take_records(buf):
+                if record.type == FCGI_END_REQUEST:
                     send()
 
     t = threading.Thread(target=pipeline, daemon=True)
