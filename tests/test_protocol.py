@@ -580,6 +580,21 @@ def test_a_management_record_waiting_at_a_stop_does_not_hold_it(start_daemon):
     assert code == 0 and took < 3 and d.count("did not stop in time") == 0
 
 
+def test_a_stop_serves_a_connection_whose_request_is_on_its_way(start_daemon, tmp_path):
+    """On a unix socket (no TCP_DEFER_ACCEPT) a connection is accepted before its bytes come.
+    A stop beginning in between must not close it as idle: its request is on its way."""
+    path = tmp_path / "s.sock"
+    d = start_daemon("testapp", workers=1, bind=f"unix:{path}")
+    with FCGIClient(str(path), timeout=10) as client:
+        client.connect()
+        time.sleep(0.3)  # accepted by the worker, nothing sent yet
+        d.signal(signal.SIGTERM)
+        time.sleep(0.3)
+        resp = client.request(make_params("GET", "/hello"), keep_conn=False)
+    assert resp.status == 200 and resp.body.startswith(b"hello v1 ")
+    assert d.wait_exit(10) == 0
+
+
 def test_a_stopping_worker_ends_a_kept_connection_with_its_last_response(start_daemon):
     """SIGTERM while a request runs on a kept connection: its FIN must leave with END_REQUEST,
     so a web server checking the connection before reusing it (Apache's enablereuse peeks)

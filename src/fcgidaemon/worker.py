@@ -605,8 +605,9 @@ class Worker:
                 # that is ready and idle. Served here, one after another, the last ones were cut
                 # off at --graceful-timeout (1 of 4 answered, 3 waiting behind a 2 s request).
                 self._hand_off(conn)
-            elif conn.served_what_waited():
-                # Let go once what waited when the stop began is served, even if the peer has
+            elif (conn.received or conn.between_requests) and conn.served_what_waited():
+                # (a connection that has sent nothing yet is a request on its way: on a unix
+                # socket, with no TCP_DEFER_ACCEPT, accepted before its bytes came) Let go once what waited when the stop began is served, even if the peer has
                 # sent more since (a client keeping requests in flight kept the worker serving
                 # until --graceful-timeout, whose SIGKILL cut a request in the middle); what
                 # came after is read and thrown away, not answered with a reset (let_go).
