@@ -384,10 +384,11 @@ def test_check_judges_as_the_daemon_does(tmp_path):
     helper_pid = tmp_path / "helper.pid"
     (tmp_path / "forks.py").write_text(  # a helper process started at import holds the pipe
         "import os, time\n"
-        "if os.fork() == 0:\n"
-        f"    open({str(helper_pid)!r}, 'w').write(str(os.getpid()))\n"
+        "helper = os.fork()\n"
+        "if helper == 0:\n"
         "    time.sleep(30)\n"
         "    os._exit(0)\n"
+        f"open({str(helper_pid)!r}, 'w').write(str(helper))  # before the import ends\n"
         "def application(environ, start_response):\n"
         "    return []\n")
     cases = {
@@ -407,7 +408,7 @@ def test_check_judges_as_the_daemon_does(tmp_path):
     out = run_cli(["check", "forks", "--pythonpath", str(tmp_path), "--ready-timeout", "2"], tmp_path)
     assert (out.returncode, out.stdout) == (0, "fcgidaemon check: OK: forks:application is function "
                                                "application\n"), out.stderr
-    helper = int(wait_for(lambda: helper_pid.exists() and helper_pid.read_text(), 5, "the helper's pid"))
+    helper = int(helper_pid.read_text())
     wait_for(lambda: not os.path.exists(f"/proc/{helper}") or
              open(f"/proc/{helper}/stat").read().split()[2] == "Z", 5, "the helper to be gone")
 
