@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import signal
 import socket
 import struct
 import threading
@@ -268,17 +269,21 @@ def test_abort_the_application_swallows_ends_the_request_at_once(daemon):
     assert_worker_unharmed(daemon, before)
 
 
-@pytest.mark.parametrize("begun", [False, True], ids=["no-request", "after-a-begin-request"])
-def test_management_answers_nobody_reads_do_not_hold_the_worker(start_daemon, begun):
+@pytest.mark.parametrize("begun,unix", [(False, False), (True, False), (True, True)],
+                         ids=["no-request", "after-a-begin-request", "after-a-begin-request-unix"])
+def test_management_answers_nobody_reads_do_not_hold_the_worker(start_daemon, tmp_path, begun, unix):
     """A connection sending only management records (400,000 unknown types) and never reading
     the answers: each answer was a blocking send, so the worker (idle to the manager: --timeout
     does not apply) waited --read-timeout at every stall, and its other clients with it.
     Between requests an answer the socket does not take at once now closes that connection;
     so too while a request is still in its params (one BEGIN_REQUEST first was enough to get
-    the blocking send back: the worker is not busy with such a request either)."""
-    d = start_daemon("testapp", "--read-timeout", "10", workers=1)
+    the blocking send back: the worker is not busy with such a request either). On a unix
+    socket, closing such a connection sent the failure mark (a send that waited --read-timeout
+    on a full buffer): a request still in its params has no response to mark failed."""
+    d = start_daemon("testapp", "--read-timeout", "10", workers=1,
+                     bind=f"unix:{tmp_path / 'm.sock'}" if unix else None)
     before = d.wait_workers(1)
-    flooder = socket.socket()
+    flooder = socket.socket(socket.AF_UNIX if unix else socket.AF_INET)
     flooder.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     flooder.connect(d.address)
     flood = struct.pack("!BBHHBx", 1, 77, 0, 0, 0) * 400_000  # unknown type 77, request id 0
@@ -318,6 +323,37 @@ def test_a_flood_of_half_sent_connections_is_one_log_line(daemon):
             sock.close()
     assert daemon.count(r"no complete request within 1s") == 1
     assert_worker_unharmed(daemon, before)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGHUP, signal.SIGTERM], ids=["reload", "stop"])
+def test_a_reload_or_stop_does_not_cut_a_refused_bodys_drain(start_daemon, signum):
+    """A body refused by --max-body is answered 413 at once, then read and thrown away while
+    the web server goes on sending it (closed, it would get a reset: 502, not the 413). A
+    reload or stop that began meanwhile closed that drain as soon as our output had left: the
+    rest of the body met a reset (this stop's own change, found by a review)."""
+    d = start_daemon("testapp", "--max-body", "1k", workers=1)
+    total = 2 << 20
+    sock = socket.create_connection(d.address, timeout=10)
+    try:
+        sock.sendall(BEGIN + encode_record(FCGI_PARAMS, 1, encode_params(make_params("POST", "/echo", total)))
+                     + encode_record(FCGI_PARAMS, 1))
+        first = sock.recv(65536)
+        assert b"413" in first, first
+        chunk = encode_record(FCGI_STDIN, 1, b"x" * 32768)
+        started, signalled = time.monotonic(), False
+        for _ in range(total // 32768):
+            sock.sendall(chunk)  # raises on the reset
+            time.sleep(0.02)
+            if not signalled and time.monotonic() - started > 0.5:
+                d.signal(signum)
+                signalled = True
+        sock.sendall(encode_record(FCGI_STDIN, 1))
+        sock.shutdown(socket.SHUT_WR)
+        while sock.recv(65536):  # then the daemon closes: EOF, not a reset
+            pass
+    finally:
+        sock.close()
+    assert signalled
 
 
 def _send_quietly(sock: socket.socket, data: bytes) -> None:

@@ -724,3 +724,35 @@ def test_a_reload_with_chdir_on_a_symlink_serves_the_new_release(start_daemon, t
     _switch(root, "r2")
     d.reload(2)
     assert get(d.address, "/").body == b"app=r2 helper=r2"
+
+
+def test_a_stop_during_a_reload_serves_the_connection_handed_over(start_daemon):
+    """A kept connection B with a request waiting is handed over by its retiring worker (once
+    that one finished its slow request) to the new generation's only worker, busy; then
+    SIGTERM. The new worker, stopping with no connection of its own, exited with the hand-over
+    unread on its channel: the kernel closed B with a reset, its request unanswered (Apache's
+    enablereuse answers 503). It now reads its channel before it leaves."""
+    d = start_daemon("testapp", workers=1)
+    d.wait_workers(1)
+    b = FCGIClient(d.address, timeout=15)
+    slow_a = FCGIClient(d.address, timeout=15)
+    slow_c = FCGIClient(d.address, timeout=15)
+    try:
+        assert b.request(make_params("GET", "/id?id=b1"), keep_conn=True).status == 200
+        slow_a.send_raw(build_request(make_params("GET", "/id?id=a&sleep=3"), keep_conn=False))
+        time.sleep(0.2)
+        d.signal(signal.SIGHUP)
+        d.wait_serving(2)
+        slow_c.send_raw(build_request(make_params("GET", "/id?id=c&sleep=4"), keep_conn=False))
+        time.sleep(0.2)
+        b.send_raw(build_request(make_params("GET", "/id?id=b2"), keep_conn=True, request_id=2))
+        assert slow_a.read_response(1, keep_conn=False).body.startswith(b"id=a ")
+        time.sleep(0.5)  # B is handed over by now, to the new worker, busy with C
+        d.signal(signal.SIGTERM)
+        assert slow_c.read_response(1, keep_conn=False).body.startswith(b"id=c ")
+        answer = b.read_response(2, keep_conn=True)
+    finally:
+        for client in (b, slow_a, slow_c):
+            client.close()
+    assert answer.status == 200 and answer.body.startswith(b"id=b2 ")
+    assert d.wait_exit(15) == 0

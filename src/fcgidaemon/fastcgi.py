@@ -393,6 +393,10 @@ class Connection:
         # stopping: `received` plus what waited in the kernel when the worker began to stop.
         # What came up to there is served; then the connection is let go (served_what_waited)
         self.stop_mark: int | None = None
+        # the stop ended it (let_go, or its last response): its drain may end as soon as all of
+        # ours has left; a refused body's drain (413) may not (closed, the web server still
+        # sending its body gets a reset: 502, not the 413)
+        self.let_go_by_stop = False
         self.draining = False  # answered before its body was read: reading it to the end (drain)
         self.drain_started = 0.0
         self.last_active = time.monotonic()
@@ -721,6 +725,7 @@ class Connection:
             # unread input (the body, or requests sent after the stop began): closed, the
             # kernel would answer it with a reset, dropping what of the response is still unsent
             unread = not req.stdin.eof or (self.server.closing and readable(self.sock))
+            self.let_go_by_stop = req.keep_conn and req.stdin.eof  # kept until the stop ended it
             if (self.tcp or unread) and not self.closed:
                 try:
                     self.sock.shutdown(socket.SHUT_WR)
@@ -755,6 +760,7 @@ class Connection:
             log.debug("shutdown failed: %s", exc)
             self.close()
             return
+        self.let_go_by_stop = True
         self._drain_then_close()
 
     def output_sent(self) -> bool:

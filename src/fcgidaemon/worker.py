@@ -131,6 +131,7 @@ class Worker:
         self.paused: dict[int, float] = {}  # listener fd -> when to watch it again (_pause)
         self.accept_failures = logs.Throttle(10.0)  # for want of descriptors or memory
         self.stall_lines = logs.Throttle(10.0)  # "no complete request within" (_sweep)
+        self.channel_closed = False  # the manager's end of the channel is gone (EOF)
         self.modules_mark = sharing.newest_module()  # the manager's last, then the last reported
 
     # ------------------------------------------------------------------ start
@@ -428,10 +429,10 @@ class Worker:
             del self.conns[conn.fd]
         if self.backlog.get(conn.fd) is conn:
             del self.backlog[conn.fd]
-        if conn.request is not None:  # in the middle of a request (its response may have begun:
-            conn.abort()  # a stall of the web server's while the application read its body)
-        else:
-            conn.close()
+        if conn.request is not None and conn.request.runnable:  # in the middle of a request
+            conn.abort()  # (its response may have begun: the web server stalled while the
+        else:  # application read its body); one still in its params has nothing to mark failed,
+            conn.close()  # and on a unix socket the mark is a send that waits (--read-timeout)
 
     def _serve(self, conn: Connection, flags: int = 0) -> None:
         """Read what arrived on `conn` and run one complete request: one per turn. A peer
@@ -537,6 +538,7 @@ class Worker:
             return
         if not msg:  # the manager is gone: no orphan keeps serving old code
             log.warning("manager exited; stopping")
+            self.channel_closed = True
             self.epoll.unregister(self.spec.channel.fileno())
             self._begin_stop(StopMode.CLOSE)
             return
@@ -624,7 +626,18 @@ class Worker:
             # for that request. A kept one is handed over at the next pass.
             self._take(sock)
             sock.close()
+        if not self.conns:
+            self._adopt_waiting()  # a hand-over sent to us as we stopped: served, not reset
         return not self.conns
+
+    def _adopt_waiting(self) -> None:
+        """Take the messages waiting on the manager's channel before we leave. Stopping with no
+        connection left, the worker exited with a hand-over (MSG_ADOPT) unread: the kernel
+        closed that kept connection, and the request waiting on it got a reset (SIGTERM during
+        a reload, whose old worker had just handed it on). Adopted, it is served like any
+        connection of a stopping worker: what waited, then closed."""
+        while not self.channel_closed and _readable(self.spec.channel):
+            self._channel_message()
 
     def _hand_off(self, conn: Connection) -> None:
         try:
@@ -656,7 +669,7 @@ class Worker:
                 if now - conn.drain_started > DRAIN_LIMIT or (
                         idle > self.config.read_timeout and not _readable(conn.sock)):
                     self._drop(conn, "stopped reading the rest of a refused request")
-                elif self.stop_mode is not StopMode.NONE and conn.output_sent():
+                elif conn.let_go_by_stop and conn.output_sent():
                     _drain(conn.sock)  # stopping: all of ours is out, and what it sent is read:
                     self._drop(conn)  # closing now drops nothing (a peer that keeps a pooled
                     # connection open while idle, as Apache does, held the stop until here)
