@@ -565,10 +565,12 @@ def _decimal_modes(path: str, table: dict[str, Any]) -> None:
     left files world-writable, silently. Only 0o... or a string may say a mode; the file's text
     tells how the value was written (TOML has already turned it into a number)."""
     import re
+    text = None
     for key in MODE_KEYS:
         if isinstance(table.get(key), int) and not isinstance(table[key], bool):
-            with open(path, encoding="utf-8") as fh:
-                text = fh.read()
+            if text is None:  # read once, and only when a mode is a number
+                with open(path, encoding="utf-8") as fh:
+                    text = fh.read()
             written = re.search(rf"^\s*{re.escape(key)}\s*=\s*(\S+)", text, re.M)
             if written is None or not written.group(1).lower().startswith("0o"):
                 literal = written.group(1) if written else str(table[key])

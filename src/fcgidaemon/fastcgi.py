@@ -145,15 +145,17 @@ SIOCOUTQ = 0x5411  # linux/sockios.h (= TIOCOUTQ): bytes of ours not yet sent (o
 
 
 def readable(sock: socket.socket) -> bool:
+    """Whether `sock` has input (or EOF) waiting, without waiting for it."""
     poller = select.poll()  # not select(): descriptors may be above 1024
     poller.register(sock, select.POLLIN)
     return bool(poller.poll(0))
 
 
-def pending(sock: socket.socket) -> int:
-    """Bytes waiting in the kernel to be read from `sock`."""
+def queued(sock: socket.socket, which: int) -> int:
+    """Bytes in one of the socket's kernel queues: SIOCINQ (waiting to be read) or SIOCOUTQ
+    (ours, not yet sent); 0 when the kernel cannot say (the socket has gone)."""
     try:
-        return struct.unpack("i", fcntl.ioctl(sock.fileno(), SIOCINQ, b"\0" * 4))[0]
+        return struct.unpack("i", fcntl.ioctl(sock.fileno(), which, b"\0" * 4))[0]
     except OSError:
         return 0
 
@@ -741,7 +743,7 @@ class Connection:
         """Stopping: whether everything that had come when the stop began (buffered, or in the
         kernel) has been taken; marked at the first call."""
         if self.stop_mark is None:
-            self.stop_mark = self.received + pending(self.sock)
+            self.stop_mark = self.received + queued(self.sock, SIOCINQ)
         return self.received - len(self.inbuf) >= self.stop_mark
 
     def let_go(self) -> None:
@@ -766,10 +768,7 @@ class Connection:
     def output_sent(self) -> bool:
         """Whether the kernel holds none of our output unsent (SIOCOUTQ): closing with unread
         input then drops nothing of ours."""
-        try:
-            return struct.unpack("i", fcntl.ioctl(self.sock.fileno(), SIOCOUTQ, b"\0" * 4))[0] == 0
-        except OSError:
-            return True
+        return queued(self.sock, SIOCOUTQ) == 0
 
     def _drain_then_close(self) -> None:
         """The request was answered before its body was read (413, an abort, an unknown role)

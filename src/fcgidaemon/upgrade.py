@@ -247,11 +247,21 @@ class Upgrading:
         for lst in self.listeners:
             lst.unlink_path = lst.takeover_path or lst.unlink_path
 
-    def _on_successor(self, conn: socket.socket, pid_text: str) -> None:
+    def _successor_speaking(self, conn: socket.socket, pid_text: str) -> Upgrade | None:
+        """Our upgrade, if `conn` is its successor speaking while it starts; else refused.
+        The kernel's word for who speaks (SO_PEERCRED), not the message's: any process of the
+        same user may connect, the application's workers included. Accepted after the
+        hand-over, a 'successor-failed' cut the retired manager off from its successor."""
         up = self.upgrade
-        if (up is None or pid_text != str(up.pid) or self.phase is not Phase.RUNNING
-                or control.peer_credentials(conn)[0] != up.pid):  # the successor itself says so
+        if (up is None or pid_text != str(up.pid) or up.successor_ready or self.phase is not Phase.RUNNING
+                or control.peer_credentials(conn)[0] != up.pid):
             control.reply(conn, {"ok": False, "message": "no such upgrade in progress"})
+            return None
+        return up
+
+    def _on_successor(self, conn: socket.socket, pid_text: str) -> None:
+        up = self._successor_speaking(conn, pid_text)
+        if up is None:
             return
         up.successor_ready = True
         self.phase = Phase.RETIRED
@@ -279,13 +289,8 @@ class Upgrading:
 
     def _on_successor_failed(self, conn: socket.socket, pid_text: str, reason: str) -> None:
         """Our successor could not start, and says why (tell_predecessor) before it exits."""
-        up = self.upgrade
-        # only the successor itself (the kernel's word, not the message's: any process of the
-        # same user may connect, the application's workers included), and only while it starts:
-        # accepted after the hand-over, it cut the retired manager off from its successor
-        if (up is None or pid_text != str(up.pid) or up.successor_ready or self.phase is not Phase.RUNNING
-                or control.peer_credentials(conn)[0] != up.pid):
-            control.reply(conn, {"ok": False, "message": "no such upgrade in progress"})
+        up = self._successor_speaking(conn, pid_text)
+        if up is None:
             return
         control.reply(conn, {"ok": True})
         self._upgrade_failed(f"new manager {up.pid}: {reason}")

@@ -40,7 +40,7 @@ from . import accesslog, loader, logs, selfcheck, sharing, status, titles
 from .config import Config, in_networks
 from .scoreboard import Scoreboard, SlotState
 from .fastcgi import (DRAIN_LIMIT, Connection, ConnectionLost, Limits, ProtocolError,
-                      RequestAborted, Server)
+                      RequestAborted, Server, readable)
 from .wsgi import make_handler
 
 log = logging.getLogger("fcgidaemon")
@@ -564,7 +564,7 @@ class Worker:
         if self.stop_mode is not StopMode.NONE:
             return
         idle = [c for c in self.conns.values()
-                if c.fd in self.registered and not c.has_partial_input and not _readable(c.sock)]
+                if c.fd in self.registered and not c.has_partial_input and not readable(c.sock)]
         for conn in idle[:count]:
             self._hand_off(conn)
             if self.stop_mode is not StopMode.NONE:  # the channel failed
@@ -591,7 +591,7 @@ class Worker:
             del self.listener_fds[fd]
             if self.paused.pop(fd, None) is None:  # a paused listener is not in the epoll set
                 self.epoll.unregister(fd)
-                if _readable(sock):
+                if readable(sock):
                     waiting.append(sock)
                     continue
             sock.close()
@@ -608,11 +608,12 @@ class Worker:
                 # off at --graceful-timeout (1 of 4 answered, 3 waiting behind a 2 s request).
                 self._hand_off(conn)
             elif (conn.received or conn.between_requests) and conn.served_what_waited():
-                # (a connection that has sent nothing yet is a request on its way: on a unix
-                # socket, with no TCP_DEFER_ACCEPT, accepted before its bytes came) Let go once what waited when the stop began is served, even if the peer has
+                # Let go once what waited when the stop began is served, even if the peer has
                 # sent more since (a client keeping requests in flight kept the worker serving
                 # until --graceful-timeout, whose SIGKILL cut a request in the middle); what
-                # came after is read and thrown away, not answered with a reset (let_go).
+                # came after is read and thrown away, not answered with a reset (let_go). Not
+                # a connection that has sent nothing yet: that is a request on its way (a unix
+                # socket has no TCP_DEFER_ACCEPT: accepted before its bytes came).
                 conn.let_go()
                 if conn.closed:
                     self._drop(conn)
@@ -636,7 +637,7 @@ class Worker:
         closed that kept connection, and the request waiting on it got a reset (SIGTERM during
         a reload, whose old worker had just handed it on). Adopted, it is served like any
         connection of a stopping worker: what waited, then closed."""
-        while not self.channel_closed and _readable(self.spec.channel):
+        while not self.channel_closed and readable(self.spec.channel):
             self._channel_message()
 
     def _hand_off(self, conn: Connection) -> None:
@@ -667,20 +668,20 @@ class Worker:
             idle = now - conn.last_active
             if conn.draining:  # answered; what it still sends is thrown away, for so long
                 if now - conn.drain_started > DRAIN_LIMIT or (
-                        idle > self.config.read_timeout and not _readable(conn.sock)):
+                        idle > self.config.read_timeout and not readable(conn.sock)):
                     self._drop(conn, "stopped reading the rest of a refused request")
                 elif conn.let_go_by_stop and conn.output_sent():
                     _drain(conn.sock)  # stopping: all of ours is out, and what it sent is read:
                     self._drop(conn)  # closing now drops nothing (a peer that keeps a pooled
                     # connection open while idle, as Apache does, held the stop until here)
             elif not conn.between_requests:  # a request coming in, or a new connection's first
-                if idle > self.config.read_timeout and not _readable(conn.sock):
+                if idle > self.config.read_timeout and not readable(conn.sock):
                     # throttled: a flood of half-sent connections (slowloris) gave a line each
                     count = self.stall_lines.due()
                     self._drop(conn, f"no complete request within {self.config.read_timeout:g}s"
                                f"{f' ({count} connections since the last such line)' if count > 1 else ''}"
                                if count else None, logging.WARNING)
-            elif idle > self.config.keep_conn_idle and not _readable(conn.sock):
+            elif idle > self.config.keep_conn_idle and not readable(conn.sock):
                 self._drop(conn)
         if self.access_log is not None:
             self.access_log.reopen_if_moved()
@@ -706,12 +707,6 @@ def _drain(sock: socket.socket) -> None:
             pass
     except BlockingIOError:
         pass
-
-
-def _readable(sock: socket.socket) -> bool:
-    poller = select.poll()  # not select(): descriptors may be above 1024
-    poller.register(sock, select.POLLIN)
-    return bool(poller.poll(0))
 
 
 if sys.platform != "linux":  # pragma: no cover
