@@ -35,9 +35,9 @@ from flup.server import fcgi_base as flup
 from .logs import Throttle
 
 try:
-    from ._speedups import decode_params as _c_decode_params
+    from ._speedups import decode_params as _c_decode_params, scan_request as _c_scan_request
 except ImportError:  # built without a C compiler (setup.py: optional): the Python decoder
-    _c_decode_params = None
+    _c_decode_params = _c_scan_request = None
 
 log = logging.getLogger("fcgidaemon")
 
@@ -464,6 +464,11 @@ class Connection:
         if self.draining:
             self.inbuf.clear()
             return
+        if self.request is None and _c_scan_request is not None and not self.closed:
+            found = _c_scan_request(self.inbuf, self.server.limits.max_params)
+            if found is not None:  # the usual request, whole: taken in one step (_speedups.c)
+                self._scanned(*found)
+                return
         buf, pos, size = self.inbuf, 0, len(self.inbuf)
         unpack = HEADER.unpack_from
         try:
@@ -486,6 +491,19 @@ class Connection:
         finally:
             if pos:
                 del buf[:pos]
+
+    def _scanned(self, request_id: int, flags: int, params: dict[str, str], end: int,
+                 stdin_done: bool) -> None:
+        """What the record loop below makes of a responder's BEGIN_REQUEST, its whole PARAMS
+        stream and (`stdin_done`) an empty STDIN, which scan_request found at the buffer's
+        start, up to `end`."""
+        req = Request(self, request_id, flup.FCGI_RESPONDER, flags)
+        self._open(req)
+        req.params = params
+        req.runnable = True
+        if stdin_done:
+            req.stdin.add_data(b"")
+        del self.inbuf[:end]
 
     def _take_stdin_end(self, req: Request, pos: int) -> int:
         """A runnable request's empty STDIN record (the end of its body: a GET's whole body)
@@ -582,15 +600,17 @@ class Connection:
             self.flush()
             return
         req = Request(self, request_id, role, flags)
+        self._open(req)
+        if role != flup.FCGI_RESPONDER:
+            self.end_request(req, 0, flup.FCGI_UNKNOWN_ROLE)
+
+    def _open(self, req: Request) -> None:
+        """`req` becomes the connection's request."""
         self.keep = req.keep_conn
         if self.keep and not self.nodelay:
             # kept connection: without TCP_NODELAY each response waits for a delayed ACK
             self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             self.nodelay = True
-        if role != flup.FCGI_RESPONDER:
-            self.request = req
-            self.end_request(req, 0, flup.FCGI_UNKNOWN_ROLE)
-            return
         self.request = req
 
     def _early_input(self, req: Request, size: int) -> None:

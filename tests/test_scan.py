@@ -1,0 +1,152 @@
+"""The C scan of a request's first records (scan_request in fcgidaemon/_speedups.c) changes
+nothing but speed: for any bytes, Connection.parse_available leaves the connection exactly as
+its record-by-record Python loop does (the reference, run here with the scan switched off).
+
+The scan only ever takes the usual case whole (a responder's BEGIN_REQUEST, its PARAMS, the
+empty STDIN) and answers None for anything else; these tests check both halves: that it is
+taken for what nginx and Apache send, and that whatever it takes, or leaves, ends the same.
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+from typing import Any
+
+import pytest
+from flup.server.fcgi_base import encode_pair
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fcgidaemon import fastcgi
+from fcgidaemon.fastcgi import Connection, Limits, Server
+
+BEGIN, PARAMS, STDIN, ABORT = 1, 4, 5, 2
+
+
+def record(rtype: int, content: bytes = b"", request_id: int = 1, padding: int | None = None,
+           version: int = 1) -> bytes:
+    pad = -len(content) & 7 if padding is None else padding
+    return struct.pack("!BBHHBx", version, rtype, request_id, len(content), pad) + content + bytes(pad)
+
+
+def begin(request_id: int = 1, role: int = 1, flags: int = 0) -> bytes:
+    return record(BEGIN, struct.pack("!HB5x", role, flags), request_id)
+
+
+NGINX = {"QUERY_STRING": "", "REQUEST_METHOD": "GET", "CONTENT_TYPE": "", "CONTENT_LENGTH": "",
+         "SCRIPT_NAME": "/hello", "REQUEST_URI": "/hello", "DOCUMENT_URI": "/hello",
+         "SERVER_PROTOCOL": "HTTP/1.1", "REMOTE_ADDR": "127.0.0.1", "SERVER_PORT": "8080"}
+PAIRS = b"".join(encode_pair(k.encode(), v.encode()) for k, v in NGINX.items())
+
+
+def usual(flags: int = 0, request_id: int = 1) -> bytes:
+    return (begin(request_id, flags=flags) + record(PARAMS, PAIRS, request_id)
+            + record(PARAMS, b"", request_id) + record(STDIN, b"", request_id))
+
+
+def outcome(data: bytes, scan: bool, max_params: int = 1 << 20) -> dict[str, Any]:
+    """Everything parse_available leaves behind for `data`, with or without the C scan."""
+    ours, peer = socket.socketpair()
+    peer.setblocking(False)
+    saved = fastcgi._c_scan_request
+    if not scan:
+        fastcgi._c_scan_request = None
+    try:
+        conn = Connection(ours, Server(lambda req: 0, Limits(max_params=max_params)))
+        conn.inbuf += data
+        try:
+            conn.parse_available()
+            error = None
+        except Exception as exc:  # noqa: BLE001 - compared, not swallowed
+            error = (type(exc).__name__, str(exc))
+        req = conn.request
+        try:
+            answered = peer.recv(65536)
+        except BlockingIOError:
+            answered = b""
+        return {
+            "error": error, "inbuf": bytes(conn.inbuf), "closed": conn.closed, "keep": conn.keep,
+            "draining": conn.draining, "out": b"".join(conn._out), "answered": answered,
+            "request": None if req is None else (
+                req.requestId, req.role, req.flags, req.params, req.runnable, req.stdin.eof,
+                bytes(req.params_raw), req.aborted, req.stdin.received),
+        }
+    finally:
+        fastcgi._c_scan_request = saved
+        ours.close()
+        peer.close()
+
+
+def test_the_scan_is_built():
+    from fcgidaemon import _speedups
+
+    assert fastcgi._c_scan_request is _speedups.scan_request
+
+
+@pytest.mark.parametrize("data", [
+    usual(),
+    usual(flags=1),  # nginx fastcgi_keep_conn, Apache enablereuse
+    usual(request_id=65535),
+    # params in three records, with odd padding
+    begin() + record(PARAMS, PAIRS[:5], padding=0) + record(PARAMS, PAIRS[5:300], padding=255)
+    + record(PARAMS, PAIRS[300:]) + record(PARAMS, b"") + record(STDIN, b""),
+    begin() + record(PARAMS, PAIRS) + record(PARAMS, b""),  # the body's end not here yet
+    begin() + record(PARAMS, b""),  # no params at all
+], ids=["usual", "keep-conn", "id-65535", "split-params", "no-stdin-yet", "empty-params"])
+def test_the_usual_request_is_scanned(data):
+    found = fastcgi._c_scan_request(bytearray(data), 1 << 20)
+    assert found is not None
+    assert outcome(data, scan=True) == outcome(data, scan=False)
+
+
+@pytest.mark.parametrize("data", [
+    usual()[:-1],  # the STDIN record cut short: the scan takes the rest, leaves it
+    begin(role=2) + record(PARAMS, b"") + record(STDIN, b""),  # an authorizer
+    begin() + record(PARAMS, b"\x05\x05abc") + record(PARAMS, b""),  # a pair past its stream
+    begin() + record(PARAMS, PAIRS + PAIRS) + record(PARAMS, b""),  # repeated names
+    record(9, b"", 0) + usual(),  # a management record first
+    begin() + record(PARAMS, PAIRS, request_id=2) + record(PARAMS, b""),  # another request's
+    begin() + record(PARAMS, PAIRS, version=2) + record(PARAMS, b""),
+    begin() + record(ABORT) + record(PARAMS, b""),
+    begin() + record(STDIN, b"early") + record(PARAMS, PAIRS) + record(PARAMS, b""),
+    begin(request_id=0) + record(PARAMS, b"", 0),
+    record(BEGIN, b"\x00\x01\x00", 1) + record(PARAMS, b""),  # a short BEGIN body
+    begin() + record(PARAMS, PAIRS) + record(PARAMS, b"") + record(STDIN, b"body"),
+    begin() + record(PARAMS, PAIRS) + record(PARAMS, b"") + record(STDIN, b"", 2),
+    begin() + record(PARAMS, PAIRS) + record(PARAMS, b"") + record(STDIN, b"", version=2),
+])
+def test_what_the_scan_leaves_ends_the_same(data):
+    assert outcome(data, scan=True) == outcome(data, scan=False)
+
+
+def test_params_over_the_limit_end_the_same():
+    data = usual()
+    for limit in (0, len(PAIRS) - 1, len(PAIRS), len(PAIRS) + 1):
+        assert outcome(data, True, limit) == outcome(data, False, limit), limit
+
+
+pieces = st.one_of(
+    st.builds(begin, st.sampled_from([0, 1, 2, 65535]), st.sampled_from([1, 1, 1, 2, 3, 256]),
+              st.integers(0, 255)),
+    st.builds(lambda c, i, p: record(PARAMS, c, i, p), st.sampled_from([PAIRS, PAIRS[:40], b""]),
+              st.sampled_from([1, 1, 1, 2]), st.sampled_from([None, 0, 7])),
+    st.builds(lambda c, i: record(STDIN, c, i), st.sampled_from([b"", b"", b"x"]), st.sampled_from([1, 2])),
+    st.builds(record, st.integers(0, 12), st.binary(max_size=20), st.sampled_from([0, 1]),
+              st.sampled_from([None, 0, 3]), st.sampled_from([1, 1, 0, 2])),
+)
+
+
+@settings(max_examples=1500, deadline=None)
+@given(parts=st.lists(pieces, max_size=7), prefix=st.booleans(),
+       cut=st.one_of(st.none(), st.integers(0, 2000)),
+       flip=st.one_of(st.none(), st.tuples(st.integers(0, 2000), st.integers(0, 7))))
+def test_any_records_end_the_same(parts, prefix, cut, flip):
+    """Records in any order and mix, whole, cut short anywhere, or with one bit flipped."""
+    data = bytearray((begin() + record(PARAMS, PAIRS) + record(PARAMS, b"") if prefix else b"")
+                     + b"".join(parts))
+    if flip is not None and data:
+        data[flip[0] % len(data)] ^= 1 << flip[1]
+    if cut is not None:
+        data = data[:len(data) - cut % (len(data) + 1)]
+    assert outcome(bytes(data), scan=True) == outcome(bytes(data), scan=False)
