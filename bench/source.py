@@ -40,9 +40,9 @@ def snapshot(rev: str) -> tuple[Path, str]:
 
 
 def build_speedups(dest: Path) -> None:
-    """Compile the snapshot's C decoder (fcgidaemon/_speedups.c) next to its sources, as
+    """Compile the snapshot's C speedups (fcgidaemon/_speedups.c) next to its sources, as
     `pip install` does for the working tree: without it the snapshot would silently measure the
-    pure-Python fallback. Revisions from before the C decoder have none to build."""
+    pure-Python fallback. Revisions from before the C speedups have none to build."""
     if not (dest / "fcgidaemon" / "_speedups.c").exists():
         return
     script = ("from setuptools import Extension, setup; setup(name='fcgidaemon-snapshot', "
@@ -74,8 +74,8 @@ def use(rev: str | None) -> str:
 
 
 def _decoder(tree: Path) -> str:
-    """Which params decoder the measured tree runs: said in the report's versions line."""
+    """Whether the measured tree runs its C speedups: said in the report's versions line."""
     package = tree / "fcgidaemon"
     if not (package / "_speedups.c").exists():
         return ""
-    return ", C params decoder" if any(package.glob("_speedups.*.so")) else ", Python params decoder (C not built)"
+    return ", C speedups" if any(package.glob("_speedups.*.so")) else ", pure Python (C speedups not built)"
