@@ -8,6 +8,9 @@ chunk (one FCGI_STDIN record's content) each time the stream asks for more.
 
 from __future__ import annotations
 
+import io
+import random
+
 import pytest
 from flup.server import fcgi_base as flup
 from hypothesis import given, settings
@@ -69,7 +72,7 @@ def test_readlines_none_reads_every_line(kind):
     assert stream_of(kind, BODY, 4).readlines(3) == [b"abcdefghij\n"]
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=600, deadline=None)
 @given(body=st.binary(max_size=400).map(lambda b: b.replace(b"\x00", b"\n")),
        piece=st.integers(1, 50), sizes=st.lists(st.one_of(st.none(), st.integers(-1, 30)), max_size=40))
 def test_any_mix_of_reads_returns_the_body_in_order(body, piece, sizes):
@@ -80,11 +83,30 @@ def test_any_mix_of_reads_returns_the_body_in_order(body, piece, sizes):
     for i, size in enumerate(sizes):
         if i % 3 == 2:
             chunk = stream.read(size if size is None or size >= 0 else -1)
+            left = len(body) - sum(map(len, got))
+            assert len(chunk) == (left if size is None or size < 0 else min(size, left))
         else:
             chunk = stream.readline(size)
             if size is not None and size >= 0:
                 assert len(chunk) <= size
             assert b"\n" not in chunk[:-1]
+        assert type(chunk) is bytes
         got.append(chunk)
     got.extend(stream)
     assert b"".join(got) == body
+
+
+def test_reads_match_a_file_of_the_same_bytes():
+    """3,000 random bodies, cut into records of random sizes, read by a random mix of read(n),
+    read(), readline(n) and readline(): every call returns what io.BytesIO returns for the same
+    call on the same bytes (a read waits for its n bytes as a file's does)."""
+    rnd = random.Random(6)
+    for case in range(3000):
+        body = bytes(rnd.choice(b"abc\n") for _ in range(rnd.randint(0, 300)))
+        stream = stream_of(InputStream, body, rnd.randint(1, 70))
+        model = io.BytesIO(body)
+        for step in range(rnd.randint(1, 30)):
+            kind, size = rnd.choice(("read", "readline")), rnd.choice((None, -1, *range(0, 100)))
+            got, want = getattr(stream, kind)(size), getattr(model, kind)(size)
+            assert (got, type(got)) == (want, bytes), (case, step, kind, size)
+        assert stream.read() == model.read(), case
