@@ -17,8 +17,8 @@
  * scan_request(buffer, max_params) -> (request_id, flags, params, end, stdin_done) | None
  *   The usual start of a request, all of it at the start of the buffer: a responder's
  *   BEGIN_REQUEST, its PARAMS records up to the empty one, and the empty STDIN after them when it
- *   is there (a GET's whole body). Why: the Python loop over those four records took 6 us of a
- *   hello's ~50 (bench/micro.py). Anything else (a management record, another request id, a
+ *   is there (a GET's whole body). Why: Connection.parse_available took 9.6 us per hello with the
+ *   Python loop over those four records, 5.2 us with this (the Request built in both). Anything else (a management record, another request id, a
  *   record cut short, params over max_params, a malformed or repeated pair, another role)
  *   answers None, and Connection.parse_available takes the buffer record by record as before:
  *   every error and every unusual case stays in the Python path, which the tests hold this to.
