@@ -19,6 +19,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fcgidaemon import fastcgi
+from fcgidaemon.config import parse_params_size
 from fcgidaemon.fastcgi import Connection, Limits, Server
 
 BEGIN, PARAMS, STDIN, ABORT = 1, 4, 5, 2
@@ -124,6 +125,15 @@ def test_params_over_the_limit_end_the_same():
     data = usual()
     for limit in (0, len(PAIRS) - 1, len(PAIRS), len(PAIRS) + 1):
         assert outcome(data, True, limit) == outcome(data, False, limit), limit
+
+
+@pytest.mark.parametrize("limit", [parse_params_size("1e30"), 2 ** 63, 2 ** 63 - 1, -1, -(10 ** 30)])
+def test_any_params_limit_ends_the_same(limit):
+    """--max-params takes sizes past a C integer's range (1e30 is accepted): the scan raised
+    OverflowError for them, and the worker closed every connection with an internal error."""
+    found = outcome(usual(), True, limit)
+    assert found == outcome(usual(), False, limit)
+    assert (found["error"] is None) == (limit > 0), found["error"]
 
 
 pieces = st.one_of(

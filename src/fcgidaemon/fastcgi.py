@@ -577,7 +577,9 @@ class Connection:
         its body came. Taken at an offset and dropped from the buffer once: dropped record by
         record, the rest of a 256 KiB read moved down after each 64 KiB record. With --max-body,
         one record of body at a time: a body is refused when the application reads past the
-        limit, not when more of it happens to be buffered than it asked for."""
+        limit, not when more of it happens to be buffered than it asked for. Without it, an
+        abort buffered behind body records ends the read that would have returned them (the
+        web server has given up on the response either way)."""
         buf, pos, size = self.inbuf, 0, len(self.inbuf)
         one = bool(self.server.limits.max_body)
         body = False
