@@ -602,3 +602,17 @@ def _drain(sock: socket.socket) -> None:
             pass
     except OSError:
         pass
+
+
+@pytest.mark.parametrize("limit", ["1e30", "8589934592G"])
+def test_a_params_limit_past_a_c_integer_serves(start_daemon, limit):
+    """--max-params accepts any finite size; past 2^63 the C scan of a request's records raised
+    OverflowError, so every request was closed unanswered with an "internal error" line."""
+    d = start_daemon("testapp", "--max-params", limit, workers=1)
+    before = d.wait_workers(1)
+    for i in range(3):
+        resp = get(d.address, "/hello")
+        assert resp.status == 200, (i, resp.status)
+    print(f"\n--max-params {limit}: 3 of 3 requests answered 200")
+    assert d.count("internal error") == 0
+    assert_worker_unharmed(d, before)
