@@ -463,6 +463,52 @@ def test_kept_connections_move_to_the_idle_worker_not_the_busy_one(start_daemon)
             client.close()
 
 
+def test_a_crowded_worker_gives_back_connections_whose_requests_wait(start_daemon):
+    """Under load a crowded worker's kept connections nearly always have a request waiting
+    in the kernel. Worker A holds 8 kept connections and sleeps in a request on one of them
+    while each of the other 7 sends a request; worker B starts idle, holding none. When A
+    wakes, the manager has asked it for 4 back: connections with a request waiting move too
+    (nothing of theirs was read), so B answers some of the 7. Moving only connections with
+    nothing waiting, A kept all 8 and answered all 7 itself (12 held against 5 stayed so
+    behind Apache with enablereuse for a whole 10 s run). Every answer carries its own id.
+    A is asked once: not again while it is still in the request it was in when asked."""
+    d = start_daemon("testapp", "--log-level", "debug", workers=1)
+    clients = [FCGIClient(d.address, timeout=20) for _ in range(8)]
+    try:
+        first = {_pid_of(c.request(make_params("GET", "/id?id=k"), keep_conn=True).body)
+                 for c in clients}
+        assert len(first) == 1, first
+        worker_a = first.pop()
+        clients[0].send_raw(build_request(make_params("GET", "/sleep?s=3"), keep_conn=True))
+        wait_for(lambda: "busy" in proc_title(worker_a), 10, "worker A busy")
+        for i, client in enumerate(clients[1:], 1):
+            client.send_raw(build_request(make_params("GET", f"/id?id=w{i}"), keep_conn=True))
+        d.signal(signal.SIGTTIN)
+        worker_b = (set(d.wait_workers(2)) - {worker_a}).pop()
+        d.wait_log(r"worker %d holds 8 kept connections, 8 more than the fewest; asking for 4 back"
+                   % worker_a, timeout=10)
+        answered: dict[int, int] = {}
+        for i, client in enumerate(clients[1:], 1):
+            resp = client.read_response(1, keep_conn=True)
+            assert resp.status == 200 and resp.body.startswith(f"id=w{i} ".encode()), resp.body
+            pid = _pid_of(resp.body)
+            answered[pid] = answered.get(pid, 0) + 1
+        clients[0].read_response(1, keep_conn=True)
+        # asked once: not again while A was still in the request it was in when asked (each
+        # ask piled up behind it moved more once A turned: all 8 went to B, and back)
+        asks = d.count(r"worker %d holds \d+ kept connections" % worker_a)
+        print(f"\nA={worker_a} B={worker_b}: the 7 waiting requests answered {answered}; "
+              f"A asked to give back {asks} time(s)")
+        assert set(answered) == {worker_a, worker_b} and answered[worker_b] >= 1, answered
+        assert asks == 1, re.findall(r".*kept connections.*", d.log())
+        for i, client in enumerate(clients):  # every connection still works, wherever it is
+            resp = client.request(make_params("GET", f"/id?id=z{i}"), keep_conn=True)
+            assert resp.body.startswith(f"id=z{i} ".encode()), resp.body
+    finally:
+        for client in clients:
+            client.close()
+
+
 def test_kept_connections_are_spread_over_new_workers(start_daemon):
     """12 kept connections, all held by the one worker; grow to 4 workers: the manager has the
     crowded worker hand its surplus over (SCM_RIGHTS) until each holds 3, and every connection

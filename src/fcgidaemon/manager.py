@@ -403,6 +403,7 @@ class Manager(supervise.Supervision, control.ControlCommands, upgrade.Upgrading,
             target = min(targets, key=self._load)
             socket.send_fds(target.channel, [worker.MSG_ADOPT], fds)
             target.adopting += len(fds)
+            target.passed_at = time.monotonic()
         except OSError as exc:
             log.warning("cannot pass connections on: %s", exc)
         finally:

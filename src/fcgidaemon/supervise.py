@@ -18,6 +18,7 @@ from .states import WState
 log = logging.getLogger("fcgidaemon")
 
 BALANCE_PAUSE = 0.5  # seconds between two requests to the same worker to give connections back
+ADOPT_SETTLE = 0.1  # seconds an idle worker is given to take in connections passed to it
 
 
 class Supervision:
@@ -79,8 +80,12 @@ class Supervision:
         held = {w.pid: self.board.conns(w.board_index) for w in serving}
         idle = {w.pid for w in serving if self.board.read(w.board_index).state is SlotState.IDLE}
         for rec in serving:
-            if rec.pid in idle:  # what we passed an idle worker shows in its count by now; a
-                rec.adopting = 0  # busy one takes it in only after its request
+            # what we passed an idle worker shows in its count once it has had a moment to take
+            # it in (one message per poll; reset at once, an idle worker still taking in four
+            # counted as holding none, and the crowded one was asked for more); a busy one takes
+            # them in only after its request
+            if rec.pid in idle and now - rec.passed_at > ADOPT_SETTLE:
+                rec.adopting = 0
         if len(serving) < 2:
             return
         most = max(serving, key=lambda w: held[w.pid])
@@ -88,7 +93,16 @@ class Supervision:
         # behind it (7 of 7 did, 5 s each, while the other worker idled)
         takers = [held[w.pid] + w.adopting for w in serving if w is not most and w.pid in idle]
         lead = held[most.pid] - min(takers, default=held[most.pid])
-        if lead < 2 or now - most.balance_asked < BALANCE_PAUSE:
+        if lead < 2:
+            return
+        slot = self.board.read(most.board_index)
+        if slot.state is SlotState.BUSY and slot.busy_since <= most.balance_asked:
+            # still in the request it was in when we last asked: that ask waits unread. Asks
+            # piled up behind it each moved connections again once it turned (all 8 went), and
+            # the pause counts from now: what it hands over then takes a moment to arrive here
+            most.balance_asked = now
+            return
+        if now - most.balance_asked < BALANCE_PAUSE:
             return
         most.balance_asked = now
         log.debug("worker %d holds %d kept connections, %d more than the fewest; asking for %d "

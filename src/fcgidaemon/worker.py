@@ -559,13 +559,20 @@ class Worker:
         """The manager saw us holding more kept connections than our share: hand up to `count`
         idle ones over. A web server's kept connection stays with the worker that accepted it,
         so an uneven first burst would otherwise stay uneven, and the requests on the crowded
-        worker's connections wait behind each other. Only connections with no request waiting
-        move: a waiting request would go to the back of the other worker's turn."""
+        worker's connections wait behind each other.
+
+        Connections with nothing of theirs read here move (the next owner reads their stream
+        from a record's start); those with nothing waiting in the kernel either go first. Under
+        load a crowded worker has hardly any of those: moving only them, 12 held against 5
+        stayed so for the whole of a 10 s run behind Apache (p99 18.5 ms), each turn asking
+        for 3 and getting none. A request waiting in the kernel waits less on a worker with
+        fewer connections than at the back of this one's turns."""
         if self.stop_mode is not StopMode.NONE:
             return
-        idle = [c for c in self.conns.values()
-                if c.fd in self.registered and not c.has_partial_input and not readable(c.sock)]
-        for conn in idle[:count]:
+        movable = [c for c in self.conns.values()
+                   if c.fd in self.registered and c.fd not in self.backlog and not c.has_partial_input]
+        movable.sort(key=lambda c: readable(c.sock))  # nothing waiting first (stable order)
+        for conn in movable[:count]:
             self._hand_off(conn)
             if self.stop_mode is not StopMode.NONE:  # the channel failed
                 return
