@@ -348,7 +348,7 @@ def test_min_workers_help_says_what_zero_does(start_daemon, tmp_path):
     min_help = text[text.rindex("--min-workers N"):text.rindex("--max-workers N")]  # not usage
     assert "fixed at --workers" not in min_help and "(0: 1)" in min_help, min_help
     d = start_daemon("testapp", "--max-workers", "3", "--idle-timeout", "0.3", workers=2)
-    d.wait_log(r"scaling down to 1 workers")  # below --workers 2: the floor is 1
+    d.wait_log(r"scaling down to 1 worker\b")  # below --workers 2: the floor is 1
 
 
 def test_config_file_is_used(start_daemon, tmp_path):

@@ -422,7 +422,7 @@ def test_reload_without_processes_left_fails_and_the_old_generation_serves(start
         d.signal(signal.SIGTTOU)
         d.wait_workers(1)
         d.signal(signal.SIGHUP)
-        d.wait_log(r"reload complete: generation 3 serving \(1 workers\)")
+        d.wait_log(r"reload complete: generation 3 serving \(1 worker\)")
         assert get(d.address, "/hello").status == 200
     finally:
         shutil.rmtree(appdir)

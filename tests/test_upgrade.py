@@ -254,7 +254,7 @@ def test_only_the_successor_may_say_it_failed_and_only_while_it_starts(start_dae
         slow.start()
         time.sleep(0.5)  # the only old worker runs the slow request; `kept` waits on it, idle
         d.signal(signal.SIGUSR2)
-        d.wait_log(r"upgrade: manager \d+ is ready; retiring 1 workers")
+        d.wait_log(r"upgrade: manager \d+ is ready; retiring 1 worker\b")
         new_pid = int(re.search(r"upgrade: manager (\d+) is ready", d.log()).group(1))
         answer = control.ask(d.pid, f"successor-failed {new_pid} spoofed", 5.0)
         slow.join(15)
@@ -432,7 +432,7 @@ def test_a_quick_stop_of_the_old_manager_after_an_upgrade_is_quick(start_daemon,
     thread.start()
     _wait_busy(d)
     d.signal(signal.SIGUSR2)
-    d.wait_log(r"upgrade: manager \d+ is ready; retiring 1 workers")
+    d.wait_log(r"upgrade: manager \d+ is ready; retiring 1 worker\b")
     t0 = time.monotonic()
     d.signal(signal.SIGQUIT)
     assert d.wait_exit(10) == 0
@@ -465,7 +465,7 @@ def test_a_stop_right_after_an_upgrade_waits_for_the_old_managers_last_requests(
     thread.start()
     _wait_busy(d)
     d.signal(signal.SIGUSR2)
-    d.wait_log(r"upgrade: manager \d+ is ready; retiring 1 workers")
+    d.wait_log(r"upgrade: manager \d+ is ready; retiring 1 worker\b")
     new_pid = int(re.search(r"upgrade: manager (\d+) is ready", d.log()).group(1))
     try:
         os.kill(new_pid, signal.SIGTERM)

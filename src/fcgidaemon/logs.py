@@ -45,6 +45,11 @@ class Throttle:
         return count
 
 
+def workers(count: int) -> str:
+    """"1 worker", "3 workers": for log lines and titles an operator reads."""
+    return f"{count} worker" if count == 1 else f"{count} workers"
+
+
 def set_context(role: str | None = None, generation: int | None = None) -> None:
     if role is not None:
         _context["role"] = role

@@ -211,7 +211,7 @@ class Manager(supervise.Supervision, control.ControlCommands, upgrade.Upgrading,
         self.phase = Phase.RELOADING
         self.reload_started = time.monotonic()
         logs.set_context(generation=self.generation)
-        log.info("reload: starting generation %d (%d workers)", self.generation, self.target)
+        log.info("reload: starting generation %d (%s)", self.generation, logs.workers(self.target))
         systemd.notify("RELOADING=1", f"MONOTONIC_USEC={systemd.monotonic_usec()}",
                        f"STATUS=reloading: starting gen {self.generation}")
         for slot in range(self.target):
@@ -223,7 +223,7 @@ class Manager(supervise.Supervision, control.ControlCommands, upgrade.Upgrading,
     def stop(self, graceful: bool) -> None:
         if self.phase is Phase.RETIRED:  # handed over: our workers finish and leave on their own
             if not graceful:  # unless told to quit now
-                log.info("quick stop: %d retiring workers", len(self.workers))
+                log.info("quick stop: %s retiring", logs.workers(len(self.workers)))
                 for rec in self.workers.values():
                     self._kill(rec, signal.SIGQUIT)
             return
@@ -239,8 +239,8 @@ class Manager(supervise.Supervision, control.ControlCommands, upgrade.Upgrading,
         wait = self.config.graceful_timeout if graceful else 1.0
         self.stop_deadline = time.monotonic() + wait
         systemd.notify("STOPPING=1", f"STATUS={self.phase.value}")
-        log.info("%s: %d workers, up to %gs", "graceful stop" if graceful else "quick stop",
-                 len(self.workers), wait)
+        log.info("%s: %s, up to %gs", "graceful stop" if graceful else "quick stop",
+                 logs.workers(len(self.workers)), wait)
         for rec in self.workers.values():
             self._kill(rec, signal.SIGTERM if graceful else signal.SIGQUIT)
         self._answer_waiters(None, {"ok": False, "message": "the manager is stopping"})
@@ -455,14 +455,14 @@ class Manager(supervise.Supervision, control.ControlCommands, upgrade.Upgrading,
             if rec.generation != generation and rec.state is not WState.RETIRING:
                 self._retire(rec)
         if first:
-            log.info("generation %d serving: %d workers", generation, self.target)
+            log.info("generation %d serving: %s", generation, logs.workers(self.target))
             if self.predecessor:
                 self._announce_to_predecessor()
         else:
             self.pool.reloads_ok += 1
             self.failed_last = False
-            log.info("reload complete: generation %d serving (%d workers) in %.3fs, "
-                     "generation %d retiring", generation, self.target,
+            log.info("reload complete: generation %d serving (%s) in %.3fs, "
+                     "generation %d retiring", generation, logs.workers(self.target),
                      time.monotonic() - self.reload_started, old)
         systemd.notify("READY=1", f"STATUS={self.status_line()}")
         self._answer_waiters(generation, {"ok": True, "generation": generation,
@@ -666,7 +666,7 @@ class Manager(supervise.Supervision, control.ControlCommands, upgrade.Upgrading,
     def _title(self) -> None:
         binds = ",".join(lst.name for lst in self.listeners)
         titles.set_title(f"manager {self.config.app} [gen {self.serving or self.generation}, "
-                         f"{self.target} workers, {self.phase.value}] {binds}")
+                         f"{logs.workers(self.target)}, {self.phase.value}] {binds}")
 
     def close(self) -> None:
         self.control.close()

@@ -11,7 +11,7 @@ import os
 import signal
 import socket
 
-from . import listenq, worker
+from . import listenq, logs, worker
 from .scoreboard import SlotState
 from .states import WState
 
@@ -124,7 +124,7 @@ class Supervision:
         idle = [s for _, s in slots.values() if s.state is SlotState.IDLE]
         if (self.pool.listen_queue > 0 or not idle) and self.target < high:
             self.target += 1
-            log.info("scaling up to %d workers (listen queue %d, %d idle)", self.target,
+            log.info("scaling up to %s (listen queue %d, %d idle)", logs.workers(self.target),
                      self.pool.listen_queue, len(idle))
             self._title()
             return
@@ -134,7 +134,7 @@ class Supervision:
             idle_since = max(rec.started, slot.busy_since + slot.last_duration)
             if now - idle_since > self.config.idle_timeout and len(idle) > 1:
                 self.target -= 1
-                log.info("scaling down to %d workers (worker %d idle %.0fs)", self.target, rec.pid,
+                log.info("scaling down to %s (worker %d idle %.0fs)", logs.workers(self.target), rec.pid,
                          now - idle_since)
                 self._retire(rec)
                 self._title()

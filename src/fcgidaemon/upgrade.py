@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Sequence
 
-from . import control, systemd
+from . import control, logs, systemd
 from .states import Phase, WState
 from .sockets import INHERIT_ENV, Listener
 
@@ -271,7 +271,7 @@ class Upgrading:
         self.respawn_at.clear()
         for lst in self.listeners:
             lst.unlink_path = None  # the new manager removes the socket at its exit
-        log.info("upgrade: manager %d is ready; retiring %d workers", up.pid, len(self.workers))
+        log.info("upgrade: manager %d is ready; retiring %s", up.pid, logs.workers(len(self.workers)))
         systemd.hand_over_main_pid(up.pid, f"upgraded: manager {up.pid} serving")
         control.reply(conn, {"ok": True})
         for waiter in up.waiters:
