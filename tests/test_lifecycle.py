@@ -509,6 +509,50 @@ def test_a_crowded_worker_gives_back_connections_whose_requests_wait(start_daemo
             client.close()
 
 
+def test_a_balance_ask_is_not_repeated_while_the_worker_serves_a_long_turn(start_daemon):
+    """A worker reads the manager's channel between turns, and a turn serves every connection
+    that was ready. A holds 8 kept connections, each with a 0.4 s request waiting while A is
+    busy elsewhere, so its next turn takes 3.2 s; B starts meanwhile. The manager asks A once
+    and waits for its answer: asked again every 0.5 s (each request of the turn looked like A
+    had moved on), A then moved connections once per stale ask, all 8 went to B and 3 came
+    back. Here A gives 4, B holds 4, and nobody is asked again."""
+    d = start_daemon("testapp", "--log-level", "debug", workers=1)
+    clients = [FCGIClient(d.address, timeout=30) for _ in range(8)]
+    other = FCGIClient(d.address, timeout=30)
+    try:
+        first = {_pid_of(c.request(make_params("GET", "/id?id=k"), keep_conn=True).body)
+                 for c in clients}
+        assert len(first) == 1, first
+        worker_a = first.pop()
+        other.send_raw(build_request(make_params("GET", "/sleep?s=0.5")))
+        wait_for(lambda: "busy" in proc_title(worker_a), 10, "worker A busy")
+        for i, client in enumerate(clients):  # all 8 ready at A's next turn
+            client.send_raw(build_request(make_params("GET", f"/id?id=w{i}&sleep=0.4"),
+                                          keep_conn=True))
+        # B starts once A's turn has begun: the ask comes in the middle of it
+        wait_for(lambda: "/id" in proc_title(worker_a), 10, "worker A in its turn")
+        d.signal(signal.SIGTTIN)
+        worker_b = (set(d.wait_workers(2)) - {worker_a}).pop()
+        for i, client in enumerate(clients):
+            resp = client.read_response(1, keep_conn=True)
+            assert resp.status == 200 and resp.body.startswith(f"id=w{i} ".encode()), resp.body
+        other.read_response(1, keep_conn=False)
+
+        def settled() -> list[int] | None:
+            where = [_pid_of(c.request(make_params("GET", "/id?id=z"), keep_conn=True).body)
+                     for c in clients]
+            return where if sorted(where) == sorted([worker_a] * 4 + [worker_b] * 4) else None
+
+        where = wait_for(settled, 10, "4 connections on each worker", interval=0.2)
+        asks = re.findall(r"worker (\d+) holds (\d+) kept connections.*asking for (\d+)", d.log())
+        print(f"\nA={worker_a} B={worker_b}: asks (worker, held, asked for) {asks}; "
+              f"A holds {where.count(worker_a)}, B holds {where.count(worker_b)}")
+        assert asks == [(str(worker_a), "8", "4")]
+    finally:
+        for client in [*clients, other]:
+            client.close()
+
+
 def test_kept_connections_are_spread_over_new_workers(start_daemon):
     """12 kept connections, all held by the one worker; grow to 4 workers: the manager has the
     crowded worker hand its surplus over (SCM_RIGHTS) until each holds 3, and every connection

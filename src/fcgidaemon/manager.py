@@ -367,6 +367,8 @@ class Manager(supervise.Supervision, control.ControlCommands, upgrade.Upgrading,
                 log.debug("worker %d ready while %s; not used", rec.pid, rec.state.value)
         elif msg.startswith(worker.MSG_IMPORT_FAILED):
             rec.failure = msg[len(worker.MSG_IMPORT_FAILED) + 1:].decode(errors="replace")
+        elif msg == worker.MSG_BALANCED:
+            rec.balance_pending = False
         elif msg == worker.MSG_HANDOFF:
             self._pass_on(fds, rec)
             fds = []

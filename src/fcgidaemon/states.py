@@ -51,6 +51,7 @@ class WorkerRecord:
     slow_logged: float = 0.0  # busy_since of the request whose stack was already logged
     kill_at: float | None = None  # --timeout: SIGKILL after the stack dump
     balance_asked: float = 0.0  # when we last asked it to give kept connections back
+    balance_pending: bool = False  # asked, and it has not answered yet (MSG_BALANCED)
     adopting: int = 0  # connections passed to it that its count may not show yet
     passed_at: float = 0.0  # when we last passed it connections
 

@@ -93,23 +93,22 @@ class Supervision:
         # behind it (7 of 7 did, 5 s each, while the other worker idled)
         takers = [held[w.pid] + w.adopting for w in serving if w is not most and w.pid in idle]
         lead = held[most.pid] - min(takers, default=held[most.pid])
-        if lead < 2:
+        if lead < 2 or now - most.balance_asked < BALANCE_PAUSE:
             return
-        slot = self.board.read(most.board_index)
-        if slot.state is SlotState.BUSY and slot.busy_since <= most.balance_asked:
-            # still in the request it was in when we last asked: that ask waits unread. Asks
-            # piled up behind it each moved connections again once it turned (all 8 went), and
-            # the pause counts from now: what it hands over then takes a moment to arrive here
-            most.balance_asked = now
-            return
-        if now - most.balance_asked < BALANCE_PAUSE:
+        if most.balance_pending:
+            # the last ask waits unread (it reads its channel between turns, and a turn may run
+            # many requests) or unanswered: asks piled up behind it each moved connections
+            # again, on counts from before the first (all 8 went to the other worker, then
+            # 3 came back)
             return
         most.balance_asked = now
+        most.balance_pending = True
         log.debug("worker %d holds %d kept connections, %d more than the fewest; asking for %d "
                   "back", most.pid, held[most.pid], lead, lead // 2)
         try:
             most.channel.send(worker.MSG_BALANCE + b" %d" % (lead // 2), socket.MSG_DONTWAIT)
         except OSError as exc:  # its channel is full or gone: a later turn asks again
+            most.balance_pending = False
             log.debug("cannot ask worker %d to give connections back: %s", most.pid, exc)
 
     def _scale(self, now: float) -> None:

@@ -58,6 +58,7 @@ MSG_QUOTA = b"quota"  # --max-requests reached: please start my replacement
 MSG_EXIT_ASKED = b"exit-asked"  # the application raised SystemExit: the same, for that reason
 MSG_STDLIB = b"stdlib"  # "stdlib\nNAME\nNAME...": standard-library modules we imported (--share-stdlib)
 MSG_BALANCE = b"balance"  # "balance N": hand N idle kept connections back (the manager evens them out)
+MSG_BALANCED = b"balanced"  # the answer to "balance N", after the hand-offs it made
 MAX_MESSAGE = 65536
 LISTENER_EVENTS = select.EPOLLIN | select.EPOLLEXCLUSIVE  # see Worker._register
 ACCEPT_PAUSE = 0.5  # seconds without accepting after accept() ran out of descriptors or memory
@@ -576,6 +577,10 @@ class Worker:
             self._hand_off(conn)
             if self.stop_mode is not StopMode.NONE:  # the channel failed
                 return
+        try:  # after the hand-offs, on the same channel: the manager has them all when it reads this
+            self.spec.channel.send(MSG_BALANCED)
+        except OSError as exc:  # the manager is gone: our sweep notices and stops us
+            log.debug("cannot answer the manager's balance ask: %s", exc)
 
     def _begin_stop(self, mode: StopMode) -> None:
         if mode is StopMode.CLOSE:
