@@ -29,6 +29,11 @@ import time
 from dataclasses import dataclass, field
 from enum import IntEnum
 
+try:
+    from ._speedups import board_finished as _c_finished, board_started as _c_started
+except ImportError:  # built without a C compiler (setup.py: optional): the Python writes below
+    _c_finished = _c_started = None
+
 BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)  # + Inf
 NB = len(BUCKETS) + 1
 
@@ -141,7 +146,8 @@ _OFF_HIST = 160
 SEQ = struct.Struct("=Q")  # at offset 0; the pool record follows, then the worker records
 _POOL_AT = SEQ.size
 CONSISTENT_TRIES = 100  # at 1 ms apart
-assert RECORD.size % 8 == 0 and (_POOL_AT + POOL.size) % 8 == 0, "8-byte fields must stay aligned"
+_RECORDS_AT = _POOL_AT + POOL.size
+assert RECORD.size % 8 == 0 and _RECORDS_AT % 8 == 0, "8-byte fields must stay aligned"
 
 
 class _Fields:
@@ -168,7 +174,7 @@ class Scoreboard:
         self._free = list(range(capacity - 1, -1, -1))
 
     def _base(self, index: int) -> int:
-        return _POOL_AT + POOL.size + index * RECORD.size
+        return _RECORDS_AT + index * RECORD.size
 
     def _seq(self) -> int:
         return SEQ.unpack_from(self.mem, 0)[0]
@@ -269,7 +275,10 @@ class Scoreboard:
         self._fields.h[(self._base(index) + _OFF_CONNS) // 2] = min(conns, 0xFFFF)
 
     def request_started(self, index: int, method: str, uri: str) -> float:
-        """Mark the worker busy with this request; returns the start time it recorded."""
+        """Mark the worker busy with this request; returns the start time it recorded.
+        On the request path: _speedups.board_started does the same writes (1.6 us -> 0.5 us)."""
+        if _c_started is not None:
+            return _c_started(self.mem, _RECORDS_AT + index * RECORD.size, method, uri)
         base = self._base(index)
         mem = self.mem
         now = time.monotonic()
@@ -282,7 +291,11 @@ class Scoreboard:
 
     def request_finished(self, index: int, requests: int, since: float,
                          state: SlotState = SlotState.IDLE) -> None:
-        """`since`: what request_started returned (not read back: this is the request path)."""
+        """`since`: what request_started returned (not read back: this is the request path).
+        _speedups.board_finished does the same writes (1.4 us -> 0.5 us)."""
+        if _c_finished is not None:
+            _c_finished(self.mem, _RECORDS_AT + index * RECORD.size, requests, since, state)
+            return
         base = self._base(index)
         q, d = self._fields.q, self._fields.d
         took = time.monotonic() - since
