@@ -36,6 +36,7 @@
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <stdint.h>
 #include <string.h>
 #include <time.h>
 
@@ -238,7 +239,10 @@ done:
 /* ---------------------------------------------------------------- the scoreboard's request writes */
 
 /* A worker record's layout (scoreboard.RECORD, "=iiBxH4xQQd8s96sdd12Q": 256 bytes); every 8-byte
- * field is at a multiple of 8, so each store below is one store of the whole field. */
+ * field is at a multiple of 8. Readers copy the record without a lock while we write it, so each
+ * 8-byte field is written with one atomic store (never torn, never merged or split by the
+ * compiler), and the state byte last, with release order: whoever sees the new state sees the
+ * fields written before it. The texts are plain copies: a reader may see a mix of two. */
 #define REC_SIZE 256
 #define OFF_STATE 8
 #define OFF_REQUESTS 16
@@ -284,11 +288,34 @@ put_text(unsigned char *dst, PyObject *text, Py_ssize_t size)
     memset(dst + n, 0, size - n);
 }
 
-/* The record at `base` in a writable view of the board, or NULL with ValueError set. */
+#define STORE_U64(at, value) __atomic_store_n((unsigned long long *)(at), (value), __ATOMIC_RELAXED)
+#define LOAD_U64(at) __atomic_load_n((unsigned long long *)(at), __ATOMIC_RELAXED)
+#define STORE_STATE(rec, value) __atomic_store_n((rec) + OFF_STATE, (unsigned char)(value), __ATOMIC_RELEASE)
+
+static void
+store_double(unsigned char *at, double value)
+{
+    unsigned long long bits;
+    memcpy(&bits, &value, sizeof bits);
+    STORE_U64(at, bits);
+}
+
+static double
+load_double(unsigned char *at)
+{
+    unsigned long long bits = LOAD_U64(at);
+    double value;
+    memcpy(&value, &bits, sizeof value);
+    return value;
+}
+
+/* The record at `base` in a writable view of the board, or NULL with ValueError set. The
+ * record's address must be a multiple of 8 (the board is an mmap: page-aligned). */
 static unsigned char *
 record_at_base(Py_buffer *view, Py_ssize_t base)
 {
-    if (base < 0 || base % 8 != 0 || view->len < REC_SIZE || base > view->len - REC_SIZE) {
+    if (base < 0 || view->len < REC_SIZE || base > view->len - REC_SIZE
+            || ((uintptr_t)view->buf + (uintptr_t)base) % 8 != 0) {
         PyErr_SetString(PyExc_ValueError, "no scoreboard record at that offset");
         return NULL;
     }
@@ -331,16 +358,12 @@ board_started(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     if (!board_args(args, nargs, 4, "board_started", &view, &rec))
         return NULL;
     PyObject *method = args[2], *uri = args[3];
-    if (rec == NULL) {
-        PyBuffer_Release(&view);
-        return NULL;
-    }
     double now = monotonic();
-    memcpy(rec + OFF_BUSY, &now, sizeof now);
+    store_double(rec + OFF_BUSY, now);
     /* text, for people: a copy taken while it changes may show a mix of two requests' names */
     put_text(rec + OFF_METHOD, method, METHOD_LEN);
     put_text(rec + OFF_URI, uri, URI_LEN);
-    rec[OFF_STATE] = SLOT_BUSY;
+    STORE_STATE(rec, SLOT_BUSY);
     PyBuffer_Release(&view);
     return PyFloat_FromDouble(now);
 }
@@ -350,9 +373,9 @@ board_finished(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
     Py_buffer view;
     unsigned char *rec;
-    double since, last, sum;
-    unsigned long long requests, count;
-    long state;
+    double since = 0.0, last;
+    unsigned long long requests = 0;
+    long state = 0;
     if (nargs == 5) {
         requests = PyLong_AsUnsignedLongLong(args[2]);
         if (requests == (unsigned long long)-1 && PyErr_Occurred())
@@ -371,19 +394,15 @@ board_finished(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     if (!board_args(args, nargs, 5, "board_finished", &view, &rec))
         return NULL;
     last = monotonic() - since;
-    memcpy(rec + OFF_LAST, &last, sizeof last);
-    memcpy(&sum, rec + OFF_SUM, sizeof sum);
-    sum += last;
-    memcpy(rec + OFF_SUM, &sum, sizeof sum);
+    store_double(rec + OFF_LAST, last);
+    store_double(rec + OFF_SUM, load_double(rec + OFF_SUM) + last);  /* we are its only writer */
     Py_ssize_t bucket = 0;  /* bisect.bisect_left(BUCKETS, last): buckets below `last` */
     while (bucket < NBUCKETS && buckets[bucket] < last)
         bucket++;
     unsigned char *slot = rec + OFF_HIST + 8 * bucket;
-    memcpy(&count, slot, sizeof count);
-    count++;
-    memcpy(slot, &count, sizeof count);
-    memcpy(rec + OFF_REQUESTS, &requests, sizeof requests);
-    rec[OFF_STATE] = (unsigned char)state;
+    STORE_U64(slot, LOAD_U64(slot) + 1);
+    STORE_U64(rec + OFF_REQUESTS, requests);
+    STORE_STATE(rec, state);
     PyBuffer_Release(&view);
     Py_RETURN_NONE;
 }

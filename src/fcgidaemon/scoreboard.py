@@ -276,7 +276,7 @@ class Scoreboard:
 
     def request_started(self, index: int, method: str, uri: str) -> float:
         """Mark the worker busy with this request; returns the start time it recorded.
-        On the request path: _speedups.board_started does the same writes (1.6 us -> 0.5 us)."""
+        On the request path: _speedups.board_started does the same writes (1.6 us -> 0.3 us)."""
         if _c_started is not None:
             return _c_started(self.mem, _RECORDS_AT + index * RECORD.size, method, uri)
         base = self._base(index)
@@ -292,7 +292,7 @@ class Scoreboard:
     def request_finished(self, index: int, requests: int, since: float,
                          state: SlotState = SlotState.IDLE) -> None:
         """`since`: what request_started returned (not read back: this is the request path).
-        _speedups.board_finished does the same writes (1.4 us -> 0.5 us)."""
+        _speedups.board_finished does the same writes (1.4 us -> 0.2 us)."""
         if _c_finished is not None:
             _c_finished(self.mem, _RECORDS_AT + index * RECORD.size, requests, since, state)
             return
