@@ -98,8 +98,8 @@ class Server:
     limits: Limits = field(default_factory=Limits)
     max_conns: int = 1
     max_reqs: int = 1
-    # read by flup's InputStream and OutputStream
-    maxwrite: int = MAX_CONTENT - 7 + flup.FCGI_HEADER_LEN  # body chunks of 65528 bytes: no padding
+    # read by flup's InputStream and OutputStream (its _write, which ours replaces, splits by it)
+    maxwrite: int = MAX_CONTENT + flup.FCGI_HEADER_LEN
     inputStreamShrinkThreshold: int = 102400 - 8192
     on_done: Callable[["Request"], None] | None = None  # bookkeeping before the response leaves
     # the application raised SystemExit or KeyboardInterrupt (which, as text): the worker asks
@@ -142,8 +142,6 @@ def content_of(buf: bytearray, start: int, length: int) -> bytes:
 
 
 END_RECORD = struct.Struct("!" + flup.FCGI_Header[1:] + flup.FCGI_EndRequestBody[1:])
-CHUNK = MAX_CONTENT - 7  # 65528: a multiple of 8, so only a stream's last record has padding
-PADDING = [b"\0" * n for n in range(8)]
 
 
 SIOCINQ = 0x541B  # linux/sockios.h (= FIONREAD): bytes waiting to be read
@@ -873,19 +871,15 @@ class Connection:
         if self.closed:
             raise ConnectionLost(self.lost or "the connection to the web server is closed")
         size = len(data)
-        if size <= CHUNK:  # one record: the usual case
-            padding = -size & 7
-            self._out += (HEADER.pack(flup.FCGI_VERSION_1, rtype, request_id, size, padding), data,
-                          PADDING[padding])
-            self._out_size += size + padding + flup.FCGI_HEADER_LEN
+        if size <= MAX_CONTENT:  # one record: the usual case
+            self._out += (HEADER.pack(flup.FCGI_VERSION_1, rtype, request_id, size, 0), data)
+            self._out_size += size + flup.FCGI_HEADER_LEN
         else:
             view = memoryview(data)
-            for pos in range(0, size, CHUNK):
-                chunk = view[pos:pos + CHUNK]
-                padding = -len(chunk) & 7
-                self._out += (HEADER.pack(flup.FCGI_VERSION_1, rtype, request_id, len(chunk), padding),
-                              chunk, PADDING[padding])
-                self._out_size += flup.FCGI_HEADER_LEN + len(chunk) + padding
+            for pos in range(0, size, MAX_CONTENT):
+                chunk = view[pos:pos + MAX_CONTENT]
+                self._out += (HEADER.pack(flup.FCGI_VERSION_1, rtype, request_id, len(chunk), 0), chunk)
+                self._out_size += flup.FCGI_HEADER_LEN + len(chunk)
         if self._out_size >= FLUSH_AT:
             self.flush()
 
