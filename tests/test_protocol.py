@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from daemon import APPS, Daemon, free_port, wait_for
+from fcgidaemon.fastcgi import Connection, Server
 from fcgiclient import (FCGI_BEGIN_REQUEST, FCGI_CANT_MPX_CONN, FCGI_END_REQUEST, FCGI_GET_VALUES, FCGI_KEEP_CONN, FCGI_PARAMS, FCGI_STDIN, FCGI_STDOUT, FCGI_UNKNOWN_ROLE,
                         FCGI_UNKNOWN_TYPE, ConnectionClosed, FCGIClient, build_request, encode_params, encode_record, make_params,
                         take_records)
@@ -97,27 +98,60 @@ def test_large_response_10mb(daemon):
     assert len(resp.body) == n and resp.body == expected
 
 
+def _records(raw: bytes) -> list[tuple[int, int, bytes]]:
+    """(type, padding, content) of every record in `raw`, which must end at a record's end."""
+    pos, out = 0, []
+    while pos < len(raw):
+        _version, rtype, _rid, length, padding = struct.unpack_from("!BBHHBx", raw, pos)
+        out.append((rtype, padding, bytes(raw[pos + 8:pos + 8 + length])))
+        pos += 8 + length + padding
+    assert pos == len(raw)
+    return out
+
+
 @pytest.mark.parametrize("size", [0, 13, 65535, 65536, 3 * 65536 + 5])
-def test_response_records_carry_no_padding(server, size):
+def test_response_records_carry_no_padding(daemon, size):
     """Padding aligns records in memory, which the spec recommends; on a stream it costs the
     reader: Apache's mod_proxy_fcgi reads a record's padding with a read() of its own (8.3 ->
     6.9 reads per request behind Apache with enablereuse, measured). Ours carry none, at any
-    length, and the body comes back whole; flup6 pads every record to a multiple of 8."""
-    with FCGIClient(server.address, timeout=10) as client:
+    length, records as long as the protocol allows (65535 bytes), and the body comes back
+    whole. (flup6 pads every record to a multiple of 8.)"""
+    with FCGIClient(daemon.address, timeout=10) as client:
         client.send_raw(build_request(make_params("GET", f"/big?n={size}")))
         sock, raw = client._socket(), bytearray()
         while chunk := sock.recv(65536):
             raw += chunk
-    pos, stdout, paddings = 0, bytearray(), []
-    while pos < len(raw):
-        _version, rtype, _rid, length, padding = struct.unpack_from("!BBHHBx", raw, pos)
-        if rtype == FCGI_STDOUT:
-            stdout += raw[pos + 8:pos + 8 + length]
-        paddings.append(padding)
-        pos += 8 + length + padding
-    assert pos == len(raw) and paddings and set(paddings) == {0}, paddings
-    body = bytes(stdout).partition(b"\r\n\r\n")[2]
+    records = _records(raw)
+    assert {padding for _, padding, _ in records} == {0}, records
+    stdout = b"".join(content for rtype, _, content in records if rtype == FCGI_STDOUT)
+    longest = max(len(content) for rtype, _, content in records if rtype == FCGI_STDOUT)
+    assert longest == min(65535, len(stdout))  # the first block carries the headers: > 65535
+    body = stdout.partition(b"\r\n\r\n")[2]
     assert body == ((bytes(range(256)) * 256) * (size // 65536 + 1))[:size]
+
+
+@pytest.mark.parametrize("size", [0, 1, 65534, 65535, 65536, 131070, 131071])
+def test_a_stream_is_cut_into_records_of_65535_bytes(size):
+    """Connection.write_stream at the record size's edges: full records of 65535 bytes, the
+    rest in a last one, no padding, the bytes in order; an empty write is one empty record."""
+    ours, theirs = socket.socketpair()
+    try:
+        conn = Connection(ours, Server(lambda req: 0))
+        data = bytes(i % 251 for i in range(size))
+        conn.write_stream(FCGI_STDOUT, 1, data)
+        conn.flush()
+        lengths = [65535] * (size // 65535) + ([size % 65535] if size % 65535 or not size else [])
+        theirs.settimeout(5)
+        raw = bytearray()
+        while len(raw) < 8 * len(lengths) + size:
+            raw += theirs.recv(1 << 20)
+        records = _records(raw)
+        assert [len(content) for _, _, content in records] == lengths
+        assert {padding for _, padding, _ in records} == {0}
+        assert b"".join(content for _, _, content in records) == data
+    finally:
+        ours.close()
+        theirs.close()
 
 
 def test_many_headers(daemon):
