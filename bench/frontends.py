@@ -9,8 +9,8 @@ Kinds:
 
 Both front ends run 2 worker processes (= the 2 cores of the benchmark machine),
 log no accesses, and give up on a backend after 2 s (a 504/503 wrk counts).  With no backend
-port, nginx answers by itself (``return 200``; a static 64 KB file): the
-front-end ceiling.
+port, each answers by itself, its ceiling: nginx with ``return 200`` (and a static 64 KB
+file), Apache with static files of the same bodies (``/hello``, ``/64k``).
 """
 
 from __future__ import annotations
@@ -80,11 +80,21 @@ http {{
 """
 
 
-def apache_conf(prefix: Path, port: int, backend: int, reuse: bool, script: Path | None = None) -> str:
+def apache_conf(prefix: Path, port: int, backend: int | None, reuse: bool,
+                script: Path | None = None) -> str:
     modules = "\n".join(f"LoadModule {name}_module {APACHE_MODULES}/mod_{name}.so"
                         for name in ("mpm_event", "authz_core", "proxy", "proxy_fcgi"))
     reuse_opt = " enablereuse=on" if reuse else ""
     script_env = f'ProxyFCGISetEnvIf "true" SCRIPT_FILENAME "{script}"' if script else ""
+    if backend is None:  # the ceiling: the same bodies, as files Apache's core serves
+        route = f"""DocumentRoot {paths.STATIC}
+<Directory {paths.STATIC}>
+    Require all granted
+</Directory>"""
+    else:
+        route = f"""ProxyTimeout {BACKEND_TIMEOUT}
+ProxyPass "/" "fcgi://{LOOPBACK}:{backend}/"{reuse_opt} timeout={BACKEND_TIMEOUT}
+{script_env}"""
     return f"""ServerRoot {prefix}
 {modules}
 ServerName localhost
@@ -107,9 +117,7 @@ KeepAlive On
 MaxKeepAliveRequests 0
 KeepAliveTimeout 15
 Timeout 30
-ProxyTimeout {BACKEND_TIMEOUT}
-ProxyPass "/" "fcgi://{LOOPBACK}:{backend}/"{reuse_opt} timeout={BACKEND_TIMEOUT}
-{script_env}
+{route}
 """
 
 
@@ -124,12 +132,12 @@ def start(kind: str, port: int, backend: int | None, workdir: Path, script: Path
         conf.write_text(nginx_conf(prefix, port, backend, keep_conn=kind == "nginx-keepconn",
                                    script=script))
         argv = [NGINX_BIN, "-p", str(prefix), "-c", str(conf)]
-    elif kind.startswith("apache") and backend is not None:
+    elif kind.startswith("apache"):
         conf.write_text(apache_conf(prefix, port, backend, reuse=kind == "apache-reuse",
                                     script=script))
         argv = [APACHE_BIN, "-f", str(conf), "-DFOREGROUND"]
     else:
-        raise ValueError(f"unknown front end {kind!r} (or no backend for Apache)")
+        raise ValueError(f"unknown front end {kind!r}")
     proc = spawn(kind, argv, prefix / "stderr.log", env=paths.clean_env(), cwd=prefix)
     try:
         wait_port(port, proc, timeout=20.0)
@@ -163,6 +171,10 @@ def check(port: int, proc: Proc, timeout: float = 15.0) -> None:
 
 def prepare_static() -> None:
     paths.STATIC.mkdir(parents=True, exist_ok=True)
-    big = paths.STATIC / "64k"
-    if not big.exists() or big.stat().st_size != 65536:
-        big.write_bytes(b"x" * 65536)
+    for name, body in (("64k", b"x" * 65536), ("hello", HELLO.replace("\\n", "\n").encode())):
+        path = paths.STATIC / name
+        if not path.exists() or path.read_bytes() != body:
+            path.write_bytes(body)
+    paths.STATIC.chmod(0o755)  # Apache's children run as www-data
+    for path in paths.STATIC.iterdir():
+        path.chmod(0o644)

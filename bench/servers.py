@@ -7,8 +7,9 @@
 * ``php-fpm``     Debian's PHP-FPM, ``pm = static`` with N children, running bench/apps/hello.php
                   (the front ends send it SCRIPT_FILENAME only when it is the backend)
 
-``nginx-return`` (nginx answering by itself) is a front-end ceiling with no
-backend; it is handled by frontends.py.
+``nginx-return`` (nginx answering by itself) and ``apache-static`` (Apache serving the
+same bodies as static files) are the front ends' ceilings, with no backend; frontends.py
+handles them.
 """
 
 from __future__ import annotations
@@ -24,8 +25,10 @@ import paths
 from procs import LOOPBACK, Proc, StartError, spawn, wait_port
 
 BACKENDS = ("fcgidaemon", "flup6", "uwsgi", "libfcgi-c", "php-fpm")
-CEILING = "nginx-return"
-SERVERS = (*BACKENDS, CEILING)
+# each front end's own ceiling, shown in that front end's rows: nginx's behind `nginx` only (as
+# it always was), Apache's behind both `apache` and `apache-reuse`, whose p99 target it bounds
+CEILINGS = {"nginx": "nginx-return", "apache": "apache-static", "apache-reuse": "apache-static"}
+SERVERS = (*BACKENDS, *dict.fromkeys(CEILINGS.values()))
 DEFAULT_APP = "hello:application"
 
 

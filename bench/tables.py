@@ -6,7 +6,8 @@ from typing import Any
 
 import load
 
-SERVER_ORDER = ("fcgidaemon", "flup6", "uwsgi", "php-fpm", "libfcgi-c", "nginx-return")
+SERVER_ORDER = ("fcgidaemon", "flup6", "uwsgi", "php-fpm", "libfcgi-c", "nginx-return",
+                "apache-static")
 FRONTEND_ORDER = ("nginx", "nginx-keepconn", "apache", "apache-reuse")
 CASE_TITLES = {"hello": "hello: GET, 13-byte body", "64k": "64k: GET, 65,536-byte body",
                "post-1m": "post-1m: POST of 1 MiB, the app reads it and answers its length"}
