@@ -23,6 +23,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import logging
+import mmap
 import select
 import socket
 import struct
@@ -48,6 +49,7 @@ UNKNOWN_BODY = struct.Struct(flup.FCGI_UnknownTypeBody)
 MAX_CONTENT = 65535
 FLUSH_AT = 256 * 1024  # bytes of response buffered before a send
 RECV_BODY = 256 * 1024  # read size while the application streams a request body
+RECV_FIRST = 64 * 1024  # read size of a connection the worker's wait found readable
 DRAIN_LIMIT = 30.0  # seconds an answered request's unread body is read and thrown away
 TOO_LARGE = (b"Status: 413 Content Too Large\r\nContent-Type: text/plain\r\nContent-Length: 24\r\n\r\n"
              b"Request body too large.\n")
@@ -108,6 +110,23 @@ class Server:
     # the worker is stopping (not retiring into a new generation, which takes the kept
     # connections over): a kept connection ends with the response that leaves it idle
     closing: bool = False
+    _scratch: memoryview | None = field(default=None, init=False, repr=False, compare=False)
+
+    @property
+    def scratch(self) -> memoryview:
+        """The buffer every read on this worker's connections lands in before it is copied to
+        the connection's own: one request at a time runs, and each read is copied out before
+        the next. recv() made a new bytes object of the read size for each read, freed once
+        copied: behind nginx, a 1 MiB POST made 8 brk() calls (the heap grown and given back)
+        and the page faults of fresh memory at every read, 1.2 ms of system time per request
+        against 0.4 ms with this buffer (and 3,500 against 5,400 req/s).
+        Private anonymous memory, made on first use: a shared map would be one buffer for
+        every process forked after it (workers, or an application's children), and its pages
+        are only touched as far as reads fill them (a hello request: one page)."""
+        if self._scratch is None:
+            private = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
+            self._scratch = memoryview(mmap.mmap(-1, RECV_BODY, flags=private))
+        return self._scratch
 
     def capabilities(self) -> dict[bytes, bytes]:
         return {
@@ -117,7 +136,7 @@ class Server:
         }
 
 
-def record_at(buf: bytearray, pos: int, size: int) -> tuple[int, int, int, int, int] | None:
+def record_at(buf: bytearray | memoryview, pos: int, size: int) -> tuple[int, int, int, int, int] | None:
     """The record whose header is at `pos` (at least a header's length before `size`), when
     all of it is there: (type, request id, content start, content length, end), else None.
     Offsets, not content: the caller copies it once (content_of) and drops what it took from
@@ -130,7 +149,7 @@ def record_at(buf: bytearray, pos: int, size: int) -> tuple[int, int, int, int, 
     return None if end > size else (rtype, request_id, start, length, end)
 
 
-def content_of(buf: bytearray, start: int, length: int) -> bytes:
+def content_of(buf: bytearray | memoryview, start: int, length: int) -> bytes:
     """A record's content, copied once when it is large: bytes(buf[a:b]) copies twice (a
     bytearray, then bytes), which costs less than a view up to a few KiB (0.30 against 0.65 us
     for 8 bytes; 4.2 against 2.4 us for 64 KiB). The view is released before the buffer is
@@ -468,17 +487,17 @@ class Connection:
         False when the peer closed. A failure other than a reset is kept in `lost`, for the
         one line the caller logs when it closes the connection."""
         try:
-            data = self.sock.recv(65536, flags)
+            got = self.sock.recv_into(self.server.scratch, RECV_FIRST, flags)
         except BlockingIOError:
             return True
         except OSError as exc:  # reset, or the web server's host gone (ETIMEDOUT, EHOSTUNREACH)
             if exc.errno != errno.ECONNRESET:
                 self.lost = f"receive failed: {exc.strerror or exc}"
             return False
-        if not data:
+        if not got:
             return False
-        self.inbuf += data
-        self.received += len(data)
+        self.inbuf += self.server.scratch[:got]
+        self.received += got
         self.last_active = time.monotonic()
         return True
 
@@ -489,10 +508,11 @@ class Connection:
         if not poller.poll(self.server.limits.read_timeout * 1000):
             raise ConnectionLost(f"{what} for {self.server.limits.read_timeout:g}s")
 
-    def _recv_blocking(self) -> None:
+    def _recv_blocking(self) -> int:
+        """One read into the worker's scratch buffer, waiting (bounded) for it; the bytes read."""
         while True:
             try:
-                data = self.sock.recv(RECV_BODY)
+                got = self.sock.recv_into(self.server.scratch)
                 break
             except BlockingIOError:
                 # What is ready of the response leaves before we wait: an application that
@@ -501,10 +521,10 @@ class Connection:
                 self._wait(select.POLLIN, "no input")
             except OSError as exc:
                 raise ConnectionLost(f"receive failed: {exc.strerror or exc}") from None
-        if not data:
+        if not got:
             raise ConnectionLost("web server closed the connection in the middle of a request")
-        self.inbuf += data
-        self.received += len(data)
+        self.received += got
+        return got
 
     def parse_available(self) -> None:
         """Handle the buffered records until a request is ready to run or the buffer runs dry.
@@ -568,17 +588,61 @@ class Connection:
         if req.aborted:  # read again after the abort it was told of: no more input will come
             raise RequestAborted(f"request {req.requestId} aborted by the web server")
         while not self._take_input(req):
-            self._recv_blocking()
+            if self._read_input(req):
+                return
 
-    def _take_input(self, req: Request) -> bool:
-        """Handle the complete records buffered, up to the end of `req`'s body; whether any of
-        its body came. Taken at an offset and dropped from the buffer once: dropped record by
+    def _read_input(self, req: Request) -> bool:
+        """Read once, and take the records of that read straight from the scratch buffer;
+        whether any of `req`'s body came. Only a record begun in an earlier read (completed
+        first, in `inbuf`), the start of one this read cut, and what follows the body's end
+        are copied to `inbuf`. Copied there whole, as before, a 1 MiB POST grew `inbuf` by each
+        256 KiB read and shrank it again: with the bytes objects recv() made, 8 brk() calls a
+        request and the page faults of fresh memory (1.2 ms of system time behind nginx)."""
+        got = self._recv_blocking()
+        data = self.server.scratch[:got]
+        moved = self._complete_record(data) if self.inbuf else 0
+        if moved:
+            try:
+                body = self._take_input(req)
+            except BaseException:
+                self._keep_rest(data, moved)  # for the connection's next request, if it serves on
+                raise
+            if self.inbuf or body and (req.stdin.eof or self.server.limits.max_body):
+                # the record is still not whole (all of this read moved), or it was the body's
+                # end (what follows is the next request's) or its one record (--max-body)
+                self._keep_rest(data, moved)
+                return body
+            return self._take_input(req, data[moved:]) or body
+        return self._take_input(req, data)
+
+    def _complete_record(self, data: memoryview) -> int:
+        """`inbuf` holds the start of a record: as much of `data` is moved there as completes it
+        (all of it, when that is not enough); how much was moved."""
+        moved = max(0, min(flup.FCGI_HEADER_LEN - len(self.inbuf), len(data)))
+        self.inbuf += data[:moved]
+        if len(self.inbuf) < flup.FCGI_HEADER_LEN:
+            return moved
+        _, _, _, length, padding = HEADER.unpack_from(self.inbuf)
+        more = min(flup.FCGI_HEADER_LEN + length + padding - len(self.inbuf), len(data) - moved)
+        self.inbuf += data[moved:moved + more]
+        return moved + more
+
+    def _keep_rest(self, data: memoryview, taken: int) -> None:
+        """What of `data` was not taken waits in `inbuf`, after what is there."""
+        if taken < len(data) and not self.closed:
+            self.inbuf += data[taken:]
+
+    def _take_input(self, req: Request, data: memoryview | None = None) -> bool:
+        """Handle the complete records buffered (or in `data`, fresh from the scratch buffer:
+        what is not taken of it is kept in `inbuf`), up to the end of `req`'s body; whether any
+        of its body came. Taken at an offset and dropped from the buffer once: dropped record by
         record, the rest of a 256 KiB read moved down after each 64 KiB record. With --max-body,
         one record of body at a time: a body is refused when the application reads past the
         limit, not when more of it happens to be buffered than it asked for. Without it, an
         abort buffered behind body records ends the read that would have returned them (the
         web server has given up on the response either way)."""
-        buf, pos, size = self.inbuf, 0, len(self.inbuf)
+        buf = self.inbuf if data is None else data
+        pos, size = 0, len(buf)
         one = bool(self.server.limits.max_body)
         body = False
         try:
@@ -595,7 +659,9 @@ class Connection:
                     if one or not length:  # at its end, what follows is the next request's
                         break
         finally:
-            if pos:
+            if data is not None:
+                self._keep_rest(data, pos)
+            elif pos:
                 del buf[:pos]
         return body
 

@@ -33,9 +33,11 @@ class MemorySocket:
         self._in = request
         self.sent = bytearray()
 
-    def recv(self, size: int, flags: int = 0) -> bytes:
+    def recv_into(self, buffer: memoryview, size: int = 0, flags: int = 0) -> int:
+        size = min(size or len(buffer), len(buffer))
         data, self._in = self._in[:size], self._in[size:]
-        return data
+        buffer[:len(data)] = data
+        return len(data)
 
     def send(self, data: Any, flags: int = 0) -> int:
         self.sent += data
