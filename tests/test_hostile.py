@@ -516,7 +516,7 @@ class _PeerGone:
     def recv(self, *args):
         raise OSError(self._errno, os.strerror(self._errno))
 
-    send = recv_into = recv
+    send = sendmsg = recv_into = recv
 
 
 @pytest.mark.parametrize("errno_", [errno.ETIMEDOUT, errno.EHOSTUNREACH], ids=["ETIMEDOUT", "EHOSTUNREACH"])

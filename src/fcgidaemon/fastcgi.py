@@ -48,6 +48,7 @@ BEGIN_BODY = struct.Struct(flup.FCGI_BeginRequestBody)
 UNKNOWN_BODY = struct.Struct(flup.FCGI_UnknownTypeBody)
 MAX_CONTENT = 65535
 FLUSH_AT = 256 * 1024  # bytes of response buffered before a send
+MAX_PIECES = 512  # buffers handed to one sendmsg() (the kernel takes up to IOV_MAX, 1024)
 RECV_BODY = 256 * 1024  # read size while the application streams a request body
 RECV_FIRST = 64 * 1024  # read size of a connection the worker's wait found readable
 DRAIN_LIMIT = 30.0  # seconds an answered request's unread body is read and thrown away
@@ -402,6 +403,13 @@ class OutputStream(flup.OutputStream):
 
     def _write(self, data: bytes) -> None:
         self._conn.write_stream(self._type, self.request_id, data)
+
+    def write_after(self, head: bytes, data: bytes | memoryview) -> None:
+        """`head` then `data` on the stream, without joining them (a copy of the body)."""
+        assert not self.closed and not self._buffered
+        if head or data:
+            self.dataWritten = True
+            self._conn.write_stream(self._type, self.request_id, head, data)
 
     def close(self) -> None:
         if not self.closed and self.dataWritten:
@@ -929,25 +937,38 @@ class Connection:
 
     # ------------------------------------------------------------------ output
 
-    def write_stream(self, rtype: int, request_id: int, data: bytes) -> None:
-        """`data` as records of `rtype` (a stream's, or one management record); empty `data`
-        gives one empty record, a stream's end. On a closed connection it raises: an
-        application that swallowed the error of a failed send and wrote on had every later
-        write kept in memory (400 MiB of an export loop, measured), with no error to stop it."""
+    def write_stream(self, rtype: int, request_id: int, data: bytes,
+                     body: bytes | memoryview = b"") -> None:
+        """`data` (then `body`, if any: a response's head, then the start of its body) as
+        records of `rtype` (a stream's, or one management record); empty `data` gives one empty
+        record, a stream's end. The pieces are kept as they are, not joined: flush() hands them
+        to the kernel in one sendmsg(). On a closed connection it raises: an application that
+        swallowed the error of a failed send and wrote on had every later write kept in memory
+        (400 MiB of an export loop, measured), with no error to stop it."""
         if self.closed:
             raise ConnectionLost(self.lost or "the connection to the web server is closed")
-        size = len(data)
+        size = len(data) + len(body)
         if size <= MAX_CONTENT:  # one record: the usual case
-            self._out += (HEADER.pack(flup.FCGI_VERSION_1, rtype, request_id, size, 0), data)
+            header = HEADER.pack(flup.FCGI_VERSION_1, rtype, request_id, size, 0)
+            self._out += (header, data, body) if body else (header, data)
             self._out_size += size + flup.FCGI_HEADER_LEN
+        elif len(data) < MAX_CONTENT and body:  # the head, and as much body as fits with it
+            first = MAX_CONTENT - len(data)
+            view = memoryview(body)
+            self._out += (HEADER.pack(flup.FCGI_VERSION_1, rtype, request_id, MAX_CONTENT, 0), data,
+                          view[:first])
+            self._out_size += flup.FCGI_HEADER_LEN + MAX_CONTENT
+            self._records(rtype, request_id, view[first:])
         else:
-            view = memoryview(data)
-            for pos in range(0, size, MAX_CONTENT):
-                chunk = view[pos:pos + MAX_CONTENT]
-                self._out += (HEADER.pack(flup.FCGI_VERSION_1, rtype, request_id, len(chunk), 0), chunk)
-                self._out_size += flup.FCGI_HEADER_LEN + len(chunk)
+            self._records(rtype, request_id, memoryview(bytes(data) + bytes(body) if body else data))
         if self._out_size >= FLUSH_AT:
             self.flush()
+
+    def _records(self, rtype: int, request_id: int, view: memoryview) -> None:
+        for pos in range(0, len(view), MAX_CONTENT):
+            chunk = view[pos:pos + MAX_CONTENT]
+            self._out += (HEADER.pack(flup.FCGI_VERSION_1, rtype, request_id, len(chunk), 0), chunk)
+            self._out_size += flup.FCGI_HEADER_LEN + len(chunk)
 
     def _append(self, data: bytes) -> None:
         if self.closed:
@@ -969,11 +990,11 @@ class Connection:
         if not final and not self.lingering and self.tcp and self.request is not None \
                 and not self.request.keep_conn:
             self._linger(True)
-        data = b"".join(self._out) if len(self._out) > 1 else self._out[0]
-        self.discard_output()
-        self.sent += len(data)
+        pieces, size = self._out, self._out_size
+        self._out, self._out_size = [], 0
+        self.sent += size
         try:
-            self._send_all(data, socket.MSG_MORE if more else 0)
+            self._send_pieces(pieces, size, socket.MSG_MORE if more else 0)
         except (OSError, ConnectionLost) as exc:
             # Closed at once: the send may have stopped inside a record, and an application
             # that swallows the error and writes on would put bytes after the cut record,
@@ -1045,7 +1066,22 @@ class Connection:
         self.sent += sent
         return sent == len(data)
 
-    def _send_all(self, data: bytes, flags: int = 0) -> None:
+    def _send_pieces(self, pieces: list[bytes | memoryview], size: int, flags: int) -> None:
+        """All of `pieces` (`size` bytes), in one sendmsg() when the kernel takes them: joined
+        first, a 64 KiB response was copied once more in our process before the kernel copied
+        it. What a send leaves (a full socket buffer) is joined and sent as before; so are
+        more pieces than one call may take (IOV_MAX is 1024)."""
+        if len(pieces) == 1 or len(pieces) > MAX_PIECES:
+            self._send_all(pieces[0] if len(pieces) == 1 else b"".join(pieces), flags)
+            return
+        try:
+            sent = self.sock.sendmsg(pieces, (), flags)
+        except BlockingIOError:
+            sent = 0
+        if sent < size:
+            self._send_all(memoryview(b"".join(pieces))[sent:], flags)
+
+    def _send_all(self, data: bytes | memoryview, flags: int = 0) -> None:
         """All of `data`, waiting (up to the read timeout) while the web server does not read."""
         view = memoryview(data)
         while view:

@@ -43,6 +43,12 @@ class MemorySocket:
         self.sent += data
         return len(data)
 
+    def sendmsg(self, buffers: Any, ancdata: Any = (), flags: int = 0) -> int:
+        before = len(self.sent)
+        for data in buffers:
+            self.sent += data
+        return len(self.sent) - before
+
     def fileno(self) -> int:
         return -1
 

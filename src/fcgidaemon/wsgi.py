@@ -320,7 +320,9 @@ class Response:
         self.sent += size
         if not self.head_sent:
             self.mark = self.req._conn.sent  # not at the start: a management record answered
-            self.req.stdout.write(self.head() + bytes(data))  # meanwhile is not the response
+            # meanwhile is not the response; head and body go out together, not joined (a copy
+            # of the body): bytes(), so a bytearray the application changes later is not
+            self.req.stdout.write_after(self.head(), bytes(data))
             self.head_sent = True
         elif data:
             self.req.stdout.write(bytes(data))

@@ -56,6 +56,10 @@ def application(environ, start_response):
         start_response("200 OK", [("Content-Type", "application/octet-stream"),
                                   ("Content-Length", str(n))])
         return (block[: min(len(block), n - i)] for i in range(0, n, len(block)))
+    if path.endswith("/blocks"):  # a list of n small blocks, in order
+        blocks = [b"%d," % i for i in range(int(q.get("n", 10)))]
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return blocks
     if path.endswith("/headers"):
         n = int(q.get("n", 100))
         return _text(start_response, b"many", headers=[(f"X-H{i}", "v" * 50) for i in range(n)])
