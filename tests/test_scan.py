@@ -160,3 +160,102 @@ def test_any_records_end_the_same(parts, prefix, cut, flip):
     if cut is not None:
         data = data[:len(data) - cut % (len(data) + 1)]
     assert outcome(bytes(data), scan=True) == outcome(bytes(data), scan=False)
+
+
+# ---------------------------------------------------------------- a body's records (take_stdin)
+
+def body_outcome(data: bytes, fast: bool, scratch: bool) -> dict[str, Any]:
+    """What Connection._take_input leaves for `data` arriving while the application reads the
+    body of request 1 (in the connection's buffer, or fresh in a read's scratch buffer), with
+    runs of body records taken in C (take_stdin) or record by record in Python."""
+    ours, peer = socket.socketpair()
+    peer.setblocking(False)
+    saved = fastcgi._c_take_stdin
+    if not fast:
+        fastcgi._c_take_stdin = None
+    try:
+        conn = Connection(ours, Server(lambda req: 0))
+        conn.inbuf += begin() + record(PARAMS, PAIRS) + record(PARAMS, b"")
+        conn.parse_available()
+        req = conn.request
+        assert req is not None and req.runnable
+        if not scratch:
+            conn.inbuf += data
+        try:
+            body = conn._take_input(req, memoryview(data) if scratch else None)
+            error = None
+        except Exception as exc:  # noqa: BLE001 - compared, not swallowed
+            body, error = None, (type(exc).__name__, str(exc))
+        try:
+            answered = peer.recv(65536)
+        except BlockingIOError:
+            answered = b""
+        stdin = req.stdin
+        return {"body": body, "error": error, "inbuf": bytes(conn.inbuf), "closed": conn.closed,
+                "out": b"".join(conn._out), "answered": answered, "aborted": req.aborted,
+                "stdin": (b"".join(stdin._bufList), stdin._avail, stdin.eof, stdin.received)}
+    finally:
+        fastcgi._c_take_stdin = saved
+        ours.close()
+        peer.close()
+
+
+def test_take_stdin_is_built():
+    from fcgidaemon import _speedups
+
+    assert fastcgi._c_take_stdin is _speedups.take_stdin
+
+
+@pytest.mark.parametrize("data", [
+    record(STDIN, b"a" * 8192) * 3 + record(STDIN, b""),  # Apache's records, then the end
+    record(STDIN, b"x" * 65535, padding=255) + record(STDIN, b"y", padding=0),
+    record(STDIN, b"abc") + record(STDIN, b"") + usual(request_id=2),  # the next request after
+    record(STDIN, b"abc") + record(9, b"", 0) + record(STDIN, b"def"),  # a management record
+    record(STDIN, b"abc") + record(ABORT) + record(STDIN, b"def"),
+    record(STDIN, b"abc") + record(STDIN, b"def", 2) + record(STDIN, b"ghi"),  # another request's
+    record(STDIN, b"abc") + record(STDIN, b"def", version=0),
+    record(STDIN, b"abc") + record(STDIN, b"def")[:-3],  # the second cut short
+    record(STDIN, b"abc")[:7],
+    b"",
+], ids=["apache", "padding", "next-request", "management", "abort", "other-id", "bad-version",
+        "cut", "cut-header", "empty"])
+@pytest.mark.parametrize("scratch", [False, True], ids=["inbuf", "scratch"])
+def test_a_body_taken_in_c_ends_the_same(data, scratch):
+    assert body_outcome(data, True, scratch) == body_outcome(data, False, scratch)
+
+
+body_pieces = st.one_of(
+    st.builds(lambda c, p: record(STDIN, c, 1, p), st.sampled_from([b"", b"x", b"y" * 300, b"z" * 8192]),
+              st.sampled_from([None, 0, 7, 255])),
+    st.builds(lambda c, i: record(STDIN, c, i), st.sampled_from([b"", b"x"]), st.sampled_from([0, 2])),
+    st.builds(record, st.integers(0, 12), st.binary(max_size=20), st.sampled_from([0, 1]),
+              st.sampled_from([None, 0, 3]), st.sampled_from([1, 1, 0, 2])),
+)
+
+
+@settings(max_examples=800, deadline=None)
+@given(parts=st.lists(body_pieces, max_size=8), cut=st.one_of(st.none(), st.integers(0, 20000)),
+       flip=st.one_of(st.none(), st.tuples(st.integers(0, 20000), st.integers(0, 7))),
+       scratch=st.booleans())
+def test_any_body_records_end_the_same(parts, cut, flip, scratch):
+    """Body records in any mix with others, whole, cut short anywhere, or with one bit flipped:
+    taken in C or in Python, the stream, the buffer and the answers end the same."""
+    data = bytearray(b"".join(parts))
+    if flip is not None and data:
+        data[flip[0] % len(data)] ^= 1 << flip[1]
+    if cut is not None:
+        data = data[:len(data) - cut % (len(data) + 1)]
+    assert body_outcome(bytes(data), True, scratch) == body_outcome(bytes(data), False, scratch)
+
+
+def test_take_stdin_reads_only_within_its_bounds():
+    """`pos` and `size` bound what it reads: a record past `size` is not there yet; a negative
+    position takes nothing."""
+    data = bytearray(record(STDIN, b"abc") + record(STDIN, b"def"))
+    take = fastcgi._c_take_stdin
+    assert take(data, 0, len(data), 1) == ([b"abc", b"def"], 6, len(data), False)
+    assert take(data, 0, len(data) - 1, 1) == ([b"abc"], 3, 16, False)
+    assert take(data, 16, len(data), 1) == ([b"def"], 3, len(data), False)
+    assert take(data, 0, 1 << 40, 1) == ([b"abc", b"def"], 6, len(data), False)  # clipped
+    assert take(data, -8, len(data), 1) is None
+    assert take(data, 0, len(data), 2) is None

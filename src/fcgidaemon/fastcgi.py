@@ -36,9 +36,10 @@ from flup.server import fcgi_base as flup
 from .logs import Throttle
 
 try:
-    from ._speedups import decode_params as _c_decode_params, scan_request as _c_scan_request
+    from ._speedups import decode_params as _c_decode_params, scan_request as _c_scan_request, \
+        take_stdin as _c_take_stdin
 except ImportError:  # built without a C compiler (setup.py: optional): the Python decoder
-    _c_decode_params = _c_scan_request = None
+    _c_decode_params = _c_scan_request = _c_take_stdin = None
 
 log = logging.getLogger("fcgidaemon")
 
@@ -365,6 +366,16 @@ class InputStream(flup.InputStream):
         self._shrinkBuffer()
         return b"".join(parts)
 
+    def add_chunks(self, chunks: list[bytes], total: int, ended: bool) -> None:
+        """Several records' contents at once (_speedups.take_stdin's), as add_data takes them
+        one by one; only without --max-body, so there is no limit to count them against."""
+        self.received += total
+        if chunks:
+            self._bufList += chunks
+            self._avail += total
+        if ended:
+            self._eof = True
+
     def add_data(self, data: bytes) -> None:
         self.received += len(data)
         limit = self._conn.server.limits.max_body
@@ -652,9 +663,19 @@ class Connection:
         buf = self.inbuf if data is None else data
         pos, size = 0, len(buf)
         one = bool(self.server.limits.max_body)
+        fast = _c_take_stdin is not None and not one  # runs of body records, taken in C
         body = False
         try:
             while size - pos >= flup.FCGI_HEADER_LEN and not self.closed:
+                if fast:
+                    found = _c_take_stdin(buf, pos, size, req.requestId)
+                    if found is not None:
+                        chunks, total, pos, ended = found
+                        req.stdin.add_chunks(chunks, total, ended)
+                        body = True
+                        if ended:  # what follows is the next request's
+                            break
+                        continue
                 rec = record_at(buf, pos, size)
                 if rec is None:
                     break
