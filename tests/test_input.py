@@ -200,25 +200,26 @@ class TrackedBuffer(bytearray):
 WHOLE_RECORD = 8 + 65535 + 255  # the largest record there is
 
 
-def _serve_in_pieces(stream: bytes, cuts: list[int], max_body: int = 0
-                     ) -> tuple[list[tuple[int, int, bytes]], int]:
+def _serve_in_pieces(stream: bytes, cuts: list[int], max_body: int = 0, app=_echo_digest,
+                     requests: int = 2) -> tuple[list[tuple[int, int, bytes]], int]:
     """Serve `stream` with the real Connection on a socketpair, the peer sending it in pieces
     cut at `cuts`, each piece once the connection has read everything before it: every read
-    the connection makes ends at a cut (or before). Returns the records it answered, and the
-    most its input buffer held."""
+    the connection makes ends at a cut (or before). Returns the records it answered (up to
+    request `requests`' END_REQUEST), and the most its input buffer held."""
     ours, theirs = socket.socketpair()
     limits = Limits(read_timeout=5.0, max_body=max_body)
-    conn = Connection(ours, Server(make_handler(_echo_digest), limits))
+    conn = Connection(ours, Server(make_handler(app), limits))
     conn.inbuf = TrackedBuffer()
     bounds = [0, *sorted({c for c in cuts if 0 < c < len(stream)}), len(stream)]
     failed: list[str] = []
+    answered = threading.Event()  # what is left need not be read
 
     def feed() -> None:
         for start, end in zip(bounds, bounds[1:]):
             theirs.sendall(stream[start:end])
             deadline = time.monotonic() + 5.0
-            while conn.received < end and not conn.closed:  # bounded polling
-                if time.monotonic() > deadline:
+            while conn.received < end and not conn.closed and not answered.is_set():
+                if time.monotonic() > deadline:  # bounded polling
                     failed.append(f"piece ending at {end} not read in 5 s")
                     return
                 time.sleep(0.0002)
@@ -227,7 +228,7 @@ def _serve_in_pieces(stream: bytes, cuts: list[int], max_body: int = 0
     feeder.start()
     served = 0
     try:
-        while served < 2 and not conn.closed:
+        while served < requests and not conn.closed:
             assert select.select([ours], [], [], 5.0)[0], f"no input after {served} requests"
             assert conn.receive(), "peer closed"
             conn.parse_available()
@@ -235,12 +236,14 @@ def _serve_in_pieces(stream: bytes, cuts: list[int], max_body: int = 0
                 conn.run_request()
                 served += 1
                 conn.parse_available()
+        answered.set()
         feeder.join(5.0)
         assert not failed, failed
-        assert served == 2 and not conn.inbuf, (served, len(conn.inbuf))
+        assert served == requests, served
+        assert requests < 2 or not conn.inbuf, len(conn.inbuf)
         theirs.settimeout(5.0)
         buf, records = bytearray(), []
-        while not records or records[-1][:2] != (fcgiclient.FCGI_END_REQUEST, 2):
+        while not records or records[-1][:2] != (fcgiclient.FCGI_END_REQUEST, requests):
             buf += theirs.recv(65536)
             records += [(r.type, r.request_id, r.content) for r in fcgiclient.take_records(buf)]
         return records, conn.inbuf.most
@@ -290,3 +293,39 @@ def test_reads_cut_at_random_places_lose_and_mix_nothing():
         got, most = _serve_in_pieces(stream, cuts)
         _check(got, want)
         assert most <= WHOLE_RECORD, f"case {case}: the connection's buffer held {most} bytes"
+
+
+def _read_98304(environ, start_response):
+    """Reads 12 records' worth of its body (12 x 8 KiB) in uneven pieces, never past that."""
+    stream, parts, sizes, left = environ["wsgi.input"], [], itertools.cycle((5, 9000, 1, 20000)), 98304
+    while left:
+        parts.append(stream.read(min(next(sizes), left)))
+        left -= len(parts[-1])
+    body = b"".join(parts)
+    start_response("200 OK", [("Content-Type", "text/plain")])
+    return [f"{len(body)} {hashlib.sha256(body).hexdigest()}".encode()]
+
+
+def test_with_max_body_a_read_takes_one_record_of_body_at_a_time():
+    """--max-body refuses a body when the application reads past the limit, not when more of it
+    happens to be buffered: so one body record is taken at a time, also when a read completes
+    a record begun in the one before and brings more whole ones. The application reads
+    98,304 bytes (12 records of Apache's 8 KiB) of a 150,000-byte body under a limit of
+    100,000 and gets them; a thirteenth record taken with the twelfth would have been 106,496
+    bytes, and a 413."""
+    body = random.Random(3).randbytes(150_000)
+    # no CONTENT_LENGTH (a chunked body Apache streams): one declared over the limit is
+    # refused before the application runs
+    params = fcgiclient.encode_params(fcgiclient.make_params("POST", "/part", extra={"CONTENT_LENGTH": None}))
+    head = (fcgiclient.encode_record(fcgiclient.FCGI_BEGIN_REQUEST, 1, struct.pack("!HB5x", 1, 0))
+            + fcgiclient.encode_record(fcgiclient.FCGI_PARAMS, 1, params)
+            + fcgiclient.encode_record(fcgiclient.FCGI_PARAMS, 1, b""))
+    records = _split_records(_body_records(1, body, [8192] * 18, [None]))
+    stream = head + b"".join(records)
+    starts = [len(head) + sum(map(len, records[:i])) for i in range(len(records))]
+    # the read that completes the twelfth record (begun in the one before) brings the rest
+    got, _ = _serve_in_pieces(stream, [starts[i] + 3 for i in (0, 3, 7, 11)],
+                              max_body=100_000, app=_read_98304, requests=1)
+    answer = f"98304 {hashlib.sha256(body[:98304]).hexdigest()}".encode()
+    assert [g[:2] for g in got] == [(6, 1), (6, 1), (3, 1)]
+    assert got[0][2].startswith(b"Status: 200 OK\r\n") and got[0][2].endswith(answer), got[0][2][:60]

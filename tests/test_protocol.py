@@ -161,11 +161,51 @@ def test_a_stream_is_cut_into_records_of_65535_bytes(size, head):
         theirs.close()
 
 
+@pytest.mark.parametrize("writes", [1, 255, 256, 600])
+@pytest.mark.parametrize("kind", [socket.AF_UNIX, socket.AF_INET], ids=["unix", "tcp"])
+def test_a_send_the_kernel_takes_in_part_loses_and_repeats_nothing(kind, writes):
+    """flush() hands the buffered pieces (a record's header, the head, the body) to sendmsg(),
+    up to 512 of them (the first write's 3 and 2 for each of 254 more); beyond that they are
+    joined (the kernel takes at most 1,024 buffers a call). Through 4 KiB socket buffers and a reader taking 1,000 bytes at a time,
+    each send is taken in part and the rest follows: the reader gets every byte once, in
+    order, and the connection counts as sent exactly what went out."""
+    if kind == socket.AF_UNIX:
+        ours, theirs = socket.socketpair()
+    else:
+        with socket.create_server(("127.0.0.1", 0)) as listener:
+            theirs = socket.create_connection(listener.getsockname())
+            ours, _ = listener.accept()
+    try:
+        ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        theirs.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        conn = Connection(ours, Server(lambda req: 0))
+        data = [bytes((i + j) % 251 for j in range(60 + i % 7 * 20)) for i in range(writes)]
+        want = b"".join(struct.pack("!BBHHBx", 1, FCGI_STDOUT, 1, len(d), 0) + d for d in data)
+        got = bytearray()
+
+        def read() -> None:
+            theirs.settimeout(10)
+            while len(got) < len(want):
+                got.extend(theirs.recv(1000))
+
+        reader = threading.Thread(target=read, daemon=True)
+        reader.start()
+        conn.write_stream(FCGI_STDOUT, 1, data[0][:50], data[0][50:])  # a head, then a body
+        for block in data[1:]:
+            conn.write_stream(FCGI_STDOUT, 1, block)
+        conn.flush(more=kind == socket.AF_INET)
+        reader.join(10)
+        assert bytes(got) == want
+        assert conn.sent == len(want)
+    finally:
+        ours.close()
+        theirs.close()
+
+
 @pytest.mark.parametrize("blocks", [1, 2, 600, 5000])
 def test_a_body_of_many_blocks_comes_whole(daemon, blocks):
-    """A one-list body of many small blocks: each is a record of its own, buffered until the
-    end and sent with sendmsg() in one call up to 512 pieces, joined beyond that (the kernel
-    takes at most 1,024 buffers a call): the body is whole and in order either way."""
+    """A one-list body of many small blocks, each a record of its own, through the daemon:
+    the body is whole and in order."""
     resp = get(daemon.address, f"/blocks?n={blocks}", timeout=10)
     assert resp.status == 200
     assert resp.body == b"".join(b"%d," % i for i in range(blocks))

@@ -250,7 +250,7 @@ def test_any_body_records_end_the_same(parts, cut, flip, scratch):
 
 def test_take_stdin_reads_only_within_its_bounds():
     """`pos` and `size` bound what it reads: a record past `size` is not there yet; a negative
-    position takes nothing."""
+    position or size, or a position past the size, takes nothing."""
     data = bytearray(record(STDIN, b"abc") + record(STDIN, b"def"))
     take = fastcgi._c_take_stdin
     assert take(data, 0, len(data), 1) == ([b"abc", b"def"], 6, len(data), False)
@@ -259,3 +259,7 @@ def test_take_stdin_reads_only_within_its_bounds():
     assert take(data, 0, 1 << 40, 1) == ([b"abc", b"def"], 6, len(data), False)  # clipped
     assert take(data, -8, len(data), 1) is None
     assert take(data, 0, len(data), 2) is None
+    # past the end, or a negative size: nothing read (once read out of bounds, a crash)
+    assert take(data, 1 << 62, -(1 << 62) - 8, 1) is None
+    assert take(data, 17, 16, 1) is None
+    assert take(data, 0, -1, 1) is None

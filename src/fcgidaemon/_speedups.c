@@ -259,7 +259,7 @@ take_stdin(PyObject *module, PyObject *args)
     if (size > view.len)
         size = view.len;
     PyObject *chunks = PyList_New(0);
-    if (chunks == NULL || pos < 0)
+    if (chunks == NULL || pos < 0 || size < 0 || pos > size)  /* read_record's size - pos >= 0 */
         goto fail_or_none;
     const Py_ssize_t start = pos;
     while (!ended && read_record(p, size, pos, &rec) && rec.version == VERSION_1

@@ -165,9 +165,12 @@ class Worker:
         limits = Limits(read_timeout=self.config.read_timeout, max_params=self.config.max_params,
                         max_body=self.config.max_body)
         on_response = self.access_log.record if self.access_log is not None else None
-        self.server = Server(make_handler(app, on_response), limits, max_conns=self.config.workers * 64,
-                             max_reqs=self.config.workers, on_done=self._request_done,
-                             on_exit_asked=self._on_exit_asked)
+        try:
+            self.server = Server(make_handler(app, on_response), limits,
+                                 max_conns=self.config.workers * 64, max_reqs=self.config.workers,
+                                 on_done=self._request_done, on_exit_asked=self._on_exit_asked)
+        except OSError as exc:  # its read buffer (a memory limit): this worker cannot serve
+            return self._failed_start(f"cannot map the read buffer: {exc.strerror or exc}")
         if self._retired_while_starting():
             return EXIT_OK
         self._register()
