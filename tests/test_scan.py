@@ -9,9 +9,10 @@ taken for what nginx and Apache send, and that whatever it takes, or leaves, end
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import struct
-from typing import Any
+from typing import Any, Iterator
 
 import pytest
 from flup.server.fcgi_base import encode_pair
@@ -46,15 +47,27 @@ def usual(flags: int = 0, request_id: int = 1) -> bytes:
             + record(PARAMS, b"", request_id) + record(STDIN, b"", request_id))
 
 
-def outcome(data: bytes, scan: bool, max_params: int = 1 << 20) -> dict[str, Any]:
-    """Everything parse_available leaves behind for `data`, with or without the C scan."""
+@contextlib.contextmanager
+def connection(c_function: str, on: bool, limits: Limits | None = None
+               ) -> Iterator[tuple[Connection, socket.socket]]:
+    """A Connection on a socketpair, and its peer (non-blocking), with fastcgi's C function
+    `c_function` switched off unless `on`: the Python path is the reference."""
     ours, peer = socket.socketpair()
     peer.setblocking(False)
-    saved = fastcgi._c_scan_request
-    if not scan:
-        fastcgi._c_scan_request = None
+    saved = getattr(fastcgi, c_function)
+    if not on:
+        setattr(fastcgi, c_function, None)
     try:
-        conn = Connection(ours, Server(lambda req: 0, Limits(max_params=max_params)))
+        yield Connection(ours, Server(lambda req: 0, limits or Limits())), peer
+    finally:
+        setattr(fastcgi, c_function, saved)
+        ours.close()
+        peer.close()
+
+
+def outcome(data: bytes, scan: bool, max_params: int = 1 << 20) -> dict[str, Any]:
+    """Everything parse_available leaves behind for `data`, with or without the C scan."""
+    with connection("_c_scan_request", scan, Limits(max_params=max_params)) as (conn, peer):
         conn.inbuf += data
         try:
             conn.parse_available()
@@ -62,27 +75,28 @@ def outcome(data: bytes, scan: bool, max_params: int = 1 << 20) -> dict[str, Any
         except Exception as exc:  # noqa: BLE001 - compared, not swallowed
             error = (type(exc).__name__, str(exc))
         req = conn.request
-        try:
-            answered = peer.recv(65536)
-        except BlockingIOError:
-            answered = b""
         return {
             "error": error, "inbuf": bytes(conn.inbuf), "closed": conn.closed, "keep": conn.keep,
-            "draining": conn.draining, "out": b"".join(conn._out), "answered": answered,
+            "draining": conn.draining, "out": b"".join(conn._out), "answered": answered(peer),
             "request": None if req is None else (
                 req.requestId, req.role, req.flags, req.params, req.runnable, req.stdin.eof,
                 bytes(req.params_raw), req.aborted, req.stdin.received),
         }
-    finally:
-        fastcgi._c_scan_request = saved
-        ours.close()
-        peer.close()
 
 
-def test_the_scan_is_built():
+def answered(peer: socket.socket) -> bytes:
+    """What the connection has sent its peer (a non-blocking socket) so far."""
+    try:
+        return peer.recv(65536)
+    except BlockingIOError:
+        return b""
+
+
+@pytest.mark.parametrize("name", ["scan_request", "take_stdin"])
+def test_the_c_functions_are_built(name):
     from fcgidaemon import _speedups
 
-    assert fastcgi._c_scan_request is _speedups.scan_request
+    assert getattr(fastcgi, f"_c_{name}") is getattr(_speedups, name)
 
 
 @pytest.mark.parametrize("data", [
@@ -168,13 +182,7 @@ def body_outcome(data: bytes, fast: bool, scratch: bool) -> dict[str, Any]:
     """What Connection._take_input leaves for `data` arriving while the application reads the
     body of request 1 (in the connection's buffer, or fresh in a read's scratch buffer), with
     runs of body records taken in C (take_stdin) or record by record in Python."""
-    ours, peer = socket.socketpair()
-    peer.setblocking(False)
-    saved = fastcgi._c_take_stdin
-    if not fast:
-        fastcgi._c_take_stdin = None
-    try:
-        conn = Connection(ours, Server(lambda req: 0))
+    with connection("_c_take_stdin", fast) as (conn, peer):
         conn.inbuf += begin() + record(PARAMS, PAIRS) + record(PARAMS, b"")
         conn.parse_available()
         req = conn.request
@@ -186,24 +194,10 @@ def body_outcome(data: bytes, fast: bool, scratch: bool) -> dict[str, Any]:
             error = None
         except Exception as exc:  # noqa: BLE001 - compared, not swallowed
             body, error = None, (type(exc).__name__, str(exc))
-        try:
-            answered = peer.recv(65536)
-        except BlockingIOError:
-            answered = b""
         stdin = req.stdin
         return {"body": body, "error": error, "inbuf": bytes(conn.inbuf), "closed": conn.closed,
-                "out": b"".join(conn._out), "answered": answered, "aborted": req.aborted,
+                "out": b"".join(conn._out), "answered": answered(peer), "aborted": req.aborted,
                 "stdin": (b"".join(stdin._bufList), stdin._avail, stdin.eof, stdin.received)}
-    finally:
-        fastcgi._c_take_stdin = saved
-        ours.close()
-        peer.close()
-
-
-def test_take_stdin_is_built():
-    from fcgidaemon import _speedups
-
-    assert fastcgi._c_take_stdin is _speedups.take_stdin
 
 
 @pytest.mark.parametrize("data", [
