@@ -30,7 +30,8 @@ WORKER_PROCESSES = 2
 # seconds a request may wait on the backend: well under a run's duration, so a request that a
 # pinned backend leaves waiting turns into a 504/503 that wrk counts, not a silent stall
 BACKEND_TIMEOUT = 2
-HELLO = "Hello, world\\n"
+HELLO_BODY = b"Hello, world\n"  # what /hello answers, from every server and ceiling
+HELLO = HELLO_BODY.decode().replace("\n", "\\n")  # as nginx's `return 200` takes it
 
 
 def nginx_conf(prefix: Path, port: int, backend: int | None, keep_conn: bool,
@@ -171,7 +172,7 @@ def check(port: int, proc: Proc, timeout: float = 15.0) -> None:
 
 def prepare_static() -> None:
     paths.STATIC.mkdir(parents=True, exist_ok=True)
-    for name, body in (("64k", b"x" * 65536), ("hello", HELLO.replace("\\n", "\n").encode())):
+    for name, body in (("64k", b"x" * 65536), ("hello", HELLO_BODY)):
         path = paths.STATIC / name
         if not path.exists() or path.read_bytes() != body:
             path.write_bytes(body)

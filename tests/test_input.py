@@ -163,11 +163,10 @@ def _stream_and_answers(rnd: random.Random) -> tuple[bytes, list[tuple[int, int,
     req2 = fcgiclient.build_request(fcgiclient.make_params("POST", "/echo", len(body2)), body2,
                                     keep_conn=True, request_id=2)
     starts, pos = [], 0
-    while pos < len(req1):
-        _, rtype, _, length, padding = struct.unpack_from("!BBHHBx", req1, pos)
-        if rtype == fcgiclient.FCGI_STDIN:
+    for rec in _split_records(req1):
+        if rec[1] == fcgiclient.FCGI_STDIN:
             starts.append(pos)
-        pos += 8 + length + padding
+        pos += len(rec)
     want = [(fcgiclient.FCGI_GET_VALUES_RESULT, 0, fcgiclient.encode_params({"FCGI_MAX_CONNS": "1"}))]
     for rid, body in ((1, body1), (2, body2)):
         answer = f"{len(body)} {hashlib.sha256(body).hexdigest()}".encode()

@@ -979,7 +979,8 @@ class Connection:
             self._out_size += flup.FCGI_HEADER_LEN + MAX_CONTENT
             self._records(rtype, request_id, view[first:])
         else:
-            self._records(rtype, request_id, memoryview(bytes(data) + bytes(body) if body else data))
+            whole = (bytes(data) + bytes(body)) if body else data  # a head of 64 KiB or more
+            self._records(rtype, request_id, memoryview(whole))
         if self._out_size >= FLUSH_AT:
             self.flush()
 
