@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from daemon import APPS, Daemon, alive, wait_for
-from fcgiclient import FCGIClient, build_request, make_params
+from fcgiclient import ConnectionClosed, FCGIClient, build_request, make_params
 from load import FCGIChecker, run_load
 
 
@@ -551,6 +551,220 @@ def test_a_balance_ask_is_not_repeated_while_the_worker_serves_a_long_turn(start
     finally:
         for client in [*clients, other]:
             client.close()
+
+
+def _stopped_worker_holding_some(d: Daemon) -> tuple[int, int, list[FCGIClient]]:
+    """Workers A and B; B is stopped (SIGSTOP), so A accepts 4 kept connections, and the
+    balance passes some of them to B, idle as far as the manager can tell, where they wait
+    unread: 2 at the first ask, and one more at each later one (B's count never grows). Returns
+    A, B and the 4 clients."""
+    a, b = d.wait_workers(2)
+    os.kill(b, signal.SIGSTOP)
+    wait_for(lambda: _proc_state(b) == "T", 5, f"worker {b} stopped")
+    clients = [FCGIClient(d.address, timeout=15) for _ in range(4)]
+    first = {_pid_of(c.request(make_params("GET", "/id?id=k"), keep_conn=True).body) for c in clients}
+    assert first == {a}, (first, a, b)
+    d.wait_log(rf"passed 1 connection\(s\) to worker {b}", count=2, timeout=10)
+    return a, b, clients
+
+
+def _proc_state(pid: int) -> str:
+    with open(f"/proc/{pid}/stat") as fh:
+        return fh.read().rpartition(")")[2].split()[0]
+
+
+def _taken_back(d: Daemon, pid: int) -> int:
+    """How many connections the manager took back from dead worker `pid` (waits for the line)."""
+    pattern = rf"worker {pid} left (\d+) connection\(s\) passed to it unread; passing them on"
+    d.wait_log(pattern)
+    return int(re.search(pattern, d.log()).group(1))
+
+
+def _resume(pid: int) -> None:
+    try:
+        os.kill(pid, signal.SIGCONT)
+    except ProcessLookupError:
+        pass
+
+
+def _closed_within(client: FCGIClient, timeout: float) -> bool:
+    """The server closed this idle connection (EOF) within `timeout`."""
+    sock = client._socket()
+    sock.settimeout(timeout)
+    try:
+        return sock.recv(1) == b""
+    except (socket.timeout, ConnectionResetError):
+        return False
+
+
+def test_connections_passed_to_a_worker_that_died_before_reading_them_are_passed_on(start_daemon):
+    """The balance passes some of A's 4 kept connections to B, which never reads them (stopped)
+    and dies (SIGKILL). They died with it: the kernel closed them with B's end of the channel,
+    and the web server's next request on each failed. The manager keeps that end open, takes
+    them back when it reaps B, and passes them on: all 4 keep working, each answer its own."""
+    d = start_daemon("testapp", workers=2)
+    b = 0
+    clients: list[FCGIClient] = []
+    try:
+        a, b, clients = _stopped_worker_holding_some(d)
+        os.kill(b, signal.SIGKILL)
+        taken = _taken_back(d, b)
+        answers = [c.request(make_params("GET", f"/id?id=z{i}"), keep_conn=True) for i, c in enumerate(clients)]
+        where = [_pid_of(r.body) for r in answers]
+        print(f"\nA={a} B={b} (killed, {taken} taken back): the 4 kept connections answered from {where}")
+        assert taken >= 2 and [r.status for r in answers] == [200] * 4
+        assert all(r.body.startswith(f"id=z{i} ".encode()) for i, r in enumerate(answers)), answers
+        assert b not in where and d.count(r"closing them") == 0, d.log()[-2000:]
+    finally:
+        for client in clients:
+            client.close()
+        if b:
+            _resume(b)
+
+
+def test_connections_taken_back_with_no_worker_ready_wait_for_the_next_one(start_daemon):
+    """As above, B holds some of the 4 kept connections unread; then A and B die. Those A held
+    die with it (its own: their requests were in its hands). Those taken back from B find no
+    worker ready, both replacements still starting: they were closed ("no ready worker to
+    take"); now they are held until a replacement is ready, and its answers come on them.
+    Held, they are no replacement's to inherit: with --keep-conn-idle 1 each is closed (EOF)
+    once idle, which a copy left open in another worker prevented."""
+    d = start_daemon("testapp", "--keep-conn-idle", "1", workers=2)
+    b = 0
+    clients: list[FCGIClient] = []
+    try:
+        a, b, clients = _stopped_worker_holding_some(d)
+        os.kill(a, signal.SIGKILL)  # together: replacements take longer to be ready than this
+        os.kill(b, signal.SIGKILL)  # (reaped B first, A looked ready: they went to A's channel,
+        # and were taken back from it in turn)
+        d.wait_log(r"no ready worker to take \d+ connection\(s\); holding them until one is ready")
+        taken = _taken_back(d, b)
+        survivors = []
+        for i, client in enumerate(clients):
+            try:
+                survivors.append((client, client.request(make_params("GET", f"/id?id=s{i}"), keep_conn=True)))
+            except (ConnectionClosed, ConnectionResetError):
+                pass  # one A held
+        answered_by = [_pid_of(r.body) for _, r in survivors]
+        closed = [_closed_within(c, 6) for c, _ in survivors]
+        print(f"\nA={a} B={b}, both killed: {len(survivors)} of 4 kept connections answered "
+              f"(taken back: {taken}), from {answered_by}; closed once idle: {closed}")
+        assert len(survivors) == taken and all(r.status == 200 for _, r in survivors), survivors
+        assert not {a, b} & set(answered_by)
+        assert all(closed) and d.count(r"closing them") == 0, d.log()[-2000:]
+    finally:
+        for client in clients:
+            client.close()
+        if b:
+            _resume(b)
+
+
+def test_connections_held_for_a_worker_are_closed_when_none_is_ready_in_time(start_daemon, tmp_path):
+    """The same, with broken code on disk when A and B die: no replacement gets ready. The
+    held connections are closed after --ready-timeout (2 s), said once; the daemon serves again
+    as soon as the code is fixed."""
+    src = app_copy(tmp_path)
+    d = start_daemon("liveapp", "--ready-timeout", "2", workers=2, pythonpath=[src])
+    b = 0
+    clients: list[FCGIClient] = []
+    try:
+        a, b, clients = _stopped_worker_holding_some(d)
+        (src / "liveapp.py").write_text("def application(:\n")
+        os.kill(a, signal.SIGKILL)
+        os.kill(b, signal.SIGKILL)
+        taken = _taken_back(d, b)
+        d.wait_log(r"holding them until one is ready")
+        d.wait_log(rf"no worker ready within 2s to take {taken} connection\(s\); closing them", timeout=10)
+        for client in clients:
+            with pytest.raises((ConnectionClosed, ConnectionResetError)):
+                client.request(make_params("GET", "/id?id=late"), keep_conn=True)
+        set_version(app_copy(tmp_path), "v2")
+        answer = wait_for(lambda: _answer_or_none(d.address), 20, "a worker of the fixed code")
+        print(f"\n{taken} held connection(s) closed after 2 s; after the fix: {answer.body[:20]!r}")
+        assert answer.status == 200 and d.count(r"closing them") == 1
+    finally:
+        for client in clients:
+            client.close()
+        if b:
+            _resume(b)
+
+
+def _answer_or_none(address) -> "Response | None":  # noqa: F821
+    try:
+        return get(address, "/id?id=fixed", timeout=2)
+    except (OSError, ConnectionClosed):
+        return None
+
+
+def test_a_graceful_stop_serves_what_waits_on_connections_taken_back(start_daemon):
+    """As above, B holds some of the 4 kept connections unread; a request waits on each of the
+    4 while A is busy in a 2 s request. SIGTERM, then B dies: the manager, stopping, takes them
+    back and gives them to A, still finishing, which serves what waited on them before it
+    leaves. All 5 requests are answered and the daemon exits 0."""
+    d = start_daemon("testapp", workers=2)
+    b = 0
+    clients: list[FCGIClient] = []
+    slow = FCGIClient(d.address, timeout=15)
+    try:
+        a, b, clients = _stopped_worker_holding_some(d)
+        slow.send_raw(build_request(make_params("GET", "/id?id=slow&sleep=2"), keep_conn=False))
+        wait_for(lambda: "busy" in proc_title(a), 10, "worker A busy")
+        for i, client in enumerate(clients):
+            client.send_raw(build_request(make_params("GET", f"/id?id=w{i}"), keep_conn=True, request_id=2))
+        d.signal(signal.SIGTERM)
+        d.wait_log(r"graceful stop")
+        os.kill(b, signal.SIGKILL)
+        taken = _taken_back(d, b)
+        answers = [c.read_response(2, keep_conn=True) for c in clients]
+        assert slow.read_response(1, keep_conn=False).body.startswith(b"id=slow ")
+        print(f"\nA={a} B={b} (killed after SIGTERM, {taken} taken back): answered "
+              f"{[r.status for r in answers]}")
+        assert [r.status for r in answers] == [200] * 4
+        assert all(r.body.startswith(f"id=w{i} ".encode()) for i, r in enumerate(answers)), answers
+        assert d.wait_exit(15) == 0
+    finally:
+        for client in (*clients, slow):
+            client.close()
+        if b:
+            _resume(b)
+
+
+def test_a_stop_gives_connections_taken_back_to_a_retired_worker_still_finishing(start_daemon):
+    """Stopping with no ready worker left: the new generation has exited, and only a worker
+    the reload retired is still finishing a 4 s request. What is taken back from B (stopped,
+    then killed) goes to that retired worker, which serves what waits on it before it leaves,
+    instead of being closed for want of a ready worker."""
+    d = start_daemon("testapp", workers=2)
+    b = 0
+    clients: list[FCGIClient] = []
+    slow = FCGIClient(d.address, timeout=20)
+    try:
+        a, b, clients = _stopped_worker_holding_some(d)
+        slow.send_raw(build_request(make_params("GET", "/id?id=slow&sleep=4"), keep_conn=False))
+        wait_for(lambda: "busy" in proc_title(a), 10, "worker A busy")
+        for i, client in enumerate(clients):
+            client.send_raw(build_request(make_params("GET", f"/id?id=w{i}"), keep_conn=True, request_id=2))
+        d.signal(signal.SIGHUP)
+        d.wait_serving(2)
+        new = [w for w in d.workers() if w not in (a, b)]
+        d.signal(signal.SIGTERM)
+        for pid in new:
+            d.wait_log(rf"worker {pid} \(slot \d+, gen 2, \w+\) exited")
+        os.kill(b, signal.SIGKILL)
+        taken = _taken_back(d, b)
+        answers = [c.read_response(2, keep_conn=True) for c in clients]
+        assert slow.read_response(1, keep_conn=False).body.startswith(b"id=slow ")
+        where = sorted({_pid_of(r.body) for r in answers})
+        print(f"\nA={a} (retired, finishing) B={b} (killed, {taken} taken back) new={new}: "
+              f"the 4 waiting requests answered by {where}")
+        assert [r.status for r in answers] == [200] * 4 and where == [a]
+        assert all(r.body.startswith(f"id=w{i} ".encode()) for i, r in enumerate(answers)), answers
+        assert d.count(r"closing them") == 0 and d.wait_exit(15) == 0, d.log()[-2000:]
+    finally:
+        for client in (*clients, slow):
+            client.close()
+        if b:
+            _resume(b)
 
 
 def test_kept_connections_are_spread_over_new_workers(start_daemon):

@@ -16,9 +16,9 @@ import signal
 import socket
 import time
 
-from . import control, logs, sharing, signals, supervise, systemd, titles, upgrade, worker
+from . import control, handover, logs, sharing, signals, supervise, systemd, titles, upgrade, worker
 from .config import MAX_WORKERS, Config
-from .scoreboard import Pool, Scoreboard, SlotState
+from .scoreboard import Pool, Scoreboard
 from .states import ENDING, TRANSITIONS, Phase, WorkerRecord, WState  # noqa: F401 - re-exported
 from .sockets import Listener
 
@@ -62,7 +62,7 @@ def signals_markdown() -> str:
 
 
 class Manager(supervise.Supervision, control.ControlCommands, upgrade.Upgrading,
-              sharing.StdlibSharing):
+              sharing.StdlibSharing, handover.HandOver):
     def __init__(self, config: Config, listeners: list[Listener], predecessor: int | None = None,
                  queue: signals.SignalQueue | None = None,
                  control_sock: socket.socket | None = None) -> None:
@@ -103,6 +103,7 @@ class Manager(supervise.Supervision, control.ControlCommands, upgrade.Upgrading,
         if self.legacy_control is not None:
             self.selector.register(self.legacy_control, selectors.EVENT_READ, "control")
         self._init_sharing()
+        self._init_handover()
 
     # ------------------------------------------------------------------ the loop
 
@@ -244,6 +245,7 @@ class Manager(supervise.Supervision, control.ControlCommands, upgrade.Upgrading,
         for rec in self.workers.values():
             self._kill(rec, signal.SIGTERM if graceful else signal.SIGQUIT)
         self._answer_waiters(None, {"ok": False, "message": "the manager is stopping"})
+        self._unpark()  # stopping gracefully: to a worker still finishing; quitting: closed
         self._title()
 
     def _allowed_count(self, count: int) -> int:
@@ -274,6 +276,8 @@ class Manager(supervise.Supervision, control.ControlCommands, upgrade.Upgrading,
         if self.legacy_control is not None:
             close_fds.append(self.legacy_control.fileno())
         close_fds += [rec.channel.fileno() for rec in self.workers.values()]
+        close_fds += [rec.inbox.fileno() for rec in self.workers.values() if rec.inbox is not None]
+        close_fds += self.parked_fds()  # held for a ready worker: not this one's to keep
         # clients waiting for an answer: a worker holding them open would keep them waiting
         # past the manager's death instead of seeing the connection close
         close_fds += [conn.fileno() for conn, _ in self.reload_waiters]
@@ -304,9 +308,10 @@ class Manager(supervise.Supervision, control.ControlCommands, upgrade.Upgrading,
             finally:
                 os._exit(worker.EXIT_CRASH)
         signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
-        child_end.close()
         self.board.set_pid(index, pid)
-        rec = WorkerRecord(pid, slot, generation, parent_end, board_index=index)
+        # child_end stays open here too: what we pass the worker and it never reads is taken
+        # back when it exits (handover._take_back), instead of being closed with it
+        rec = WorkerRecord(pid, slot, generation, parent_end, board_index=index, inbox=child_end)
         rec.deadline = rec.started + self.config.ready_timeout
         self.workers[pid] = rec
         self.selector.register(parent_end, selectors.EVENT_READ, rec)
@@ -349,7 +354,7 @@ class Manager(supervise.Supervision, control.ControlCommands, upgrade.Upgrading,
 
     def _on_message(self, rec: WorkerRecord) -> None:
         try:
-            msg, fds, _, _ = socket.recv_fds(rec.channel, worker.MAX_MESSAGE, 16)
+            msg, fds, _, _ = socket.recv_fds(rec.channel, worker.MAX_MESSAGE, worker.FDS_PER_MESSAGE)
         except (BlockingIOError, ConnectionResetError):
             return
         if not msg:
@@ -385,40 +390,6 @@ class Manager(supervise.Supervision, control.ControlCommands, upgrade.Upgrading,
         for fd in fds:
             os.close(fd)
 
-    def _pass_on(self, fds: list[int], source: WorkerRecord | None) -> None:
-        """Give connections from a retiring worker to a ready worker of the serving generation
-        (after an upgrade: to the new manager, which does the same)."""
-        targets = [w for w in self.workers.values()
-                   if w.state is WState.READY and w.generation == self.serving and w is not source]
-        try:
-            if self.phase is Phase.RETIRED and self.upgrade is not None:
-                control.send_fds(self.upgrade.pid, "adopt", fds)
-                return
-            if not targets and source is not None and source.state is WState.READY \
-                    and source.generation == self.serving and self.phase not in ENDING:
-                # a balance hand-back that found no other worker ready (it retired meanwhile):
-                # back to the one that sent them, not closed (their web server may be sending)
-                targets = [source]
-            if not targets:
-                log.warning("no ready worker to take %d connection(s); closing them", len(fds))
-                return
-            target = min(targets, key=self._load)
-            socket.send_fds(target.channel, [worker.MSG_ADOPT], fds)
-            target.adopting += len(fds)
-            target.passed_at = time.monotonic()
-        except OSError as exc:
-            log.warning("cannot pass connections on: %s", exc)
-        finally:
-            for fd in fds:
-                os.close(fd)
-
-    def _load(self, rec: WorkerRecord) -> tuple[int, int, float]:
-        """Idle before busy (a busy worker takes a connection in only after its request, and
-        it may be a long one), then fewest kept connections (counting those just passed to it),
-        then the one busy for the longest (likely to finish first)."""
-        slot = self.board.read(rec.board_index)
-        return (0 if slot.state is SlotState.IDLE else 1, slot.conns + rec.adopting, slot.busy_since)
-
     def _mark_for_replacement(self, rec: WorkerRecord, why: str) -> None:
         if rec.state is WState.READY and not rec.replace:
             rec.replace = True
@@ -434,6 +405,7 @@ class Manager(supervise.Supervision, control.ControlCommands, upgrade.Upgrading,
                     and other.state is WState.READY):
                 self._retire(other)
         self._switch_if_ready()
+        self._unpark()
 
     def _switch_if_ready(self) -> None:
         """The generation being started takes over once every slot is ready. Only that one: a
@@ -518,8 +490,13 @@ class Manager(supervise.Supervision, control.ControlCommands, upgrade.Upgrading,
             self.selector.unregister(rec.channel)
         except (KeyError, ValueError):
             pass
-        self._on_message_backlog(rec)
-        rec.channel.close()
+        try:
+            self._on_message_backlog(rec)
+        finally:
+            # before the channel closes: closed with messages unread, its peer (the inbox)
+            # reads as reset, and what waited there was lost
+            self._take_back(rec)
+            rec.channel.close()
         self.board.release(rec.board_index, self.pool)
         how = signals.describe_status(status)
         expected = rec.state is WState.RETIRING or self.phase in ENDING
@@ -567,11 +544,12 @@ class Manager(supervise.Supervision, control.ControlCommands, upgrade.Upgrading,
                         "last such line", slot, delay, reason, count)
 
     def _on_message_backlog(self, rec: WorkerRecord) -> None:
-        """Read what an exited worker sent last (its import failure or hand-offs)."""
+        """Read what an exited worker sent last (its import failure or hand-offs): all of it,
+        as a worker handing over more than 64 kept connections on its way out sends as many."""
         rec.channel.setblocking(False)
-        for _ in range(64):
+        while True:
             try:
-                msg, fds, _, _ = socket.recv_fds(rec.channel, worker.MAX_MESSAGE, 16)
+                msg, fds, _, _ = socket.recv_fds(rec.channel, worker.MAX_MESSAGE, worker.FDS_PER_MESSAGE)
             except (BlockingIOError, ConnectionResetError):
                 return
             if not msg:
@@ -603,6 +581,8 @@ class Manager(supervise.Supervision, control.ControlCommands, upgrade.Upgrading,
                 self._kill(rec, signal.SIGKILL)
         if self.config.timeout or self.config.slow_log:
             self._check_requests(now)
+        self._expire_parked(now)
+        self._unpark()  # a worker may have become free to take them without a ready report
         if self.config.max_memory and now >= self.next_memory_check:
             self.next_memory_check = now + 1.0
             self._check_memory()
@@ -671,6 +651,8 @@ class Manager(supervise.Supervision, control.ControlCommands, upgrade.Upgrading,
                          f"{logs.workers(self.target)}, {self.phase.value}] {binds}")
 
     def close(self) -> None:
+        handover.close_all(self.parked_fds())
+        self.parked.clear()
         self.control.close()
         if self.legacy_control is not None:
             self.legacy_control.close()

@@ -54,6 +54,7 @@ class WorkerRecord:
     balance_pending: bool = False  # asked, and it has not answered yet (MSG_BALANCED)
     adopting: int = 0  # connections passed to it that its count may not show yet
     passed_at: float = 0.0  # when we last passed it connections
+    inbox: socket.socket | None = None  # the worker's end of `channel`, kept (handover.py)
 
     def move(self, new: WState) -> None:
         if new not in TRANSITIONS[self.state]:

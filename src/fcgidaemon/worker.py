@@ -60,6 +60,7 @@ MSG_STDLIB = b"stdlib"  # "stdlib\nNAME\nNAME...": standard-library modules we i
 MSG_BALANCE = b"balance"  # "balance N": hand N kept connections back (the manager evens them out)
 MSG_BALANCED = b"balanced"  # the answer to "balance N", after the hand-offs it made
 MAX_MESSAGE = 65536
+FDS_PER_MESSAGE = 16  # connections in one MSG_ADOPT or MSG_HANDOFF at most (both ends read as many)
 LISTENER_EVENTS = select.EPOLLIN | select.EPOLLEXCLUSIVE  # see Worker._register
 ACCEPT_PAUSE = 0.5  # seconds without accepting after accept() ran out of descriptors or memory
 OUT_OF_RESOURCES = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
@@ -537,7 +538,7 @@ class Worker:
 
     def _channel_message(self) -> None:
         try:
-            msg, fds, _, _ = socket.recv_fds(self.spec.channel, MAX_MESSAGE, 16)
+            msg, fds, _, _ = socket.recv_fds(self.spec.channel, MAX_MESSAGE, FDS_PER_MESSAGE)
         except BlockingIOError:
             return
         if not msg:  # the manager is gone: no orphan keeps serving old code
