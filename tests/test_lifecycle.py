@@ -696,6 +696,24 @@ def _answer_or_none(address) -> "Response | None":  # noqa: F821
         return None
 
 
+def _requests_waiting_while_busy(a: int, clients: list[FCGIClient], slow: FCGIClient,
+                                 seconds: float) -> None:
+    """A busy in a request of `seconds` (on `slow`), then a request waiting on each client."""
+    slow.send_raw(build_request(make_params("GET", f"/id?id=slow&sleep={seconds}"), keep_conn=False))
+    wait_for(lambda: "busy" in proc_title(a), 10, "worker A busy")
+    for i, client in enumerate(clients):
+        client.send_raw(build_request(make_params("GET", f"/id?id=w{i}"), keep_conn=True, request_id=2))
+
+
+def _waiting_answers(clients: list[FCGIClient], slow: FCGIClient) -> list[int]:
+    """Every waiting request answered, each with its own id; the pids that answered them."""
+    answers = [c.read_response(2, keep_conn=True) for c in clients]
+    assert slow.read_response(1, keep_conn=False).body.startswith(b"id=slow ")
+    assert [r.status for r in answers] == [200] * len(clients)
+    assert all(r.body.startswith(f"id=w{i} ".encode()) for i, r in enumerate(answers)), answers
+    return [_pid_of(r.body) for r in answers]
+
+
 def test_a_graceful_stop_serves_what_waits_on_connections_taken_back(start_daemon):
     """As above, B holds some of the 4 kept connections unread; a request waits on each of the
     4 while A is busy in a 2 s request. SIGTERM, then B dies: the manager, stopping, takes them
@@ -707,21 +725,15 @@ def test_a_graceful_stop_serves_what_waits_on_connections_taken_back(start_daemo
     slow = FCGIClient(d.address, timeout=15)
     try:
         a, b, clients = _stopped_worker_holding_some(d)
-        slow.send_raw(build_request(make_params("GET", "/id?id=slow&sleep=2"), keep_conn=False))
-        wait_for(lambda: "busy" in proc_title(a), 10, "worker A busy")
-        for i, client in enumerate(clients):
-            client.send_raw(build_request(make_params("GET", f"/id?id=w{i}"), keep_conn=True, request_id=2))
+        _requests_waiting_while_busy(a, clients, slow, 2)
         d.signal(signal.SIGTERM)
         d.wait_log(r"graceful stop")
         os.kill(b, signal.SIGKILL)
         taken = _taken_back(d, b)
-        answers = [c.read_response(2, keep_conn=True) for c in clients]
-        assert slow.read_response(1, keep_conn=False).body.startswith(b"id=slow ")
-        print(f"\nA={a} B={b} (killed after SIGTERM, {taken} taken back): answered "
-              f"{[r.status for r in answers]}")
-        assert [r.status for r in answers] == [200] * 4
-        assert all(r.body.startswith(f"id=w{i} ".encode()) for i, r in enumerate(answers)), answers
-        assert d.wait_exit(15) == 0
+        where = _waiting_answers(clients, slow)
+        print(f"\nA={a} B={b} (killed after SIGTERM, {taken} taken back): the 4 waiting "
+              f"requests answered by {where}")
+        assert set(where) == {a} and d.wait_exit(15) == 0
     finally:
         for client in (*clients, slow):
             client.close()
@@ -740,10 +752,7 @@ def test_a_stop_gives_connections_taken_back_to_a_retired_worker_still_finishing
     slow = FCGIClient(d.address, timeout=20)
     try:
         a, b, clients = _stopped_worker_holding_some(d)
-        slow.send_raw(build_request(make_params("GET", "/id?id=slow&sleep=4"), keep_conn=False))
-        wait_for(lambda: "busy" in proc_title(a), 10, "worker A busy")
-        for i, client in enumerate(clients):
-            client.send_raw(build_request(make_params("GET", f"/id?id=w{i}"), keep_conn=True, request_id=2))
+        _requests_waiting_while_busy(a, clients, slow, 4)
         d.signal(signal.SIGHUP)
         d.wait_serving(2)
         new = [w for w in d.workers() if w not in (a, b)]
@@ -752,13 +761,10 @@ def test_a_stop_gives_connections_taken_back_to_a_retired_worker_still_finishing
             d.wait_log(rf"worker {pid} \(slot \d+, gen 2, \w+\) exited")
         os.kill(b, signal.SIGKILL)
         taken = _taken_back(d, b)
-        answers = [c.read_response(2, keep_conn=True) for c in clients]
-        assert slow.read_response(1, keep_conn=False).body.startswith(b"id=slow ")
-        where = sorted({_pid_of(r.body) for r in answers})
+        where = _waiting_answers(clients, slow)
         print(f"\nA={a} (retired, finishing) B={b} (killed, {taken} taken back) new={new}: "
               f"the 4 waiting requests answered by {where}")
-        assert [r.status for r in answers] == [200] * 4 and where == [a]
-        assert all(r.body.startswith(f"id=w{i} ".encode()) for i, r in enumerate(answers)), answers
+        assert set(where) == {a}
         assert d.count(r"closing them") == 0 and d.wait_exit(15) == 0, d.log()[-2000:]
     finally:
         for client in (*clients, slow):
