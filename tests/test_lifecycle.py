@@ -555,9 +555,8 @@ def test_a_balance_ask_is_not_repeated_while_the_worker_serves_a_long_turn(start
 
 def _stopped_worker_holding_some(d: Daemon) -> tuple[int, int, list[FCGIClient]]:
     """Workers A and B; B is stopped (SIGSTOP), so A accepts 4 kept connections, and the
-    balance passes some of them to B, idle as far as the manager can tell, where they wait
-    unread: 2 at the first ask, and one more at each later one (B's count never grows). Returns
-    A, B and the 4 clients."""
+    balance passes 2 of them to B, idle as far as the scoreboard tells, where they wait unread.
+    Returns A, B and the 4 clients."""
     a, b = d.wait_workers(2)
     os.kill(b, signal.SIGSTOP)
     wait_for(lambda: _proc_state(b) == "T", 5, f"worker {b} stopped")
@@ -615,6 +614,36 @@ def test_connections_passed_to_a_worker_that_died_before_reading_them_are_passed
         assert taken >= 2 and [r.status for r in answers] == [200] * 4
         assert all(r.body.startswith(f"id=z{i} ".encode()) for i, r in enumerate(answers)), answers
         assert b not in where and d.count(r"closing them") == 0, d.log()[-2000:]
+    finally:
+        for client in clients:
+            client.close()
+        if b:
+            _resume(b)
+
+
+def test_a_worker_that_does_not_read_its_channel_is_passed_no_more(start_daemon):
+    """B is stopped (as a debugger stops it) with the 2 connections the balance passed it
+    unread. Its record still says idle and holding none, so every balance turn (each 0.5 s)
+    passed it one more, each then stuck with its next request until B ran again. The manager
+    sees what waits unread in B's channel and passes it nothing more; once B runs again it takes
+    them in, and all 4 connections answer."""
+    d = start_daemon("testapp", workers=2)
+    b = 0
+    clients: list[FCGIClient] = []
+    try:
+        a, b, clients = _stopped_worker_holding_some(d)
+        deadline = time.monotonic() + 2.0  # four balance turns: each used to pass one more
+        while time.monotonic() < deadline:
+            assert d.count(rf"passed \d+ connection\(s\) to worker {b}") == 2, d.log()[-2000:]
+            time.sleep(0.1)
+        asks = d.count(rf"worker {a} holds")
+        os.kill(b, signal.SIGCONT)
+        answers = [c.request(make_params("GET", f"/id?id=c{i}"), keep_conn=True) for i, c in enumerate(clients)]
+        where = sorted(_pid_of(r.body) for r in answers)
+        print(f"\nA={a} B={b}: B (stopped 2 s) was passed 2 connections, A asked {asks} time(s); "
+              f"after SIGCONT the 4 answered by {where}")
+        assert [r.status for r in answers] == [200] * 4 and where == sorted([a, a, b, b])
+        assert all(r.body.startswith(f"id=c{i} ".encode()) for i, r in enumerate(answers)), answers
     finally:
         for client in clients:
             client.close()

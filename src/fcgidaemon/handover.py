@@ -24,6 +24,7 @@ import time
 from typing import TYPE_CHECKING
 
 from . import control, worker
+from .fastcgi import SIOCINQ, queued
 from .scoreboard import SlotState
 from .states import ENDING, Phase, WorkerRecord, WState
 
@@ -108,12 +109,27 @@ class HandOver:
             targets = [source]
         return min(targets, key=self._load) if targets else None
 
-    def _load(self: "Manager", rec: WorkerRecord) -> tuple[int, int, float]:
-        """Idle before busy (a busy worker takes a connection in only after its request, and
-        it may be a long one), then fewest kept connections (counting those just passed to it),
-        then the one busy for the longest (likely to finish first)."""
+    def _load(self: "Manager", rec: WorkerRecord) -> tuple[bool, int, int, float]:
+        """One reading its channel before one that is not (see `_unread`), idle before busy (a
+        busy worker takes a connection in only after its request, and it may be a long one),
+        then fewest kept connections (counting those just passed to it), then the one busy for
+        the longest (likely to finish first)."""
         slot = self.board.read(rec.board_index)
-        return (0 if slot.state is SlotState.IDLE else 1, slot.conns + rec.adopting, slot.busy_since)
+        return (self._unread(rec), 0 if slot.state is SlotState.IDLE else 1,
+                slot.conns + rec.adopting, slot.busy_since)
+
+    def _unread(self, rec: WorkerRecord) -> bool:
+        """Whether what we sent `rec` waits unread in its channel (we hold its end: `inbox`).
+        An idle worker reads at once, so an idle one that has not is stopped (a debugger
+        attached, SIGSTOP) or stuck: the balancer passed it connections every half second,
+        each then waiting, its request with it, until the worker ran again."""
+        if rec.inbox is None:
+            return False
+        try:
+            return queued(rec.inbox, SIOCINQ) > 0
+        except OSError as exc:  # not expected on a socket we hold: said, and taken as readable
+            log.debug("cannot read worker %d's channel queue: %s", rec.pid, exc)
+            return False
 
     def _take_back(self: "Manager", rec: WorkerRecord) -> None:
         """A worker has been reaped: the connections we passed it that it never read are in
