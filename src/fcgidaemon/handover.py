@@ -27,6 +27,7 @@ from . import control, worker
 from .fastcgi import SIOCINQ, queued
 from .scoreboard import SlotState
 from .states import ENDING, Phase, WorkerRecord, WState
+from .supervise import ADOPT_SETTLE
 
 if TYPE_CHECKING:
     from .manager import Manager
@@ -100,34 +101,34 @@ class HandOver:
         ready = [w for w in self.workers.values()
                  if w.state is WState.READY and w.generation == self.serving]
         targets = [w for w in ready if w is not source]
-        if targets:
-            pass
-        elif self.phase is Phase.STOPPING:
+        if not targets and self.phase is Phase.STOPPING:
             finishing = [w for w in self.workers.values() if w.state is not WState.STARTING]
             targets = [w for w in finishing if w is not source] or finishing
-        elif source is not None and any(w is source for w in ready) and self.phase not in ENDING:
-            targets = [source]
+        elif not targets and any(w is source for w in ready) and self.phase not in ENDING:
+            targets = [source]  # type: ignore[list-item] - found among `ready`: not None
         return min(targets, key=self._load) if targets else None
 
     def _load(self: "Manager", rec: WorkerRecord) -> tuple[bool, int, int, float]:
-        """One reading its channel before one that is not (see `_unread`), idle before busy (a
-        busy worker takes a connection in only after its request, and it may be a long one),
-        then fewest kept connections (counting those just passed to it), then the one busy for
-        the longest (likely to finish first)."""
+        """One reading its channel before one that is not (`_stuck`), idle before busy (a busy
+        worker takes a connection in only after its request, and it may be a long one), then
+        fewest kept connections (counting those just passed to it), then the one busy for the
+        longest (likely to finish first)."""
         slot = self.board.read(rec.board_index)
-        return (self._unread(rec), 0 if slot.state is SlotState.IDLE else 1,
+        return (self._stuck(rec), 0 if slot.state is SlotState.IDLE else 1,
                 slot.conns + rec.adopting, slot.busy_since)
 
-    def _unread(self, rec: WorkerRecord) -> bool:
-        """Whether what we sent `rec` waits unread in its channel (we hold its end: `inbox`).
-        An idle worker reads at once, so an idle one that has not is stopped (a debugger
-        attached, SIGSTOP) or stuck: the balancer passed it connections every half second,
-        each then waiting, its request with it, until the worker ran again."""
-        if rec.inbox is None:
+    def _stuck(self, rec: WorkerRecord) -> bool:
+        """Whether what we passed `rec` still waits unread in its channel (we hold its end:
+        `inbox`) after the moment an idle worker takes to read it: a worker stopped (a
+        debugger attached, SIGSTOP) or stuck. Its scoreboard record still says idle, holding
+        none, so the balancer passed it connections every half second, each then waiting, its
+        request with it, until the worker ran again. A busy worker reads only after its
+        request: its `_load` puts it after the idle ones already."""
+        if rec.inbox is None or time.monotonic() - rec.passed_at <= ADOPT_SETTLE:
             return False
         try:
             return queued(rec.inbox, SIOCINQ) > 0
-        except OSError as exc:  # not expected on a socket we hold: said, and taken as readable
+        except OSError as exc:  # not expected on a socket we hold: said, and taken as read
             log.debug("cannot read worker %d's channel queue: %s", rec.pid, exc)
             return False
 
@@ -161,6 +162,7 @@ class HandOver:
             self._pass_on(taken, rec)
 
     def _park(self, fds: list[int]) -> None:
+        """Hold connections no worker can take now (see `_unpark`, `_expire_parked`)."""
         now = time.monotonic()
         for fd in fds:  # received without MSG_CMSG_CLOEXEC: an upgrade's exec would keep them
             os.set_inheritable(fd, False)

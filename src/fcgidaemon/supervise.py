@@ -80,7 +80,7 @@ class Supervision:
         held = {w.pid: self.board.conns(w.board_index) for w in serving}
         # idle, and reading its channel: not one stopped with what we passed it unread
         idle = {w.pid for w in serving
-                if self.board.read(w.board_index).state is SlotState.IDLE and not self._unread(w)}
+                if self.board.read(w.board_index).state is SlotState.IDLE and not self._stuck(w)}
         for rec in serving:
             # what we passed an idle worker shows in its count once it has had a moment to take
             # it in (one message per poll; reset at once, an idle worker still taking in four
