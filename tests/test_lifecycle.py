@@ -14,7 +14,9 @@ import socket
 import stat
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
@@ -553,18 +555,27 @@ def test_a_balance_ask_is_not_repeated_while_the_worker_serves_a_long_turn(start
             client.close()
 
 
-def _stopped_worker_holding_some(d: Daemon) -> tuple[int, int, list[FCGIClient]]:
+@contextmanager
+def _stopped_worker_holding_some(d: Daemon, *others: FCGIClient
+                                 ) -> Iterator[tuple[int, int, list[FCGIClient]]]:
     """Workers A and B; B is stopped (SIGSTOP), so A accepts 4 kept connections, and the
     balance passes 2 of them to B, idle as far as the scoreboard tells, where they wait unread.
-    Returns A, B and the 4 clients."""
+    Gives A, B and the 4 clients; at the end closes them (and `others`) and lets B run again,
+    should the test not have killed it."""
     a, b = d.wait_workers(2)
-    os.kill(b, signal.SIGSTOP)
-    wait_for(lambda: _proc_state(b) == "T", 5, f"worker {b} stopped")
-    clients = [FCGIClient(d.address, timeout=15) for _ in range(4)]
-    first = {_pid_of(c.request(make_params("GET", "/id?id=k"), keep_conn=True).body) for c in clients}
-    assert first == {a}, (first, a, b)
-    d.wait_log(rf"passed 1 connection\(s\) to worker {b}", count=2, timeout=10)
-    return a, b, clients
+    clients: list[FCGIClient] = []
+    try:
+        os.kill(b, signal.SIGSTOP)
+        wait_for(lambda: _proc_state(b) == "T", 5, f"worker {b} stopped")
+        clients += [FCGIClient(d.address, timeout=15) for _ in range(4)]
+        first = {_pid_of(c.request(make_params("GET", "/id?id=k"), keep_conn=True).body) for c in clients}
+        assert first == {a}, (first, a, b)
+        d.wait_log(rf"passed 1 connection\(s\) to worker {b}", count=2, timeout=10)
+        yield a, b, clients
+    finally:
+        for client in (*clients, *others):
+            client.close()
+        _resume(b)
 
 
 def _proc_state(pid: int) -> str:
@@ -610,20 +621,12 @@ def test_connections_passed_to_a_worker_that_died_before_reading_them_are_passed
     and the web server's next request on each failed. The manager keeps that end open, takes
     them back when it reaps B, and passes them on: all 4 keep working, each answer its own."""
     d = start_daemon("testapp", workers=2)
-    b = 0
-    clients: list[FCGIClient] = []
-    try:
-        a, b, clients = _stopped_worker_holding_some(d)
+    with _stopped_worker_holding_some(d) as (a, b, clients):
         os.kill(b, signal.SIGKILL)
         taken = _taken_back(d, b)
         where = _answered_on_each(clients, "z")
         print(f"\nA={a} B={b} (killed, {taken} taken back): the 4 kept connections answered from {where}")
         assert taken >= 2 and b not in where and d.count(r"closing them") == 0, d.log()[-2000:]
-    finally:
-        for client in clients:
-            client.close()
-        if b:
-            _resume(b)
 
 
 def test_a_worker_that_does_not_read_its_channel_is_passed_no_more(start_daemon):
@@ -633,10 +636,7 @@ def test_a_worker_that_does_not_read_its_channel_is_passed_no_more(start_daemon)
     sees what waits unread in B's channel and passes it nothing more; once B runs again it takes
     them in, and all 4 connections answer."""
     d = start_daemon("testapp", workers=2)
-    b = 0
-    clients: list[FCGIClient] = []
-    try:
-        a, b, clients = _stopped_worker_holding_some(d)
+    with _stopped_worker_holding_some(d) as (a, b, clients):
         deadline = time.monotonic() + 2.0  # four balance turns: each used to pass one more
         while time.monotonic() < deadline:
             assert d.count(rf"passed \d+ connection\(s\) to worker {b}") == 2, d.log()[-2000:]
@@ -647,11 +647,6 @@ def test_a_worker_that_does_not_read_its_channel_is_passed_no_more(start_daemon)
         print(f"\nA={a} B={b}: B (stopped 2 s) was passed 2 connections, A asked {asks} time(s); "
               f"after SIGCONT the 4 answered by {where}")
         assert where == sorted([a, a, b, b])
-    finally:
-        for client in clients:
-            client.close()
-        if b:
-            _resume(b)
 
 
 def test_connections_taken_back_with_no_worker_ready_wait_for_the_next_one(start_daemon):
@@ -662,10 +657,7 @@ def test_connections_taken_back_with_no_worker_ready_wait_for_the_next_one(start
     Held, they are no replacement's to inherit: with --keep-conn-idle 1 each is closed (EOF)
     once idle, which a copy left open in another worker prevented."""
     d = start_daemon("testapp", "--keep-conn-idle", "1", workers=2)
-    b = 0
-    clients: list[FCGIClient] = []
-    try:
-        a, b, clients = _stopped_worker_holding_some(d)
+    with _stopped_worker_holding_some(d) as (a, b, clients):
         os.kill(a, signal.SIGKILL)  # together: replacements take longer to be ready than this
         os.kill(b, signal.SIGKILL)  # (reaped B first, A looked ready: they went to A's channel,
         # and were taken back from it in turn)
@@ -684,11 +676,6 @@ def test_connections_taken_back_with_no_worker_ready_wait_for_the_next_one(start
         assert len(survivors) == taken and all(r.status == 200 for _, r in survivors), survivors
         assert not {a, b} & set(answered_by)
         assert all(closed) and d.count(r"closing them") == 0, d.log()[-2000:]
-    finally:
-        for client in clients:
-            client.close()
-        if b:
-            _resume(b)
 
 
 def test_connections_held_for_a_worker_are_closed_when_none_is_ready_in_time(start_daemon, tmp_path):
@@ -697,10 +684,7 @@ def test_connections_held_for_a_worker_are_closed_when_none_is_ready_in_time(sta
     as soon as the code is fixed."""
     src = app_copy(tmp_path)
     d = start_daemon("liveapp", "--ready-timeout", "2", workers=2, pythonpath=[src])
-    b = 0
-    clients: list[FCGIClient] = []
-    try:
-        a, b, clients = _stopped_worker_holding_some(d)
+    with _stopped_worker_holding_some(d) as (a, b, clients):
         (src / "liveapp.py").write_text("def application(:\n")
         os.kill(a, signal.SIGKILL)
         os.kill(b, signal.SIGKILL)
@@ -714,11 +698,6 @@ def test_connections_held_for_a_worker_are_closed_when_none_is_ready_in_time(sta
         answer = wait_for(lambda: _answer_or_none(d.address), 20, "a worker of the fixed code")
         print(f"\n{taken} held connection(s) closed after 2 s; after the fix: {answer.body[:20]!r}")
         assert answer.status == 200 and d.count(r"closing them") == 1
-    finally:
-        for client in clients:
-            client.close()
-        if b:
-            _resume(b)
 
 
 def _answer_or_none(address) -> "Response | None":  # noqa: F821
@@ -752,11 +731,8 @@ def test_a_graceful_stop_serves_what_waits_on_connections_taken_back(start_daemo
     back and gives them to A, still finishing, which serves what waited on them before it
     leaves. All 5 requests are answered and the daemon exits 0."""
     d = start_daemon("testapp", workers=2)
-    b = 0
-    clients: list[FCGIClient] = []
     slow = FCGIClient(d.address, timeout=15)
-    try:
-        a, b, clients = _stopped_worker_holding_some(d)
+    with _stopped_worker_holding_some(d, slow) as (a, b, clients):
         _requests_waiting_while_busy(a, clients, slow, 2)
         d.signal(signal.SIGTERM)
         d.wait_log(r"graceful stop")
@@ -766,11 +742,6 @@ def test_a_graceful_stop_serves_what_waits_on_connections_taken_back(start_daemo
         print(f"\nA={a} B={b} (killed after SIGTERM, {taken} taken back): the 4 waiting "
               f"requests answered by {where}")
         assert set(where) == {a} and d.wait_exit(15) == 0
-    finally:
-        for client in (*clients, slow):
-            client.close()
-        if b:
-            _resume(b)
 
 
 def test_a_stop_gives_connections_taken_back_to_a_retired_worker_still_finishing(start_daemon):
@@ -779,11 +750,8 @@ def test_a_stop_gives_connections_taken_back_to_a_retired_worker_still_finishing
     then killed) goes to that retired worker, which serves what waits on it before it leaves,
     instead of being closed for want of a ready worker."""
     d = start_daemon("testapp", workers=2)
-    b = 0
-    clients: list[FCGIClient] = []
     slow = FCGIClient(d.address, timeout=20)
-    try:
-        a, b, clients = _stopped_worker_holding_some(d)
+    with _stopped_worker_holding_some(d, slow) as (a, b, clients):
         _requests_waiting_while_busy(a, clients, slow, 4)
         d.signal(signal.SIGHUP)
         d.wait_serving(2)
@@ -798,11 +766,6 @@ def test_a_stop_gives_connections_taken_back_to_a_retired_worker_still_finishing
               f"the 4 waiting requests answered by {where}")
         assert set(where) == {a}
         assert d.count(r"closing them") == 0 and d.wait_exit(15) == 0, d.log()[-2000:]
-    finally:
-        for client in (*clients, slow):
-            client.close()
-        if b:
-            _resume(b)
 
 
 def test_kept_connections_are_spread_over_new_workers(start_daemon):
