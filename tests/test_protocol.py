@@ -579,6 +579,39 @@ def test_pipelined_requests_take_turns_with_other_connections(start_daemon):
     assert answered == [f"a{i}" for i in range(total)]  # all of A's, each its own, in order
 
 
+def _peak_rss_kb(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+
+
+def test_a_pipelining_peer_does_not_grow_the_workers_buffer(start_daemon):
+    """One kept connection sends 20,000 small requests in one go (7 MB) while it reads the
+    answers. At every turn the worker served one request, and first read up to 64 KiB more
+    from the connection: what the peer sent piled up in the connection's buffer (a peer that
+    kept sending grew a worker by 100 MB in 12 s, the OOM killer's next). A connection with a
+    complete request waiting in its buffer is now not read from until that one is served."""
+    d = start_daemon(workers=1)
+    (pid,) = d.wait_workers(1)
+    total = 20_000
+    answered: list[str] = []
+    requests = b"".join(build_request(make_params("GET", f"/id?id=a{i}"), keep_conn=True)
+                        for i in range(total))
+    with FCGIClient(d.address, timeout=10) as warm:  # the first request's own growth
+        assert warm.request(make_params("GET", "/id?id=w"), keep_conn=True).status == 200
+    before = _peak_rss_kb(pid)
+    with socket.create_connection(d.address, timeout=30) as a:
+        reader = threading.Thread(target=_read_ids, args=(a, total, answered))
+        reader.start()
+        a.sendall(requests)
+        reader.join(60)
+    grew = _peak_rss_kb(pid) - before
+    print(f"\n{len(answered):,} of {total:,} answered ({len(requests):,} bytes sent at once); "
+          f"the worker's peak RSS grew by {grew:,} kB")
+    assert answered == [f"a{i}" for i in range(total)]  # each its own, in order
+    assert grew < 2048
+    assert d.workers() == [pid]
+
+
 @pytest.mark.parametrize("in_flight", [2, 3])
 def test_a_stop_does_not_wait_for_a_connection_that_always_has_a_next_request(start_daemon, in_flight):
     """SIGTERM while a client keeps two requests in flight on one kept connection: the worker

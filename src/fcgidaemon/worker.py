@@ -443,8 +443,12 @@ class Worker:
         """Read what arrived on `conn` and run one complete request: one per turn. A peer
         that pipelines (60 requests in one send) had every one run before anyone else's, new
         and kept connections alike (5.7 s for theirs, behind 60 requests of 0.1 s); what
-        else is complete waits in its buffer, in the backlog, for the next turn."""
-        still_open = conn.receive(flags)  # at EOF, complete requests received are still served
+        else is complete waits in its buffer, in the backlog, for the next turn. Such a
+        connection is not read from until that request is served: read at every turn (64 KiB
+        a turn, one request served), a peer that kept pipelining filled the worker's memory."""
+        waiting = conn.request is not None and conn.request.runnable
+        # at EOF, complete requests received are still served
+        still_open = True if waiting else conn.receive(flags)
         try:
             conn.parse_available()
             if conn.request is not None and conn.request.runnable and not conn.closed:
