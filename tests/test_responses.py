@@ -287,3 +287,25 @@ def test_a_worker_killed_mid_response_leaves_it_visibly_cut(start_daemon):
         sock.sendall(build_request(make_params("GET", "/drip?n=2&d=0.1")))
         data, how = _until_closed(sock)
     assert b"data: 1 " in data and how == "EOF"
+
+
+def test_a_last_send_that_stalls_cuts_the_response_visibly(start_daemon):
+    """A 100,000-byte response (a list of one block) goes out in one send, the request's last (END_REQUEST in it),
+    to a web server that stops reading. After --read-timeout the connection was closed with a
+    FIN: end_request had turned the reset off just before that send ("the response is whole"),
+    so a web server without kept connections read the part it had as the whole response. A
+    send that fails is now a reset, the last one too. Small buffers on our side of the
+    connection (receive buffer, segment size) make the stall happen within the response."""
+    d = start_daemon("testapp", "--read-timeout", "1", workers=1)
+    (pid,) = d.wait_workers(1)
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 2048)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_MAXSEG, 536)
+        sock.settimeout(15)
+        sock.connect(d.address)
+        sock.sendall(build_request(make_params("GET", "/sleep?s=0")))
+        d.wait_log(r"connection closed: web server stopped reading the response for 1s")
+        data, how = _until_closed(sock)
+    print(f"\n{len(data):,} of 100,008 bytes, then {how}")
+    assert len(data) < 100_000 and how == "reset"
+    assert d.workers() == [pid]

@@ -1027,7 +1027,12 @@ class Connection:
                 lost = ConnectionLost("web server closed the connection during the response")
             else:
                 lost = ConnectionLost(f"send failed: {exc.strerror or exc}")
+            # A reset on TCP, the request's last send too (end_request had turned it off, the
+            # response then whole): with a FIN, a web server without kept connections read what
+            # had arrived before a stall as the whole response.
             log.info("connection closed: %s", lost)
+            if self.tcp and not self.lingering:
+                self._linger(True)
             self.close()
             raise lost from None
 
