@@ -104,7 +104,9 @@ def test_a_failure_inside_a_list_body_gives_a_500(start_daemon, tmp_path):
 
 def test_hop_by_hop_headers_are_dropped_and_no_body_statuses_send_none(start_daemon):
     """PEP 3333 forbids hop-by-hop headers to applications: Apache passed "Connection: close" to
-    its client. They are dropped, with one warning per name for the life of the worker. A 204 or
+    its client. They are dropped, with one warning per name for the life of the worker; so is
+    a Status header of the application's own, which came after ours, and front ends take the
+    last (a value that is not a status: 502). A 204 or
     304 has no body: one given was sent (nginx warned of the upstream's extra data); a 304 keeps
     its Content-Length, which is the GET's."""
     d = start_daemon("testapp", workers=1)
@@ -115,6 +117,11 @@ def test_hop_by_hop_headers_are_dropped_and_no_body_statuses_send_none(start_dae
         assert not names & {"connection", "keep-alive"}, resp.headers
     assert d.count(r"hop-by-hop header Connection: dropped") == 1
     assert d.count(r"hop-by-hop header Keep-Alive: dropped") == 1
+    for _ in range(2):  # CGI's own Status, from the application: after ours, front ends took it
+        created = get(d.address, "/cgi-status")
+        assert (created.status, created.body) == (201, b"created")
+        assert created.raw_stdout.lower().count(b"status:") == 1, created.raw_stdout
+    assert d.count(r"the application sent the header status: dropped") == 1
     no_content = get(d.address, "/no-body?code=204")
     not_modified = get(d.address, "/no-body?code=304&cl=11")
     assert (no_content.status, no_content.body) == (204, b"")

@@ -43,22 +43,23 @@ def _check_name(name: Any) -> int:
     if not isinstance(name, str) or not HEADER_NAME_RE.fullmatch(name):
         raise ValueError(f"bad response header name {name!r}")
     lower = name.lower()
-    kind = CONTENT_LENGTH if lower == "content-length" else HOP if lower in HOP_BY_HOP else ORDINARY
+    kind = CONTENT_LENGTH if lower == "content-length" else HOP if lower in DROPPED else ORDINARY
     if len(_NAMES) < _CHECKED_MAX:
         _NAMES[name] = kind
     return kind
 
 
 def _without_hop(headers: list[tuple[str, str]]) -> list[tuple[str, str]]:
-    """The headers less the hop-by-hop ones, dropped as gunicorn does (one warning a name)."""
+    """The headers less the hop-by-hop ones (dropped as gunicorn does) and Status; one
+    warning a name."""
     kept = []
     for name, value in headers:
         lower = name.lower()
-        if lower in HOP_BY_HOP:
+        if lower in DROPPED:
             if lower not in _hop_warned:
                 _hop_warned.add(lower)
-                log.warning("the application sent the hop-by-hop header %s: dropped (PEP 3333 "
-                            "forbids it; the web server decides the connection); said once", name)
+                log.warning("the application sent the %s %s: dropped (%s); said once",
+                            "header" if lower == "status" else "hop-by-hop header", name, DROPPED[lower])
             continue
         kept.append((name, value))
     return kept
@@ -206,6 +207,11 @@ def resolve_path(path: str) -> str:
 # end did its own thing with them: Apache passed "Connection: close" to its client
 HOP_BY_HOP = frozenset(("connection", "keep-alive", "proxy-authenticate", "proxy-authorization",
                         "te", "trailer", "trailers", "transfer-encoding", "upgrade"))
+# and Status, CGI's own: the line we write from the status given to start_response. The
+# application's came after it, and front ends take the last one: an application passing an
+# upstream's Status on replaced its own status, and a value that is not one gave a 502.
+DROPPED = {**dict.fromkeys(HOP_BY_HOP, "PEP 3333 forbids it; the web server decides the connection"),
+           "status": "the status is the one given to start_response"}
 _hop_warned: set[str] = set()
 NO_BODY = ("204", "304")  # and 1xx: statuses whose responses end with their headers
 

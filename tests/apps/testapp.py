@@ -180,6 +180,9 @@ def application(environ, start_response):
         start_response("200 OK", [("Content-Type", "text/plain"), ("Connection", "close"),
                                   ("Keep-Alive", "timeout=5"), ("X-Kept", "yes")])
         return [b"hop body"]
+    if path.endswith("/cgi-status"):  # a Status header of its own (a proxy passing an upstream's on)
+        start_response("201 Created", [("Content-Type", "text/plain"), ("status", "v")])
+        return [b"created"]
     if path.endswith("/no-body"):  # a status without a body, given one
         start_response(f"{q.get('code', '204')} Whatever", [("Content-Length", q.get("cl", "11"))]
                        if "cl" in q else [])
