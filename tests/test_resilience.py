@@ -283,6 +283,33 @@ def test_a_program_the_application_runs_does_not_get_the_listening_socket(start_
     assert f"socket:[{inode}]" not in held
 
 
+def test_a_program_the_application_runs_does_not_get_a_connection_handed_over(start_daemon):
+    """A kept connection is handed to the new generation in a reload; a request on it then
+    starts a program the way os.system() does: the program must not hold the connection.
+    Connections received from the manager were left inheritable (those a worker accepts are
+    not), so such a program kept one open: closed by the worker (--keep-conn-idle, a stop), it
+    stayed open under the web server, whose next request on it waited for an answer that
+    could not come. Checked by the connection's inode in the child's descriptors."""
+    d = start_daemon("testapp", workers=1)
+    (old,) = d.wait_workers(1)
+    port = d.address[1]
+    with FCGIClient(d.address, timeout=10) as client:
+        assert client.request(make_params("GET", "/id?id=a"), keep_conn=True).status == 200
+        d.reload(2)
+        moved = client.request(make_params("GET", "/id?id=b"), keep_conn=True).body
+        child = int(client.request(make_params("GET", "/spawn?s=20"), keep_conn=True).body.split()[1])
+        mine = client._sock.getsockname()[1]
+        try:
+            (inode,) = [s.inode for s in tcp_sockets()
+                        if (s.local_port, s.remote_port, s.state) == (port, mine, "01")]
+            held = sorted(os.readlink(f"/proc/{child}/fd/{fd}") for fd in os.listdir(f"/proc/{child}/fd"))
+        finally:
+            os.kill(child, signal.SIGKILL)
+    print(f"\n{moved!r}; child {child} holds {held}; the connection is socket:[{inode}]")
+    assert not moved.endswith(f"pid={old}".encode())  # served by the new generation
+    assert f"socket:[{inode}]" not in held
+
+
 def test_out_of_descriptors_pauses_accepting_instead_of_spinning(start_daemon):
     """The worker's descriptor limit is reached (kept connections, or an application leaking
     files): accept() fails with EMFILE while the connection waits in the kernel's queue. The

@@ -20,6 +20,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from . import sockets
 from . import status as status_page
 
 log = logging.getLogger("fcgidaemon")
@@ -136,11 +137,13 @@ def read_command(conn: socket.socket, timeout: float = 1.0) -> tuple[str, list[i
     while b"\n" not in data and len(data) < 256:
         try:
             conn.settimeout(max(0.001, deadline - time.monotonic()))
-            chunk, got, _, _ = socket.recv_fds(conn, 256, 64)
-        except TimeoutError:
-            for fd in fds:
+            chunk, got = sockets.recv_fds(conn, 256, 64)
+        except BaseException as exc:  # those already received die with the command, whatever
+            for fd in fds:  # ended it: kept, every worker forked later inherited them
                 os.close(fd)
-            raise TimeoutError(f"no complete command within {timeout:g}s") from None
+            if isinstance(exc, TimeoutError):
+                raise TimeoutError(f"no complete command within {timeout:g}s") from None
+            raise
         fds += got
         if not chunk:
             break

@@ -23,7 +23,7 @@ import socket
 import time
 from typing import TYPE_CHECKING
 
-from . import control, worker
+from . import control, sockets, worker
 from .fastcgi import SIOCINQ, queued
 from .scoreboard import SlotState
 from .states import ENDING, Phase, WorkerRecord, WState
@@ -143,7 +143,7 @@ class HandOver:
             inbox.setblocking(False)
             while True:
                 try:
-                    msg, fds, _, _ = socket.recv_fds(inbox, worker.MAX_MESSAGE, worker.FDS_PER_MESSAGE)
+                    msg, fds = sockets.recv_fds(inbox, worker.MAX_MESSAGE, worker.FDS_PER_MESSAGE)
                 except BlockingIOError:
                     break
                 if not msg and not fds:

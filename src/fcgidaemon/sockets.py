@@ -7,6 +7,7 @@ workers are replaced wait in the kernel's backlog and are served.
 
 from __future__ import annotations
 
+import array
 import errno
 import grp
 import logging
@@ -227,3 +228,18 @@ def resolve_owner(spec: str) -> tuple[int, int]:
     except KeyError:
         raise ConfigError(f"unknown user or group in {spec!r}") from None
     return entry.pw_uid, gid
+
+
+def recv_fds(sock: socket.socket, bufsize: int, maxfds: int) -> tuple[bytes, list[int]]:
+    """socket.recv_fds, with the descriptors close-on-exec as they arrive (MSG_CMSG_CLOEXEC).
+    Received without it, a kept connection a worker was handed was inherited by every program
+    its application started (os.system, subprocess with close_fds=False): one such program
+    held the connection open after the worker had closed it, and the web server's next
+    request on it waited for an answer that could not come. Accepted ones never were."""
+    fds = array.array("i")
+    msg, ancdata, _, _ = sock.recvmsg(bufsize, socket.CMSG_LEN(maxfds * fds.itemsize),
+                                      socket.MSG_CMSG_CLOEXEC)
+    for level, kind, data in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds.frombytes(data[:len(data) - len(data) % fds.itemsize])
+    return msg, list(fds)

@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import NoReturn
 
-from . import accesslog, loader, logs, selfcheck, sharing, status, titles
+from . import accesslog, loader, logs, selfcheck, sharing, sockets, status, titles
 from .config import Config, in_networks
 from .scoreboard import Scoreboard, SlotState
 from .fastcgi import (DRAIN_LIMIT, Connection, ConnectionLost, Limits, ProtocolError,
@@ -542,7 +542,7 @@ class Worker:
 
     def _channel_message(self) -> None:
         try:
-            msg, fds, _, _ = socket.recv_fds(self.spec.channel, MAX_MESSAGE, FDS_PER_MESSAGE)
+            msg, fds = sockets.recv_fds(self.spec.channel, MAX_MESSAGE, FDS_PER_MESSAGE)
         except BlockingIOError:
             return
         if not msg:  # the manager is gone: no orphan keeps serving old code
