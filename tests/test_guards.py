@@ -244,6 +244,56 @@ def test_reload_whose_import_outlasts_ready_timeout_fails(start_daemon, tmp_path
     assert d.count(r"reload complete") == 0
 
 
+# The daemon's own Python, with one change of timing: the manager's timer check waits 1 s when
+# a starting worker's ready deadline has run out, as a manager busy for that long would.
+LATE_TICK = """\
+import time
+
+import fcgidaemon.manager as manager
+from fcgidaemon.states import WState
+
+_tick = manager.Manager._tick
+
+
+def _late_tick(self):
+    now = time.monotonic()
+    if any(w.state is WState.STARTING and w.deadline is not None and now >= w.deadline
+           for w in self.workers.values()):
+        time.sleep(1.0)
+    _tick(self)
+
+
+manager.Manager._tick = _late_tick
+"""
+
+
+def test_a_worker_ready_when_its_deadline_is_checked_is_ready_not_killed(start_daemon, tmp_path):
+    """The new worker reports ready 0.2 s after its --ready-timeout (1 s) ran out, while the
+    manager, between its wait and its timer check, has not read the report yet. The manager
+    killed it, then read the report and took the dead worker as ready: "reload complete", the
+    old generation retired, and each respawn of the slow code killed in turn (one worker:
+    nothing serving). The moment is made wide here (LATE_TICK, through a sitecustomize; the
+    daemon is otherwise the real one). Now the manager reads what the worker sent before it
+    decides: the report is there, so the worker is ready and serves."""
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(LATE_TICK)
+    src = app_copy(tmp_path)
+    d = start_daemon("liveapp", "--ready-timeout", "1", workers=1, pythonpath=[src],
+                     env={"PYTHONPATH": str(hook)})
+    (old,) = d.wait_workers(1)
+    set_version(src, "v2")
+    app = src / "liveapp.py"
+    app.write_text("import time\ntime.sleep(1.2)  # ready just after --ready-timeout\n" + app.read_text())
+    d.reload(2, timeout=20)
+    (new,) = d.wait_workers(1)
+    resp = get(d.address, "/hello")
+    print(f"\nold worker {old}, new worker {new}: {resp.body!r}")
+    assert new != old and resp.body == f"hello v2 {new}".encode()
+    assert d.count(r"killing it|exited: killed|failed") == 0, d.log()[-3000:]
+    assert d.wait_workers(1) == [new]
+
+
 # ---------------------------------------------------------------- exits, status, worker count
 
 

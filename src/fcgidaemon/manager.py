@@ -16,8 +16,9 @@ import signal
 import socket
 import time
 
-from . import control, handover, logs, sharing, signals, supervise, systemd, titles, upgrade, worker
+from . import control, handover, logs, sharing, signals, sockets, supervise, systemd, titles, upgrade, worker
 from .config import MAX_WORKERS, Config
+from .fastcgi import SIOCINQ, queued
 from .scoreboard import Pool, Scoreboard
 from .states import ENDING, TRANSITIONS, Phase, WorkerRecord, WState  # noqa: F401 - re-exported
 from .sockets import Listener
@@ -28,6 +29,7 @@ BACKOFF_START = 0.1
 BACKOFF_MAX = 10.0
 YOUNG = 2.0  # a worker that dies within this many seconds of its start died young
 CRASH_LOG_EVERY = 10.0  # seconds between crash-loop summaries
+STARTING_MESSAGES = 8  # read at most from a starting worker whose ready deadline ran out
 MANAGER_SIGNALS = (signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGCHLD,
                    signal.SIGTTIN, signal.SIGTTOU, signal.SIGUSR2)
 
@@ -352,9 +354,31 @@ class Manager(supervise.Supervision, control.ControlCommands, upgrade.Upgrading,
         except OSError:
             self._kill(rec, signal.SIGTERM)
 
+    def _dismiss(self, rec: WorkerRecord) -> None:
+        """A worker no longer wanted (its generation failed, or a new manager took over): one
+        ready retires; one still starting is killed at once, as it serves nothing yet, unless
+        it has sent something we have not read. That may be its ready report, sent as it began
+        to accept: killed, a connection it had taken was lost. It retires instead, as a ready
+        one does (SIGTERM: one that does not accept yet leaves at once)."""
+        if rec.state is WState.STARTING and not self._unread(rec):
+            rec.move(WState.RETIRING)
+            rec.deadline = None  # its ready deadline, run out, read as "still busy"
+            self._kill_starting(rec)
+        elif rec.state is not WState.RETIRING:
+            self._retire(rec)
+
+    def _kill_starting(self, rec: WorkerRecord) -> None:
+        rec.killed = True  # a ready report it sends from now on is void
+        self._kill(rec, signal.SIGKILL)
+
+    @staticmethod
+    def _unread(rec: WorkerRecord) -> bool:
+        """Whether the worker has sent something (a message) we have not read yet."""
+        return queued(rec.channel, SIOCINQ) > 0
+
     def _on_message(self, rec: WorkerRecord) -> None:
         try:
-            msg, fds, _, _ = socket.recv_fds(rec.channel, worker.MAX_MESSAGE, worker.FDS_PER_MESSAGE)
+            msg, fds = sockets.recv_fds(rec.channel, worker.MAX_MESSAGE, worker.FDS_PER_MESSAGE)
         except (BlockingIOError, ConnectionResetError):
             return
         if not msg:
@@ -366,7 +390,7 @@ class Manager(supervise.Supervision, control.ControlCommands, upgrade.Upgrading,
         """One message from a worker (live, or read after its exit by _on_message_backlog)."""
         live = self.workers.get(rec.pid) is rec
         if msg == worker.MSG_READY:
-            if live and rec.state is WState.STARTING:
+            if live and rec.state is WState.STARTING and not rec.killed:
                 self._on_ready(rec)
             else:  # retired, or gone, before it finished starting: it is not used
                 log.debug("worker %d ready while %s; not used", rec.pid, rec.state.value)
@@ -454,12 +478,7 @@ class Manager(supervise.Supervision, control.ControlCommands, upgrade.Upgrading,
                   failed, reason, self.serving, f"\n{detail.rstrip()}" if detail else "")
         for rec in list(self.workers.values()):
             if rec.generation == failed:
-                if rec.state is WState.STARTING:
-                    rec.move(WState.RETIRING)
-                    rec.deadline = None  # its ready deadline, run out, read as "still busy"
-                    self._kill(rec, signal.SIGKILL)
-                elif rec.state is WState.READY:
-                    self._retire(rec)
+                self._dismiss(rec)
         self.phase = Phase.RUNNING
         logs.set_context(generation=self.serving)
         systemd.notify("READY=1", f"STATUS=reload failed: {reason}, still serving gen {self.serving}")
@@ -549,7 +568,7 @@ class Manager(supervise.Supervision, control.ControlCommands, upgrade.Upgrading,
         rec.channel.setblocking(False)
         while True:
             try:
-                msg, fds, _, _ = socket.recv_fds(rec.channel, worker.MAX_MESSAGE, worker.FDS_PER_MESSAGE)
+                msg, fds = sockets.recv_fds(rec.channel, worker.MAX_MESSAGE, worker.FDS_PER_MESSAGE)
             except (BlockingIOError, ConnectionResetError):
                 return
             if not msg:
@@ -560,14 +579,20 @@ class Manager(supervise.Supervision, control.ControlCommands, upgrade.Upgrading,
         now = time.monotonic()
         for rec in list(self.workers.values()):
             if rec.deadline is not None and now >= rec.deadline:
-                rec.deadline = None
+                for _ in range(STARTING_MESSAGES):  # it may have reported ready
+                    if rec.state is not WState.STARTING or not self._unread(rec):  # since the
+                        break  # last wait: then it is ready, not late
+                    self._on_message(rec)
                 if rec.state is WState.STARTING:
+                    rec.deadline = None
                     log.error("worker %d not ready after %gs; killing it", rec.pid, self.config.ready_timeout)
                     rec.failure = rec.failure or f"not ready within {self.config.ready_timeout:g}s"
-                else:
+                    self._kill_starting(rec)
+                elif rec.deadline is not None and now >= rec.deadline:  # not a new one (_retire)
+                    rec.deadline = None
                     log.warning("worker %d still busy after %gs; killing it", rec.pid,
                                 self.config.graceful_timeout)
-                self._kill(rec, signal.SIGKILL)
+                    self._kill(rec, signal.SIGKILL)
         if self.upgrade is not None and self.phase is not Phase.RETIRED:
             if not control.alive(self.upgrade.pid):  # not our child: watched through /proc
                 self._upgrade_failed(f"new manager {self.upgrade.pid} exited before it was ready")

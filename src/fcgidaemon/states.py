@@ -55,6 +55,7 @@ class WorkerRecord:
     adopting: int = 0  # connections passed to it that its count may not show yet
     passed_at: float = 0.0  # when we last passed it connections
     inbox: socket.socket | None = None  # the worker's end of `channel`, kept (handover.py)
+    killed: bool = False  # sent SIGKILL while starting: a ready report read after that is void
 
     def move(self, new: WState) -> None:
         if new not in TRANSITIONS[self.state]:

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Sequence
 
 from . import control, logs, systemd
-from .states import Phase, WState
+from .states import Phase
 from .sockets import INHERIT_ENV, Listener
 
 log = logging.getLogger("fcgidaemon")
@@ -279,12 +279,7 @@ class Upgrading:
         up.waiters.clear()
         self._answer_waiters(None, {"ok": False, "message": f"handed over to manager {up.pid}"})
         for rec in list(self.workers.values()):
-            if rec.state is WState.STARTING:
-                rec.move(WState.RETIRING)
-                rec.deadline = None  # not its ready deadline: "still busy" at the next tick
-                self._kill(rec, signal.SIGKILL)
-            elif rec.state is WState.READY:
-                self._retire(rec)
+            self._dismiss(rec)
         self._title()
 
     def _on_successor_failed(self, conn: socket.socket, pid_text: str, reason: str) -> None:
