@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from daemon import APPS, alive, children, free_port, run_cli, wait_for
-from fcgiclient import FCGIClient, make_params
+from fcgiclient import FCGIClient, build_request, make_params
 from load import FCGIChecker, run_load
 from test_lifecycle import _wait_busy, app_copy, get, set_version
 
@@ -268,6 +268,35 @@ def test_only_the_successor_may_say_it_failed_and_only_while_it_starts(start_dae
     wait_for(lambda: not alive(d.pid), 15, "the old manager to exit")
     os.kill(new_pid, signal.SIGTERM)
     wait_for(lambda: not alive(new_pid), 15, "the new manager to exit")
+
+
+def test_a_new_manager_gone_after_it_took_over_is_said_not_a_loop_error(start_daemon):
+    """An upgrade: the new manager takes over, then dies (SIGKILL, standing in for a crash).
+    The old worker then finishes the request it was running on a kept connection and hands
+    the connection over; passing it to the dead manager raised ControlError (no control
+    socket), which was caught as OSError only: a "manager loop error" traceback, with what
+    followed that hand-off skipped. Now the connection is closed with one line (nobody is left
+    to take it), and the old manager's last line says its successor has exited."""
+    d = start_daemon("testapp", workers=1)
+    d.wait_workers(1)
+    kept = FCGIClient(d.address, timeout=15)
+    try:
+        assert kept.request(make_params("GET", "/id?id=k0"), keep_conn=True).status == 200
+        kept.send_raw(build_request(make_params("GET", "/id?id=k1&sleep=2"), keep_conn=True))
+        _wait_busy(d)
+        d.signal(signal.SIGUSR2)
+        d.wait_log(r"upgrade: manager \d+ is ready; retiring 1 worker\b")
+        new_pid = int(re.search(r"upgrade: manager (\d+) is ready", d.log()).group(1))
+        os.kill(new_pid, signal.SIGKILL)
+        answer = kept.read_response(1, keep_conn=True)
+    finally:
+        kept.close()
+    assert d.wait_exit(20) == 0
+    print(f"\n{answer.body!r}; the old manager's last lines:\n" + "\n".join(d.log().splitlines()[-4:]))
+    assert answer.body.startswith(b"id=k1 ")
+    assert d.count(rf"cannot pass 1 connection\(s\) to manager {new_pid}: .*; closing them") == 1
+    assert d.count(rf"handed over to manager {new_pid}, which has exited since") == 1
+    assert d.count(r"manager loop error|Traceback") == 0
 
 
 def test_a_failed_upgrade_leaves_the_old_manager_its_unix_socket(start_daemon, tmp_path):

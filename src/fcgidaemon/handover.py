@@ -85,8 +85,9 @@ class HandOver:
         try:
             for start in range(0, len(fds), worker.FDS_PER_MESSAGE):
                 control.send_fds(self.upgrade.pid, "adopt", fds[start:start + worker.FDS_PER_MESSAGE])
-        except OSError as exc:
-            log.warning("cannot pass connections to manager %d: %s", self.upgrade.pid, exc)
+        except (OSError, control.ControlError) as exc:  # gone (ControlError: no socket left)
+            log.warning("cannot pass %d connection(s) to manager %d: %s; closing them", len(fds),
+                        self.upgrade.pid, exc)
         finally:
             close_all(fds)
 

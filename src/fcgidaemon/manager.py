@@ -122,7 +122,10 @@ class Manager(supervise.Supervision, control.ControlCommands, upgrade.Upgrading,
                 time.sleep(0.1)  # never a hot loop, even if the error repeats
         if self.phase is Phase.RETIRED and self.upgrade:
             self.upgrade.drop_oldbin()
-            log.info("handed over to manager %d", self.upgrade.pid)
+            if control.alive(self.upgrade.pid):
+                log.info("handed over to manager %d", self.upgrade.pid)
+            else:  # it took over, then died: what serves now is up to systemd (or the operator)
+                log.error("handed over to manager %d, which has exited since", self.upgrade.pid)
         else:
             systemd.notify("STATUS=stopped")
         log.info("manager exiting with status %d", self.exit_code)
