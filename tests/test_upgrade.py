@@ -20,7 +20,7 @@ import pytest
 from daemon import APPS, alive, children, free_port, run_cli, wait_for
 from fcgiclient import FCGIClient, build_request, make_params
 from load import FCGIChecker, run_load
-from test_lifecycle import _wait_busy, app_copy, get, set_version
+from test_lifecycle import _wait_busy, app_copy, get, proc_title, set_version
 
 
 def preload_info(address) -> dict:
@@ -346,6 +346,53 @@ def test_a_failed_upgrade_lets_the_new_managers_ready_workers_finish(start_daemo
                r"\S+flaky.py:7: this worker failed to import")
     assert result.failures == 0, result.errors
     assert d.count(r"\[manager \d+ gen 2\] graceful stop") == 1
+    assert d.workers() == old_workers and d.proc.poll() is None
+
+
+def test_a_failed_upgrade_hands_the_new_managers_kept_connections_back(start_daemon, tmp_path):
+    """The old workers are busy, so the new manager's first ready worker accepts 4 kept
+    connections; its second worker then fails to import and the upgrade fails. The new
+    manager's graceful stop closed those connections as soon as they were idle (Apache's
+    enablereuse does not retry a request on a reused connection that closes: a 503 each). Now
+    its workers hand them over and the new manager passes them to the old one, which serves
+    on: the next request on each is answered, by an old worker."""
+    src = app_copy(tmp_path)
+    flag, lock = tmp_path / "flaky.on", tmp_path / "flaky.lock"
+    (src / "flaky.py").write_text(
+        "import os, time\n"
+        f"if os.path.exists({str(flag)!r}):\n"
+        "    try:\n"
+        f"        os.close(os.open({str(lock)!r}, os.O_CREAT | os.O_EXCL | os.O_WRONLY))\n"
+        "    except FileExistsError:\n"
+        "        time.sleep(2.5)\n"
+        "        raise RuntimeError('this worker failed to import')\n"
+        "from liveapp import application  # noqa: E402,F401\n")
+    d = start_daemon("flaky", workers=2, pythonpath=[src])
+    old_workers = d.wait_workers(2)
+    flag.touch()
+    d.signal(signal.SIGUSR2)
+    d.wait_log(r"\[manager \d+ gen 2\] worker \d+ ready")
+    slow = [threading.Thread(target=get, args=(d.address, "/sleep?s=3"), kwargs={"timeout": 20})
+            for _ in old_workers]
+    for thread in slow:
+        thread.start()
+    wait_for(lambda: all("busy" in proc_title(w) for w in old_workers), 10, "both old workers busy")
+    clients = [FCGIClient(d.address, timeout=20) for _ in range(4)]
+    try:
+        first = [c.request(make_params("GET", f"/id?id=k{i}"), keep_conn=True) for i, c in enumerate(clients)]
+        d.wait_log(r"upgrade failed: new manager \d+: application failed to start")
+        for thread in slow:
+            thread.join(20)
+        then = [c.request(make_params("GET", f"/id?id=n{i}"), keep_conn=True) for i, c in enumerate(clients)]
+    finally:
+        for c in clients:
+            c.close()
+    pids = [int(r.body.split(b"pid=")[1]) for r in first + then]
+    print(f"\nserved first by {pids[:4]}, then by {pids[4:]} (old workers {old_workers})")
+    assert not set(pids[:4]) & set(old_workers)  # the new manager's worker took them
+    assert [r.body.split()[0] for r in then] == [f"id=n{i}".encode() for i in range(4)]
+    assert set(pids[4:]) <= set(old_workers)
+    assert d.count(r"\[manager \d+ gen 2\] graceful stop: .*handing kept connections back to manager") == 1
     assert d.workers() == old_workers and d.proc.poll() is None
 
 

@@ -51,8 +51,9 @@ class HandOver:
         they came from, only when no other can take them."""
         if not fds:
             return
-        if self.phase is Phase.RETIRED and self.upgrade is not None:
-            self._pass_to_successor(fds)
+        other = self._other_manager()
+        if other is not None:
+            self._pass_to_manager(other, fds)
             return
         target = self._taker(source)
         if target is None and self.phase not in ENDING:
@@ -78,16 +79,27 @@ class HandOver:
             target.passed_at = time.monotonic()
             log.debug("passed %d connection(s) to worker %d", sent, target.pid)
 
-    def _pass_to_successor(self: "Manager", fds: list[int]) -> None:
-        """After an upgrade: to the new manager, which passes them on in turn (it reads as
-        many descriptors per command as a worker does per message)."""
-        assert self.upgrade is not None
+    def _other_manager(self: "Manager") -> int | None:
+        """The manager our connections go to instead of our workers: the new one, once it has
+        taken over (an upgrade); or the old one, if we stop before the upgrade that started us
+        completed (it failed): the old one serves on, and its web servers' kept connections
+        that our workers had taken are its again rather than closed."""
+        if self.phase is Phase.RETIRED and self.upgrade is not None:
+            return self.upgrade.pid
+        if self.phase is Phase.STOPPING and self.predecessor is not None and not self.took_over:
+            return self.predecessor
+        return None
+
+    def _pass_to_manager(self: "Manager", pid: int, fds: list[int]) -> None:
+        """To manager `pid`, which passes them on in turn (it reads as many descriptors per
+        command as a worker does per message)."""
         try:
             for start in range(0, len(fds), worker.FDS_PER_MESSAGE):
-                control.send_fds(self.upgrade.pid, "adopt", fds[start:start + worker.FDS_PER_MESSAGE])
+                control.send_fds(pid, "adopt", fds[start:start + worker.FDS_PER_MESSAGE])
         except (OSError, control.ControlError) as exc:  # gone (ControlError: no socket left)
-            log.warning("cannot pass %d connection(s) to manager %d: %s; closing them", len(fds),
-                        self.upgrade.pid, exc)
+            log.warning("cannot pass %d connection(s) to manager %d: %s; closing them", len(fds), pid, exc)
+        else:
+            log.debug("passed %d connection(s) to manager %d", len(fds), pid)
         finally:
             close_all(fds)
 

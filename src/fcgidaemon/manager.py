@@ -245,10 +245,15 @@ class Manager(supervise.Supervision, control.ControlCommands, upgrade.Upgrading,
         wait = self.config.graceful_timeout if graceful else 1.0
         self.stop_deadline = time.monotonic() + wait
         systemd.notify("STOPPING=1", f"STATUS={self.phase.value}")
-        log.info("%s: %s, up to %gs", "graceful stop" if graceful else "quick stop",
-                 logs.workers(len(self.workers)), wait)
-        for rec in self.workers.values():
-            self._kill(rec, signal.SIGTERM if graceful else signal.SIGQUIT)
+        back = self._other_manager()
+        log.info("%s: %s, up to %gs%s", "graceful stop" if graceful else "quick stop",
+                 logs.workers(len(self.workers)), wait,
+                 f"; handing kept connections back to manager {back}" if back else "")
+        for rec in list(self.workers.values()):
+            if back and rec.state is WState.READY:
+                self._retire(rec)  # its kept connections go back (_pass_on), not closed
+            else:
+                self._kill(rec, signal.SIGTERM if graceful else signal.SIGQUIT)
         self._answer_waiters(None, {"ok": False, "message": "the manager is stopping"})
         self._unpark()  # stopping gracefully: to a worker still finishing; quitting: closed
         self._title()
