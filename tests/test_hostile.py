@@ -269,9 +269,14 @@ def test_abort_the_application_swallows_ends_the_request_at_once(daemon):
     assert_worker_unharmed(daemon, before)
 
 
-@pytest.mark.parametrize("begun,unix", [(False, False), (True, False), (True, True)],
-                         ids=["no-request", "after-a-begin-request", "after-a-begin-request-unix"])
-def test_management_answers_nobody_reads_do_not_hold_the_worker(start_daemon, tmp_path, begun, unix):
+@pytest.mark.parametrize("begun,unix,answered", [(False, False, "management records"),
+                                                 (True, False, "management records"),
+                                                 (True, True, "management records"),
+                                                 (True, False, "second requests")],
+                         ids=["no-request", "after-a-begin-request", "after-a-begin-request-unix",
+                              "second-requests"])
+def test_management_answers_nobody_reads_do_not_hold_the_worker(start_daemon, tmp_path, begun, unix,
+                                                                answered):
     """A connection sending only management records (400,000 unknown types) and never reading
     the answers: each answer was a blocking send, so the worker (idle to the manager: --timeout
     does not apply) waited --read-timeout at every stall, and its other clients with it.
@@ -279,14 +284,19 @@ def test_management_answers_nobody_reads_do_not_hold_the_worker(start_daemon, tm
     so too while a request is still in its params (one BEGIN_REQUEST first was enough to get
     the blocking send back: the worker is not busy with such a request either). On a unix
     socket, closing such a connection sent the failure mark (a send that waited --read-timeout
-    on a full buffer): a request still in its params has no response to mark failed."""
+    on a full buffer): a request still in its params has no response to mark failed.
+    The same for the answers to BEGIN_REQUESTs of a second request while the first is in its
+    params (FCGI_CANT_MPX_CONN, 400,000 of them): those sends blocked too."""
     d = start_daemon("testapp", "--read-timeout", "10", workers=1,
                      bind=f"unix:{tmp_path / 'm.sock'}" if unix else None)
     before = d.wait_workers(1)
     flooder = socket.socket(socket.AF_UNIX if unix else socket.AF_INET)
     flooder.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     flooder.connect(d.address)
-    flood = struct.pack("!BBHHBx", 1, 77, 0, 0, 0) * 400_000  # unknown type 77, request id 0
+    if answered == "second requests":
+        flood = encode_record(FCGI_BEGIN_REQUEST, 2, bytes([0, 1, FCGI_KEEP_CONN, 0, 0, 0, 0, 0])) * 400_000
+    else:
+        flood = struct.pack("!BBHHBx", 1, 77, 0, 0, 0) * 400_000  # unknown type 77, request id 0
     if begun:
         flood = BEGIN + flood
     sender = threading.Thread(target=lambda: _send_quietly(flooder, flood), daemon=True)
@@ -296,7 +306,7 @@ def test_management_answers_nobody_reads_do_not_hold_the_worker(start_daemon, tm
         # the answers fill both socket buffers (how soon depends on the machine's speed), and
         # the connection is closed then, not held: a blocking send waited --read-timeout (10 s)
         # at each stall, and closed the connection with another line
-        d.wait_log(r"protocol error: the peer does not read the answers to its management records",
+        d.wait_log(rf"protocol error: the peer does not read the answers to its {answered}",
                    timeout=8)
         stalled = time.monotonic() - started
         resp = get(d.address, "/hello")

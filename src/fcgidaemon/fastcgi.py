@@ -733,6 +733,11 @@ class Connection:
             self.write_stream(flup.FCGI_GET_VALUES_RESULT, 0, answer)
         else:
             self.write_stream(flup.FCGI_UNKNOWN_TYPE, 0, UNKNOWN_BODY.pack(rtype))
+        self._send_answer("management records")
+
+    def _send_answer(self, to: str) -> None:
+        """Send an answer to a record that is not part of a response: one no request waits
+        for, sent without waiting unless a running request keeps the worker busy anyway."""
         if self.request is not None and self.request.runnable:  # the worker is busy with it,
             self.flush()  # and --timeout bounds that (a request still in its params is not)
         elif not self._send_now():
@@ -740,7 +745,7 @@ class Connection:
             # send held it for --read-timeout per stall while the peer sent records it never
             # read (400,000 unknown types: other clients waited 5.5 s of a 6 s timeout, again
             # at each stall). nginx and Apache send none; a peer that asks reads the answer.
-            raise ProtocolError("the peer does not read the answers to its management records")
+            raise ProtocolError(f"the peer does not read the answers to its {to}")
 
     def _begin(self, request_id: int, content: bytes) -> None:
         if len(content) != BEGIN_BODY.size:
@@ -750,7 +755,7 @@ class Connection:
             if request_id == self.request.requestId:  # refusing it would end the active one
                 raise ProtocolError(f"BEGIN_REQUEST for request {request_id}, already active")
             self._append(end_record(request_id, 0, flup.FCGI_CANT_MPX_CONN))
-            self.flush()
+            self._send_answer("second requests")  # the first may still be in its params
             return
         req = Request(self, request_id, role, flags)
         self._open(req)
