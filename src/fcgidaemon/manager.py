@@ -51,7 +51,8 @@ SIGNAL_DOCS: dict[signal.Signals, str] = {
                     "Python, new fcgidaemon, new preloaded modules) that inherits the listening "
                     "sockets; once its workers are ready, this manager's workers hand their "
                     "connections over and it exits. If the new manager fails, this one keeps "
-                    "serving. Refused (one log line) while the manager is starting, reloading or "
+                    "serving, and the kept connections the new manager's workers had accepted "
+                    "are handed back to it. Refused (one log line) while the manager is starting, reloading or "
                     "stopping, or an upgrade is in progress (including the one that started this "
                     "manager, until the previous manager has exited)",
 }
