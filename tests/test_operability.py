@@ -236,6 +236,52 @@ def test_dynamic_workers_grow_to_max_and_shrink_back(start_daemon, tmp_path):
     assert d.count(r"scaling down to \d+ workers?") == 3
 
 
+def test_one_client_at_a_time_does_not_grow_the_pool(start_daemon):
+    """One client sending one request at a time, each on a new connection, keeps a worker
+    busy part of the time: the pool stays as it is. The manager decided from one look at the
+    scoreboard: a request waiting in the listen queue for the microseconds before an idle worker
+    took it, or the one worker busy at that moment, added a worker; the pool went to
+    --max-workers with 5 of 6 idle, and cycled between 3 and 6 for as long as the client ran."""
+    d = start_daemon("testapp", "--min-workers", "2", "--max-workers", "6", "--idle-timeout", "3",
+                     workers=2)
+    with FCGIChecker(d.address, keep_conn=False, uri_template="/id?id={uid}") as checker:
+        result = run_load(checker, clients=1, duration=4)
+    print(f"\n{result.summary()}; scaling lines: {d.count(r'scaling (up|down)')}")
+    assert result.failures == 0, result.errors
+    assert d.count(r"scaling up") == 0
+    assert len(d.workers()) == 2
+
+
+def test_kept_connections_do_not_keep_the_pool_at_its_peak(start_daemon, tmp_path):
+    """A burst grows the pool to 4; then 8 kept connections carry a light load (each a request
+    every 0.2 s). The balancer spreads kept connections over every worker, so the highest one,
+    the only one the manager looked at, was never idle for --idle-timeout: the pool stayed at 4
+    for good. Now the pool shrinks to --min-workers while that load goes on, and loses nothing."""
+    d = start_daemon("testapp", *STATUS, "--min-workers", "1", "--max-workers", "4",
+                     "--idle-timeout", "1", workers=1)
+    with FCGIChecker(d.address, keep_conn=False, uri_template="/id?id={uid}&sleep=0.2") as checker:
+        burst = run_load(checker, clients=8, duration=4)
+    assert burst.failures == 0 and manager_status(d, tmp_path)["workers_target"] == 4
+    done = threading.Event()
+    with FCGIChecker(d.address, keep_conn=True, uri_template="/id?id={uid}") as checker:
+        def paced(client: int, seq: int) -> object:
+            done.wait(0.2)
+            return checker(client, seq)
+        out: list = []
+        light = threading.Thread(target=lambda: out.append(run_load(paced, clients=8, duration=8)))
+        light.start()
+        try:
+            wait_for(lambda: manager_status(d, tmp_path)["workers_target"] == 1, 8,
+                     "shrinking to --min-workers under a light kept-connection load")
+        finally:
+            light.join(30)
+    result = out[0]
+    print(f"\nburst: {burst.summary()}\nlight, kept: {result.summary()}; "
+          f"scaling down lines: {d.count(r'scaling down')}")
+    assert result.failures == 0, result.errors
+    assert d.count(r"scaling down to \d+ workers?") == 3
+
+
 def test_access_log(start_daemon, tmp_path):
     log = tmp_path / "access.log"
     d = start_daemon("testapp", "--access-log", str(log), workers=1)

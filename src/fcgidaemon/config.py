@@ -346,10 +346,11 @@ OPTIONS: tuple[Option, ...] = (
            "dynamic mode (needs --max-workers): never fewer workers than this (0: 1)",
            "N"),
     Option("max_workers", "--max-workers", "FCGIDAEMON_MAX_WORKERS", "0", parse_int_min(0, MAX_WORKERS),
-           "dynamic mode: add workers while requests wait or all workers are busy, up to this "
-           "many (0: fixed at --workers)", "N"),
+           "dynamic mode: add a worker when the workers were busy 9/10 of the last 0.5 s, up "
+           "to this many (0: fixed at --workers)", "N"),
     Option("idle_timeout", "--idle-timeout", "FCGIDAEMON_IDLE_TIMEOUT", "10", parse_seconds,
-           "dynamic mode: a worker idle this long is retired (down to --min-workers)", "S"),
+           "dynamic mode: retire a worker when, over this long, one fewer would have been busy "
+           "at most half of the time (down to --min-workers)", "S"),
     Option("status_path", "--status-path", "FCGIDAEMON_STATUS_PATH", "", parse_optional_str,
            "answer this path with the status page (text; `?json`, `?full`, `?openmetrics`), "
            "without calling the application (off by default)", "PATH"),

@@ -107,6 +107,8 @@ class Manager(supervise.Supervision, control.ControlCommands, upgrade.Upgrading,
             self.selector.register(self.legacy_control, selectors.EVENT_READ, "control")
         self._init_sharing()
         self._init_handover()
+        # dynamic mode's measure of how busy the workers are
+        self.load = supervise.LoadMeter(keep=max(supervise.SCALE_UP_WINDOW, config.idle_timeout))
 
     # ------------------------------------------------------------------ the loop
 
@@ -269,6 +271,7 @@ class Manager(supervise.Supervision, control.ControlCommands, upgrade.Upgrading,
             log.warning("worker count stays %d", self.target)
             return
         old, self.target = self.target, target
+        self.load.reset()
         log.info("worker count %d -> %d", old, target)
         self._reconcile(time.monotonic())
         self._switch_if_ready()  # fewer slots: those left may all be ready, and no READY will come

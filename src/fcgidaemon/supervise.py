@@ -10,15 +10,70 @@ import logging
 import os
 import signal
 import socket
+from collections import deque
+from dataclasses import dataclass, field
 
 from . import listenq, logs, worker
-from .scoreboard import SlotState
+from .scoreboard import Slot, SlotState
 from .states import WState
 
 log = logging.getLogger("fcgidaemon")
 
 BALANCE_PAUSE = 0.5  # seconds between two requests to the same worker to give connections back
 ADOPT_SETTLE = 0.1  # seconds an idle worker is given to take in connections passed to it
+SCALE_UP_WINDOW = 0.5  # dynamic mode: seconds of load looked at before adding a worker
+SCALE_UP_BUSY = 0.9  # ... and the share of that time the workers were busy, at least
+SCALE_DOWN_BUSY = 0.5  # retire one when the rest would have been busy at most this share
+
+
+@dataclass
+class LoadMeter:
+    """How busy the serving workers were, over time: the busy seconds of all of them (from each
+    one's duration_sum and the request it is running), against the worker-seconds there were.
+    Dynamic mode decides from this, not from a look at who is idle at one moment: a single
+    client sending one request at a time was seen with its request waiting in the listen
+    queue or no worker idle in one look in a few, and grew the pool to --max-workers, 5 of 6
+    idle; and with kept connections spread over every worker, the highest one was never idle
+    for --idle-timeout, so a burst fixed the pool at its peak for good."""
+
+    keep: float = 10.0  # seconds of samples kept: the longest window asked about
+    seen: dict[int, float] = field(default_factory=dict)  # pid: its busy seconds at the last look
+    busy: float = 0.0  # busy seconds of the serving workers since the meter started
+    capacity: float = 0.0  # worker-seconds since then
+    last: float | None = None
+    samples: deque = field(default_factory=deque)  # (when, busy, capacity), oldest first
+
+    def look(self, now: float, slots: list[Slot], workers: int) -> None:
+        seen = {}
+        for slot in slots:
+            seen[slot.pid] = total = slot.duration_sum + slot.busy_for(now)
+            before = self.seen.get(slot.pid)
+            if before is not None and total > before:
+                self.busy += total - before
+        self.seen = seen  # workers gone are forgotten
+        if self.last is not None:
+            self.capacity += workers * (now - self.last)
+        self.last = now
+        self.samples.append((now, self.busy, self.capacity))
+        while len(self.samples) > 1 and self.samples[1][0] <= now - self.keep:
+            self.samples.popleft()
+
+    def share(self, now: float, window: float) -> float | None:
+        """The share of the worker-seconds of the last `window` seconds spent busy; None
+        until the meter has looked over that long (since it started or was reset)."""
+        start = None
+        for sample in self.samples:  # the last look at least `window` ago
+            if sample[0] > now - window:
+                break
+            start = sample
+        if start is None or self.capacity <= start[2]:
+            return None
+        return (self.busy - start[1]) / (self.capacity - start[2])
+
+    def reset(self) -> None:
+        """After a change of the worker count: decisions look at the new pool only."""
+        self.samples.clear()
+        self.last = None
 
 
 class Supervision:
@@ -114,31 +169,36 @@ class Supervision:
             log.debug("cannot ask worker %d to give connections back: %s", most.pid, exc)
 
     def _scale(self, now: float) -> None:
-        """Dynamic mode: one worker more while requests wait or all are busy; retire the
-        highest slot after --idle-timeout idle. Decisions come from the scoreboard."""
+        """Dynamic mode: one worker more when the workers were busy nearly all of the last
+        SCALE_UP_WINDOW; retire the highest slot when, over the last --idle-timeout, one
+        fewer would have been busy at most SCALE_DOWN_BUSY of the time."""
         low, high = max(1, self.config.min_workers), self.config.max_workers
         mine = [w for w in self.workers.values() if w.generation == self.serving
                 and w.state is not WState.RETIRING]
         if any(w.state is WState.STARTING for w in mine):
-            return  # one step at a time: let the last one start
+            self.load.reset()  # one step at a time: let the last one start
+            return
         slots = {w.slot: (w, self.board.read(w.board_index)) for w in mine}
-        idle = [s for _, s in slots.values() if s.state is SlotState.IDLE]
-        if (self.pool.listen_queue > 0 or not idle) and self.target < high:
+        self.load.look(now, [slot for _, slot in slots.values()], len(mine))
+        busy = self.load.share(now, SCALE_UP_WINDOW)
+        if busy is not None and busy >= SCALE_UP_BUSY and self.target < high:
             self.target += 1
-            log.info("scaling up to %s (listen queue %d, %d idle)", logs.workers(self.target),
-                     self.pool.listen_queue, len(idle))
+            self.load.reset()
+            log.info("scaling up to %s (busy %.0f%% of the last %gs, listen queue %d)",
+                     logs.workers(self.target), busy * 100, SCALE_UP_WINDOW, self.pool.listen_queue)
             self._title()
             return
         top = slots.get(self.target - 1)
-        if self.target > low and top is not None and top[1].state is SlotState.IDLE:
-            rec, slot = top
-            idle_since = max(rec.started, slot.busy_since + slot.last_duration)
-            if now - idle_since > self.config.idle_timeout and len(idle) > 1:
-                self.target -= 1
-                log.info("scaling down to %s (worker %d idle %.0fs)", logs.workers(self.target), rec.pid,
-                         now - idle_since)
-                self._retire(rec)
-                self._title()
+        busy = self.load.share(now, self.config.idle_timeout)
+        if self.target > low and top is not None and busy is not None \
+                and busy * len(mine) <= SCALE_DOWN_BUSY * (len(mine) - 1):
+            rec = top[0]
+            self.target -= 1
+            self.load.reset()
+            log.info("scaling down to %s (busy %.0f%% of the last %gs; worker %d retires)",
+                     logs.workers(self.target), busy * 100, self.config.idle_timeout, rec.pid)
+            self._retire(rec)
+            self._title()
 
     def _check_memory(self) -> None:
         limit = self.config.max_memory * 1024 * 1024
