@@ -321,6 +321,19 @@ def test_startup_import_failure_exits_1(start_daemon, tmp_path, how):
     assert d.count(r"manager exiting with status 1") == 1
 
 
+def test_a_callable_not_found_at_startup_exits_2(start_daemon):
+    """APP names a module that imports but has no such callable (a typo): like a module not
+    found, the same mistake at every start, so exit 2, which the unit's
+    RestartPreventExitStatus=2 does not restart (`fcgidaemon check` said 2 for it already).
+    The daemon exited 1, and systemd's Restart=on-failure restarted it for good."""
+    d = start_daemon("testapp:nosuch", workers=2, wait=False)
+    code = d.wait_exit(15)
+    print(f"\nexit {code}: " + " / ".join(line for line in d.log().splitlines() if "failed" in line))
+    assert code == 2
+    assert d.count(r"application failed to start: 'nosuch' not found in \S+testapp\.py") == 1
+    assert d.count(r"manager exiting with status 2") == 1
+
+
 def test_timeout_kill_is_counted_in_the_status(start_daemon, tmp_path):
     """A request killed at --timeout shows as timeouts == 1 in `fcgidaemon status --json`
     (and the status page): the one number that tells an operator requests are being killed."""

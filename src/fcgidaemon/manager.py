@@ -17,6 +17,7 @@ import socket
 import time
 
 from . import control, handover, logs, sharing, signals, sockets, supervise, systemd, titles, upgrade, worker
+from .commands import EXIT_FAILED, EXIT_USAGE
 from .config import MAX_WORKERS, Config
 from .fastcgi import SIOCINQ, queued
 from .scoreboard import Pool, Scoreboard
@@ -551,7 +552,10 @@ class Manager(supervise.Supervision, control.ControlCommands, upgrade.Upgrading,
             # extension's crash: that one was respawned for good, the manager never ready)
             failure = rec.failure or f"worker {rec.pid} {how} while importing the application"
             log.error("application failed to start: %s", failure.rstrip())
-            self.exit_code = 1
+            # a callable not found is a mistake in APP, the same at every start: 2, which
+            # systemd's RestartPreventExitStatus=2 does not restart, as for a module not found
+            not_found = os.WIFEXITED(status) and os.WEXITSTATUS(status) == worker.EXIT_APP_NOT_FOUND
+            self.exit_code = EXIT_USAGE if not_found else EXIT_FAILED
             if self.predecessor is not None and not self.took_over:
                 upgrade.tell_predecessor(f"application failed to start: {reason}", self.predecessor)
             # graceful: workers already ready may be serving (beside an old manager, in an

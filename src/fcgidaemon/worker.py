@@ -48,6 +48,7 @@ log = logging.getLogger("fcgidaemon")
 EXIT_OK = 0
 EXIT_CRASH = 1
 EXIT_IMPORT_FAILED = 3
+EXIT_APP_NOT_FOUND = 4  # the module imported, the callable is not in it: the same every time
 
 MSG_READY = b"ready"
 MSG_IMPORT_FAILED = b"import-failed"
@@ -150,7 +151,8 @@ class Worker:
             app = loader.load_app(self.config.app)
         except loader.AppImportError as exc:
             log.debug("import failed: %s", exc.summary)
-            return self._failed_start(f"{exc.summary}\n{exc.text}")
+            self._failed_start(f"{exc.summary}\n{exc.text}")
+            return EXIT_APP_NOT_FOUND if exc.not_found else EXIT_IMPORT_FAILED
         self._keep_signals()
         if self.config.reload_check:
             failure = selfcheck.self_check(app, self.config.reload_check)
