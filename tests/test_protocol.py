@@ -431,6 +431,25 @@ def test_get_values_answered(server):
     assert values == {"FCGI_MPXS_CONNS": "0", "FCGI_MAX_REQS": "2", "FCGI_MAX_CONNS": "128"}
 
 
+def test_get_values_follows_the_worker_count(start_daemon):
+    """The answer said --workers whatever the pool had become: after SIGTTIN, or in dynamic
+    mode (which grows to --max-workers), FCGI_MAX_REQS undercounted. Now: the manager's count
+    when asked, and in dynamic mode --max-workers."""
+    fixed = start_daemon("testapp", workers=2)
+    fixed.wait_workers(2)
+    fixed.signal(signal.SIGTTIN)
+    fixed.wait_workers(3)
+    wait_for(lambda: _values(fixed)["FCGI_MAX_REQS"] == "3", 5, "the answer to follow SIGTTIN")
+    dynamic = start_daemon("testapp", "--min-workers", "1", "--max-workers", "8", workers=1)
+    assert _values(fixed)["FCGI_MAX_CONNS"] == "192"
+    assert _values(dynamic) == {"FCGI_MPXS_CONNS": "0", "FCGI_MAX_REQS": "8", "FCGI_MAX_CONNS": "512"}
+
+
+def _values(d) -> dict[str, str]:
+    with FCGIClient(d.address, timeout=3) as client:
+        return client.get_values()
+
+
 def test_unknown_management_record_gets_unknown_type(server):
     with FCGIClient(server.address, timeout=3) as client:
         client.send_raw(encode_record(42, 0, b""))

@@ -102,6 +102,8 @@ class Server:
     limits: Limits = field(default_factory=Limits)
     max_conns: int = 1
     max_reqs: int = 1
+    # FCGI_GET_VALUES: how many workers there are (or may be) when asked; max_reqs without it
+    pool_size: Callable[[], int] | None = None
     # read by flup's InputStream and OutputStream (its _write, which ours replaces, splits by it)
     maxwrite: int = MAX_CONTENT + flup.FCGI_HEADER_LEN
     inputStreamShrinkThreshold: int = 102400 - 8192
@@ -129,9 +131,10 @@ class Server:
         self.scratch = memoryview(mmap.mmap(-1, RECV_BODY, flags=private))
 
     def capabilities(self) -> dict[bytes, bytes]:
+        workers = self.pool_size() if self.pool_size is not None else None
         return {
-            flup.FCGI_MAX_CONNS.encode(): str(self.max_conns).encode(),
-            flup.FCGI_MAX_REQS.encode(): str(self.max_reqs).encode(),
+            flup.FCGI_MAX_CONNS.encode(): str(workers * 64 if workers else self.max_conns).encode(),
+            flup.FCGI_MAX_REQS.encode(): str(workers or self.max_reqs).encode(),
             flup.FCGI_MPXS_CONNS.encode(): b"0",
         }
 

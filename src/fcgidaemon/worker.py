@@ -169,8 +169,7 @@ class Worker:
                         max_body=self.config.max_body)
         on_response = self.access_log.record if self.access_log is not None else None
         try:
-            self.server = Server(make_handler(app, on_response), limits,
-                                 max_conns=self.config.workers * 64, max_reqs=self.config.workers,
+            self.server = Server(make_handler(app, on_response), limits, pool_size=self._pool_size,
                                  on_done=self._request_done, on_exit_asked=self._on_exit_asked)
         except OSError as exc:  # its read buffer (a memory limit): this worker cannot serve
             return self._failed_start(f"cannot map the read buffer: {exc.strerror or exc}")
@@ -183,6 +182,12 @@ class Worker:
         self._title("idle")
         self._loop()
         return EXIT_OK
+
+    def _pool_size(self) -> int:
+        """FCGI_GET_VALUES (one request at a time per worker, 64 connections each): the most
+        workers there may be, --max-workers in dynamic mode, else the manager's count now
+        (SIGTTIN/SIGTTOU move it). --workers was answered, whatever the pool had become."""
+        return self.config.max_workers or max(1, self.board.read_pool().target)
 
     def _failed_start(self, reason: str) -> int:
         """Tell the manager why we cannot serve (a reload then fails with this reason)."""
