@@ -121,6 +121,14 @@ def test_bad_option_exit_2_one_line_nothing_left(tmp_path, args):
     assert processes_mentioning(marker) == []
 
 
+def test_a_unix_socket_path_too_long_says_why(tmp_path):
+    """The kernel takes at most 107 bytes: the error has no errno, and the line said
+    "--bind unix:/tmp/aaa...sock: None"."""
+    path = "/tmp/" + "a" * 120 + ".sock"
+    out = run_cli(["testapp", "--pythonpath", str(APPS), "--bind", path], tmp_path)
+    assert (out.returncode, out.stderr) == (2, f"fcgidaemon: --bind unix:{path}: AF_UNIX path too long\n")
+
+
 def test_an_option_given_twice_in_the_config_file_is_refused(tmp_path):
     """The file may spell a key with - or _, and `graceful-timeout = 5` with `graceful_timeout
     = 50` silently gave 50: TOML itself refuses a repeated key, and so must we."""
@@ -335,6 +343,14 @@ def test_toml_integer_modes_are_the_mode_itself(start_daemon, tmp_path):
         assert (out.returncode, out.stderr) == (2, f"fcgidaemon check: config file {conf}: {key} = "
                                                    f"{literal} is a decimal number; write a mode as "
                                                    f"{fix} or \"{literal}\"\n"), out.stderr
+    # a quoted key is the same key: "umask" = 0o022 was refused as decimal (the text was
+    # searched for the bare key only), and "umask" = 77 must be refused like umask = 77
+    conf.write_text('"umask" = 0o022\n\'socket-mode\' = 0o600\n')
+    c = resolve(["app", "--config", str(conf)], {})
+    assert (c.socket_mode, c.umask) == (0o600, 0o022)
+    conf.write_text('"umask" = 77\n')
+    with pytest.raises(ConfigError, match=r"umask = 77 is a decimal number; write a mode as 0o77"):
+        resolve(["app", "--config", str(conf)], {})
     out = run_cli(["check", "testapp", "--pythonpath", str(APPS), "--config", ""], tmp_path)
     assert (out.returncode, out.stderr) == (2, "fcgidaemon check: --config: empty file name\n")
 

@@ -572,9 +572,10 @@ def _decimal_modes(path: str, table: dict[str, Any]) -> None:
             if text is None:  # read once, and only when a mode is a number
                 with open(path, encoding="utf-8") as fh:
                     text = fh.read()
-            written = re.search(rf"^\s*{re.escape(key)}\s*=\s*(\S+)", text, re.M)
-            if written is None or not written.group(1).lower().startswith("0o"):
-                literal = written.group(1) if written else str(table[key])
+            # bare or quoted (a TOML key may be written "umask" or 'umask')
+            written = re.search(rf"^\s*([\"']?){re.escape(key)}\1\s*=\s*(\S+)", text, re.M)
+            if written is None or not written.group(2).lower().startswith("0o"):
+                literal = written.group(2) if written else str(table[key])
                 raise ConfigError(f"config file {path}: {key} = {literal} is a decimal number; "
                                   f"write a mode as 0o{literal.lstrip('0') or '0'} or \"{literal}\"")
 

@@ -177,7 +177,7 @@ def bind_unix(path: str, config: Config) -> Listener:
         sock.bind(path)
     except OSError as exc:
         sock.close()
-        raise ConfigError(f"--bind unix:{path}: {exc.strerror}") from None
+        raise ConfigError(f"--bind unix:{path}: {exc.strerror or exc}") from None
     finally:
         os.umask(old_umask)
     try:
@@ -191,7 +191,7 @@ def bind_unix(path: str, config: Config) -> Listener:
         os.unlink(path)
         if isinstance(exc, ConfigError):
             raise
-        raise ConfigError(f"--bind unix:{path}: {exc.strerror}") from None
+        raise ConfigError(f"--bind unix:{path}: {exc.strerror or exc}") from None
     return Listener(sock, f"unix:{path}", unlink_path=path)
 
 
