@@ -20,7 +20,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fcgiclient import (FCGI_BEGIN_REQUEST, FCGI_END_REQUEST, FCGI_KEEP_CONN, FCGI_PARAMS, FCGI_STDIN, ConnectionClosed,
+from fcgiclient import (FCGI_ABORT_REQUEST, FCGI_BEGIN_REQUEST, FCGI_END_REQUEST, FCGI_KEEP_CONN, FCGI_PARAMS, FCGI_STDIN, ConnectionClosed,
                         FCGIClient, build_request, encode_params, encode_record, make_params,
                         parse_cgi_response)
 from test_lifecycle import get
@@ -272,9 +272,11 @@ def test_abort_the_application_swallows_ends_the_request_at_once(daemon):
 @pytest.mark.parametrize("begun,unix,answered", [(False, False, "management records"),
                                                  (True, False, "management records"),
                                                  (True, True, "management records"),
-                                                 (True, False, "second requests")],
+                                                 (True, False, "second requests"),
+                                                 (False, False, "requests ended before they ran"),
+                                                 (False, True, "requests ended before they ran")],
                          ids=["no-request", "after-a-begin-request", "after-a-begin-request-unix",
-                              "second-requests"])
+                              "second-requests", "aborted-in-their-params", "unknown-roles-unix"])
 def test_management_answers_nobody_reads_do_not_hold_the_worker(start_daemon, tmp_path, begun, unix,
                                                                 answered):
     """A connection sending only management records (400,000 unknown types) and never reading
@@ -286,7 +288,8 @@ def test_management_answers_nobody_reads_do_not_hold_the_worker(start_daemon, tm
     socket, closing such a connection sent the failure mark (a send that waited --read-timeout
     on a full buffer): a request still in its params has no response to mark failed.
     The same for the answers to BEGIN_REQUESTs of a second request while the first is in its
-    params (FCGI_CANT_MPX_CONN, 400,000 of them): those sends blocked too."""
+    params (FCGI_CANT_MPX_CONN, 400,000 of them), and for the END_REQUESTs of kept requests
+    aborted in their params, or of a role we do not play: those sends blocked too."""
     d = start_daemon("testapp", "--read-timeout", "10", workers=1,
                      bind=f"unix:{tmp_path / 'm.sock'}" if unix else None)
     before = d.wait_workers(1)
@@ -295,6 +298,10 @@ def test_management_answers_nobody_reads_do_not_hold_the_worker(start_daemon, tm
     flooder.connect(d.address)
     if answered == "second requests":
         flood = encode_record(FCGI_BEGIN_REQUEST, 2, bytes([0, 1, FCGI_KEEP_CONN, 0, 0, 0, 0, 0])) * 400_000
+    elif answered.startswith("requests ended") and unix:  # role 9, kept: FCGI_UNKNOWN_ROLE each
+        flood = encode_record(FCGI_BEGIN_REQUEST, 1, bytes([0, 9, FCGI_KEEP_CONN, 0, 0, 0, 0, 0])) * 400_000
+    elif answered.startswith("requests ended"):  # each begun, then aborted before its params end
+        flood = (BEGIN + encode_record(FCGI_ABORT_REQUEST, 1)) * 200_000
     else:
         flood = struct.pack("!BBHHBx", 1, 77, 0, 0, 0) * 400_000  # unknown type 77, request id 0
     if begun:

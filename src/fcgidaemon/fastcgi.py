@@ -900,7 +900,11 @@ class Connection:
         last = not req.keep_conn or (self.server.closing and self.served_what_waited())
         if self.lingering:  # the response is whole: its end is a FIN again
             self._linger(False)
-        self.flush(more=last and self.tcp, final=True)
+        if req.runnable:
+            self.flush(more=last and self.tcp, final=True)
+        else:  # ended before it ran (aborted in its params, a role we do not play): the worker
+            self._send_answer("requests ended before they ran")  # is idle to the manager
+
         self.request = None
         self.served += 1
         self.last_active = time.monotonic()
