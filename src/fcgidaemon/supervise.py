@@ -44,6 +44,8 @@ class LoadMeter:
     samples: deque = field(default_factory=deque)  # (when, busy, capacity), oldest first
 
     def look(self, now: float, slots: list[Slot], workers: int) -> None:
+        if self.last is not None and now - self.last > 1.0:
+            self.reset()  # not looked for a while (a reload in between): what was seen is stale
         seen = {}
         for slot in slots:
             seen[slot.pid] = total = slot.duration_sum + slot.busy_for(now)
