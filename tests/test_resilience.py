@@ -258,6 +258,30 @@ def test_a_write_that_failed_midway_sends_nothing_more_though_the_app_carries_on
     assert get(d.address, "/hello").body == f"hello v1 {pid}".encode()
 
 
+@pytest.mark.parametrize("how", ["exit", "raise"])
+def test_a_child_the_application_forks_never_acts_as_the_worker(start_daemon, how):
+    """The application forks a child in a request that ends with sys.exit() or an uncaught
+    error instead of os._exit: the child came back into the worker's code with the worker's
+    connections, epoll set and manager channel. sys.exit() asked the manager to replace the
+    worker (which then crashed); an error answered the parent's request a second time and
+    took the listener out of the shared epoll set: the real worker never accepted again (3 of
+    3 requests timed out). Now such a child leaves at once, said in one line."""
+    d = start_daemon("testapp", workers=1)
+    (pid,) = d.wait_workers(1)
+    with FCGIClient(d.address, timeout=10) as client:
+        first = client.request(make_params("GET", f"/fork-return?how={how}&s=0.3"), keep_conn=True)
+        child = int(first.body.split()[1])
+        d.wait_log(rf"process {child}, forked by the application in worker {pid}, (returned|raised)")
+        wait_for(lambda: not alive(child), 5, "the child to exit")
+        kept = client.request(make_params("GET", "/id?id=k"), keep_conn=True)
+    answers = [get(d.address, f"/id?id=n{i}", timeout=5) for i in range(3)]
+    print(f"\n{first.body!r}; then {kept.body!r} and {[a.body for a in answers]}")
+    assert kept.body.split()[0] == b"id=k" and kept.body.endswith(f"pid={pid}".encode())
+    assert [a.body.split()[0] for a in answers] == [b"id=n0", b"id=n1", b"id=n2"]
+    assert d.workers() == [pid]
+    assert d.count(r"replacement|worker crashed|Traceback") == 0, d.log()[-3000:]
+
+
 def test_a_program_the_application_runs_does_not_get_the_listening_socket(start_daemon):
     """A program the application starts the way os.system() does (exec, with every inheritable
     descriptor kept): it must not hold the listening socket. The sockets were bound inheritable,

@@ -10,10 +10,11 @@ the connection is dropped so the web server knows the response is incomplete.
 from __future__ import annotations
 
 import logging
+import os
 import re
 import sys
 import time
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, NoReturn
 from urllib.parse import unquote_to_bytes
 
 from .fastcgi import TOO_LARGE, BodyTooLarge, ConnectionLost, ProtocolError, Request, RequestAborted
@@ -385,6 +386,8 @@ def make_handler(app: Callable[..., Any], on_response: ResponseHook | None = Non
     by a middleware around the application, it missed write() and said 200 for a body that
     became our 500."""
 
+    owner = os.getpid()  # the worker's
+
     def handle(req: Request) -> int:
         environ = build_environ(req)
         response = Response(req)
@@ -392,6 +395,8 @@ def make_handler(app: Callable[..., Any], on_response: ResponseHook | None = Non
         started = time.monotonic() if on_response is not None else 0.0
         try:
             result = app(environ, response.start_response)
+            if os.getpid() != owner:
+                forked_child_returned(owner, "returned")
             if response.status is not None:
                 response.add_length_if_known(result)
             if isinstance(result, (list, tuple)):  # all there: sent with END_REQUEST, one send
@@ -414,12 +419,16 @@ def make_handler(app: Callable[..., Any], on_response: ResponseHook | None = Non
                 return response_short(req, response, environ)
             return 0
         except APP_EXITS as exc:  # sys.exit() in a request: answered, then the worker is replaced
+            if os.getpid() != owner:
+                forked_child_returned(owner, f"raised {exc!r}")
             exit_asked(req, exc)
             return application_failed(req, response, environ)
         except BaseException as exc:  # noqa: BLE001 - the application's failure, reported, not
             # fatal; BaseException, not Exception: asyncio's CancelledError and gevent's
             # GreenletExit are not Exceptions, and one of them ended the worker, its request
             # unanswered and every connection it held dropped
+            if os.getpid() != owner:
+                forked_child_returned(owner, f"raised {type(exc).__name__}: {exc}")
             fault = transport_fault(exc)
             if isinstance(fault, BodyTooLarge):
                 if not response.committed:
@@ -444,6 +453,17 @@ def make_handler(app: Callable[..., Any], on_response: ResponseHook | None = Non
                               exc_info=True)
 
     return handle
+
+
+def forked_child_returned(worker: int, how: str) -> NoReturn:
+    """A process the application forked in a request came back into our code (it returned,
+    or raised: sys.exit(), an error) instead of ending with os._exit. It went on as a second
+    worker on the same connections, epoll set and manager channel: it answered the parent's
+    request a second time, asked the manager to replace the worker, or took the listener out
+    of the shared epoll set, and the real worker never accepted again. It leaves now, said."""
+    log.error("process %d, forked by the application in worker %d, %s instead of ending with "
+              "os._exit; it exits", os.getpid(), worker, how)
+    os._exit(1)
 
 
 TRANSPORT_FAULTS = (ConnectionLost, RequestAborted, ProtocolError)

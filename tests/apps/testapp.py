@@ -151,6 +151,14 @@ def application(environ, start_response):
             time.sleep(float(q.get("s", 5)))
             os._exit(0)
         return _text(start_response, f"child {child}".encode())
+    if path.endswith("/fork-return"):  # a child that comes back into the server's code
+        child = os.fork()  # (a background job that forgot os._exit)
+        if child == 0:
+            time.sleep(float(q.get("s", 0.3)))
+            if q.get("how") == "exit":
+                sys.exit(0)
+            raise RuntimeError("the forked child failed")
+        return _text(start_response, f"child {child}".encode())
     if path.endswith("/spawn"):  # a program run as os.system() runs it: every inheritable fd kept
         import subprocess
         child = subprocess.Popen(["sleep", q.get("s", "5")], close_fds=False)
