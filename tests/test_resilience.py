@@ -282,6 +282,35 @@ def test_a_child_the_application_forks_never_acts_as_the_worker(start_daemon, ho
     assert d.count(r"replacement|worker crashed|Traceback") == 0, d.log()[-3000:]
 
 
+@pytest.mark.parametrize("ended_by", ["keep-conn-idle", "stop"])
+def test_an_idle_kept_connection_ends_while_a_forked_child_holds_it(start_daemon, ended_by):
+    """Kept connection A is idle; a request on another connection forks a background child
+    (as multiprocessing does), which inherits A. --keep-conn-idle, or a graceful stop, then
+    closed A with close() alone, which ends nothing while the child holds it: A stayed open
+    under the web server, whose next request on it waited for an answer that could not come
+    (for as long as the child lived). Now it ends with a FIN at once (shutdown first)."""
+    d = start_daemon("testapp", "--keep-conn-idle", "1", workers=1)
+    d.wait_workers(1)
+    with FCGIClient(d.address, timeout=10) as a:
+        assert a.request(make_params("GET", "/id?id=a"), keep_conn=True).status == 200
+        child = int(get(d.address, "/fork?s=20").body.split()[1])
+        try:
+            if ended_by == "stop":
+                d.signal(signal.SIGTERM)
+            sock = a._sock
+            sock.settimeout(5)
+            t0 = time.monotonic()
+            try:
+                ended = sock.recv(1) == b""
+            except TimeoutError:
+                ended = False
+            took = time.monotonic() - t0
+        finally:
+            os.kill(child, signal.SIGKILL)
+    print(f"\nA ended by {ended_by}: {ended} after {took:.2f}s, with child {child} alive")
+    assert ended and took < 3
+
+
 def test_a_program_the_application_runs_does_not_get_the_listening_socket(start_daemon):
     """A program the application starts the way os.system() does (exec, with every inheritable
     descriptor kept): it must not hold the listening socket. The sockets were bound inheritable,

@@ -939,7 +939,7 @@ class Connection:
         if self.closed:
             return
         if not readable(self.sock):
-            self.close()
+            self.end()
             return
         try:
             self.sock.shutdown(socket.SHUT_WR)
@@ -1126,6 +1126,19 @@ class Connection:
                 view = view[self.sock.send(view, flags):]
             except BlockingIOError:
                 self._wait(select.POLLOUT, "web server stopped reading the response")
+
+    def end(self) -> None:
+        """Close an idle connection as a FIN that leaves now: shutdown() first. close() alone
+        ends nothing while another process holds the socket (a child the application forked
+        in another request inherits every connection open then): a kept connection closed for
+        --keep-conn-idle or a stop stayed open under the web server, whose next request on it
+        waited for an answer that could not come, for as long as the child lived."""
+        if not self.closed:
+            try:
+                self.sock.shutdown(socket.SHUT_RDWR)
+            except OSError as exc:  # the peer has gone: close() follows all the same
+                log.debug("shutdown failed: %s", exc)
+        self.close()
 
     def close(self) -> None:
         """Close the socket, after `on_close`: the worker takes it out of its epoll set first.

@@ -710,6 +710,7 @@ class Worker:
                                f"{f' ({count} connections since the last such line)' if count > 1 else ''}"
                                if count else None, logging.WARNING)
             elif idle > self.config.keep_conn_idle and not readable(conn.sock):
+                conn.end()
                 self._drop(conn)
         if self.access_log is not None:
             self.access_log.reopen_if_moved()
