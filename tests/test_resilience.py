@@ -311,6 +311,41 @@ def test_an_idle_kept_connection_ends_while_a_forked_child_holds_it(start_daemon
     assert ended and took < 3
 
 
+def test_a_worker_leaving_runs_the_atexit_handlers_and_flushes_what_was_printed(start_daemon, tmp_path):
+    """Workers leave with os._exit: the application's atexit handlers never ran (though the
+    worker's own warning points applications there for cleanup; multiprocessing's, which ends
+    daemonic children, left 2 orphans per reload holding the listening port), and what it
+    printed to a block-buffered stdout (a file, no PYTHONUNBUFFERED) was lost: 0 of 6 lines.
+    Now a worker that leaves as told runs them once, and flushes its output."""
+    src = tmp_path / "src"
+    src.mkdir()
+    mark = tmp_path / "atexit.log"
+    (src / "byeapp.py").write_text(
+        "import atexit, os\n"
+        "def _bye():\n"
+        f"    with open({str(mark)!r}, 'a') as fh:\n"
+        "        fh.write(f'{os.getpid()}\\n')\n"
+        "atexit.register(_bye)\n"
+        "def application(environ, start_response):\n"
+        "    print(f'printed by {os.getpid()}')\n"
+        "    start_response('200 OK', [('Content-Type', 'text/plain')])\n"
+        "    return [str(os.getpid()).encode()]\n")
+    d = start_daemon("byeapp", workers=2, pythonpath=[src], env={"PYTHONUNBUFFERED": ""})
+    first = d.wait_workers(2)
+    served = [int(get(d.address, "/").body) for _ in range(4)]
+    d.reload(2)
+    wait_for(lambda: not any(alive(p) for p in first), 15, "the first generation to leave")
+    second = d.wait_workers(2)
+    served += [int(get(d.address, "/").body) for _ in range(2)]
+    d.signal(signal.SIGTERM)
+    assert d.wait_exit(15) == 0
+    ran = sorted(int(line) for line in mark.read_text().split()) if mark.exists() else []
+    printed = d.count(r"printed by \d+")
+    print(f"\natexit ran in {ran} (workers {first} then {second}); {printed} of {len(served)} printed lines kept")
+    assert ran == sorted(first + second)
+    assert printed == len(served)
+
+
 def test_a_program_the_application_runs_does_not_get_the_listening_socket(start_daemon):
     """A program the application starts the way os.system() does (exec, with every inheritable
     descriptor kept): it must not hold the listening socket. The sockets were bound inheritable,

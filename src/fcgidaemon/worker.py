@@ -21,6 +21,7 @@ Stopping never loses accepted work:
 
 from __future__ import annotations
 
+import atexit
 import errno
 import faulthandler
 import logging
@@ -91,15 +92,34 @@ class WorkerSpec:
 
 
 def run(spec: WorkerSpec) -> NoReturn:
-    """The whole life of a worker; never returns."""
+    """The whole life of a worker; never returns. A worker that served and leaves as told runs
+    the atexit handlers (the application's cleanup: the warning about its own signal handlers
+    points it there; multiprocessing's, which ends its daemonic children, orphaned at every
+    reload before, holding the listening port after a stop), as a process ending normally does;
+    one that crashed or never got to serve does not. Then _exit: nothing of the manager's runs."""
     code = EXIT_CRASH
     try:
-        code = Worker(spec).run()
+        worker = Worker(spec)
+        code = worker.run()
+        if code == EXIT_OK and worker.accepting:
+            atexit._run_exitfuncs()  # noqa: SLF001 - what interpreter exit runs; errors printed
     except BaseException:  # noqa: BLE001 - the last resort before _exit
         log.critical("worker crashed", exc_info=True)
     finally:
+        _flush_output()
         logging.shutdown()
     os._exit(code)
+
+
+def _flush_output() -> None:
+    """What the application printed and Python still buffers (stdout to a file or a pipe is
+    block-buffered without PYTHONUNBUFFERED): _exit skips the flush, and it was lost."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            if stream is not None:
+                stream.flush()
+        except (OSError, ValueError) as exc:  # closed, or its reader gone
+            log.debug("cannot flush %s: %s", getattr(stream, "name", stream), exc)
 
 
 class Worker:
@@ -727,6 +747,7 @@ def _not_for_workers(signum: int, frame: object) -> None:
 
 
 def _exit_now(signum: int, frame: object) -> None:
+    _flush_output()
     os._exit(EXIT_OK)
 
 
