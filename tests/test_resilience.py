@@ -19,7 +19,7 @@ import pytest
 from daemon import APPS, alive, tcp_sockets, wait_for
 from fcgiclient import FCGI_END_REQUEST, ConnectionClosed, FCGIClient, build_request, make_params, take_records
 from load import FCGIChecker, run_load
-from test_lifecycle import app_copy, get
+from test_lifecycle import app_copy, get, proc_title
 
 BROKEN = {
     "syntax-error": "def application(environ, start_response)\n    return []\n",
@@ -96,6 +96,22 @@ def test_slow_request_is_logged_and_completes(start_daemon):
     assert d.count(r"slow request: worker \d+ busy 0\.\ds on GET /sleep; stack follows") == 1
     d.wait_log(r'File ".*testapp\.py", line \d+ in application')
     assert d.workers() == pid  # logged, not killed
+
+
+def test_an_applications_own_sigusr1_handler_does_not_silence_the_stack_dump(start_daemon, tmp_path):
+    """An application that takes SIGUSR1 at import (a log-reopen hook, as under uWSGI or
+    gunicorn) replaced the worker's stack dump: --slow-log and --timeout said "stack follows"
+    and none came. The worker's is put back, with a warning, as for its stop signals."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "usr1app.py").write_text("import signal\nsignal.signal(signal.SIGUSR1, lambda *a: None)\n"
+                                    "from testapp import application  # noqa: E402,F401\n")
+    d = start_daemon("usr1app", "--slow-log", "0.5", workers=1, pythonpath=[src, APPS])
+    resp = get(d.address, "/sleep?s=1.5", timeout=10)
+    assert resp.status == 200
+    assert d.count(r"the application set its own SIGUSR1 handler on import; the worker's is put back") == 1
+    assert d.count(r"slow request: worker \d+ busy 0\.\ds on GET /sleep; stack follows") == 1
+    d.wait_log(r'File ".*testapp\.py", line \d+ in application', timeout=5)
 
 
 def test_max_requests_recycles_without_losing_capacity(start_daemon):
@@ -344,6 +360,44 @@ def test_a_worker_leaving_runs_the_atexit_handlers_and_flushes_what_was_printed(
     print(f"\natexit ran in {ran} (workers {first} then {second}); {printed} of {len(served)} printed lines kept")
     assert ran == sorted(first + second)
     assert printed == len(served)
+
+
+@pytest.mark.parametrize("how", ["blocked-at-import", "handler-set-while-serving"])
+def test_a_graceful_stop_does_not_depend_on_the_workers_sigterm(start_daemon, tmp_path, how):
+    """The application blocks SIGTERM at import (a library keeping it for a sigwait() thread),
+    or sets its own SIGTERM handler (sys.exit) on its first request. A graceful stop was a
+    SIGTERM to each worker: blocked, the worker served on through the stop and was killed at
+    --graceful-timeout in the middle of a request; taken, the request in flight was answered
+    500 and the stop took --graceful-timeout. Now a ready worker is stopped by a message on
+    its channel, and a handler set while serving is replaced (with a warning) as at import."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "sigapp.py").write_text(
+        "import os, signal, sys, time\n"
+        + ("signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})\n" if how == "blocked-at-import" else "")
+        + "def application(environ, start_response):\n"
+        + ("    signal.signal(signal.SIGTERM, lambda *a: sys.exit(0))\n" if how != "blocked-at-import" else "")
+        + "    time.sleep(float(environ.get('QUERY_STRING') or 0))\n"
+          "    start_response('200 OK', [('Content-Type', 'text/plain')])\n"
+          "    return [str(os.getpid()).encode()]\n")
+    d = start_daemon("sigapp", "--graceful-timeout", "8", workers=1, pythonpath=[src])
+    (pid,) = d.wait_workers(1)
+    assert int(get(d.address, "/").body) == pid
+    out: dict = {}
+    slow = threading.Thread(target=lambda: out.update(r=get(d.address, "/?1.5", timeout=15)))
+    slow.start()
+    wait_for(lambda: "busy" in proc_title(pid), 5, "the worker busy")
+    t0 = time.monotonic()
+    d.signal(signal.SIGTERM)
+    code = d.wait_exit(15)
+    took = time.monotonic() - t0
+    slow.join(15)
+    print(f"\n{how}: exit {code} after {took:.2f}s; in flight: {out['r'].status} {out['r'].body!r}")
+    assert code == 0 and took < 5
+    assert (out["r"].status, out["r"].body) == (200, str(pid).encode())
+    assert d.count(r"did not stop in time|killing it") == 0
+    if how != "blocked-at-import":
+        assert d.count(r"the application set its own SIGTERM handler while serving; the worker's is put back") >= 1
 
 
 def test_a_program_the_application_runs_does_not_get_the_listening_socket(start_daemon):

@@ -256,8 +256,10 @@ class Manager(supervise.Supervision, control.ControlCommands, upgrade.Upgrading,
         for rec in list(self.workers.values()):
             if back and rec.state is WState.READY:
                 self._retire(rec)  # its kept connections go back (_pass_on), not closed
+            elif graceful:
+                self._stop_worker(rec)
             else:
-                self._kill(rec, signal.SIGTERM if graceful else signal.SIGQUIT)
+                self._kill(rec, signal.SIGQUIT)
         self._answer_waiters(None, {"ok": False, "message": "the manager is stopping"})
         self._unpark()  # stopping gracefully: to a worker still finishing; quitting: closed
         self._title()
@@ -364,6 +366,19 @@ class Manager(supervise.Supervision, control.ControlCommands, upgrade.Upgrading,
             self._kill(rec, signal.SIGTERM)  # own SIGTERM handler may swallow the signal)
         try:
             rec.channel.send(worker.MSG_RETIRE)
+        except OSError:
+            self._kill(rec, signal.SIGTERM)
+
+    def _stop_worker(self, rec: WorkerRecord) -> None:
+        """A graceful stop: a message, read between requests. SIGTERM only to one still
+        importing (it leaves at once) or when the message cannot go: an application may block
+        the signal (the worker served on through the stop, then was killed mid-request at
+        --graceful-timeout) or take it with a handler set while serving (its request was
+        answered 500, and the stop took --graceful-timeout)."""
+        if rec.state is WState.STARTING:
+            self._kill(rec, signal.SIGTERM)
+        try:
+            rec.channel.send(worker.MSG_STOP)
         except OSError:
             self._kill(rec, signal.SIGTERM)
 

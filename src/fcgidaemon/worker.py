@@ -56,6 +56,7 @@ MSG_IMPORT_FAILED = b"import-failed"
 MSG_HANDOFF = b"handoff"
 MSG_ADOPT = b"adopt"
 MSG_RETIRE = b"retire"
+MSG_STOP = b"stop"  # a graceful stop, as SIGTERM, which the application may block or take over
 MSG_QUOTA = b"quota"  # --max-requests reached: please start my replacement
 MSG_EXIT_ASKED = b"exit-asked"  # the application raised SystemExit: the same, for that reason
 MSG_STDLIB = b"stdlib"  # "stdlib\nNAME\nNAME...": standard-library modules we imported (--share-stdlib)
@@ -251,17 +252,21 @@ class Worker:
         if self.spec.sigmask is not None:
             signal.pthread_sigmask(signal.SIG_SETMASK, self.spec.sigmask)
 
-    def _keep_signals(self) -> None:
+    def _keep_signals(self, when: str = "on import") -> None:
         """An application that set its own handler for a stop signal at import (for its own
         cleanup) took it from us: SIGTERM no longer let the request in flight finish, and a
         reload's retiring worker never left. Ours are put back, and that is said."""
         ours = {signal.SIGTERM: self._on_stop_signal, signal.SIGHUP: self._on_stop_signal,
-                signal.SIGINT: _exit_now, signal.SIGQUIT: _exit_now}
+                signal.SIGINT: _exit_now, signal.SIGQUIT: _exit_now,
+                signal.SIGUSR1: signal.SIG_DFL}  # the stack dump's (faulthandler, below Python)
         for signum, handler in ours.items():
             if signal.getsignal(signum) != handler:
-                log.warning("the application set its own %s handler on import; the worker's is "
-                            "put back (use atexit for cleanup)", signal.Signals(signum).name)
+                log.warning("the application set its own %s handler %s; the worker's is put "
+                            "back (use atexit for cleanup)", signal.Signals(signum).name, when)
                 signal.signal(signum, handler)
+                if signum == signal.SIGUSR1:  # taken, --slow-log and --timeout dumped nothing
+                    faulthandler.unregister(signal.SIGUSR1)  # (register alone keeps its old state)
+                    faulthandler.register(signal.SIGUSR1, file=sys.stderr, all_threads=True, chain=False)
 
     def _on_stop_signal(self, signum: int, frame: object) -> None:
         # only records: a request in progress finishes first. Before the listeners are watched
@@ -284,8 +289,9 @@ class Worker:
             return False
         except OSError:  # the manager is gone: the loop's check of the parent ends us
             return False
-        if msg == MSG_RETIRE:
-            log.info("retired before it was ready; leaving without serving")
+        if msg in (MSG_RETIRE, MSG_STOP):
+            log.info("%s before it was ready; leaving without serving",
+                     "retired" if msg == MSG_RETIRE else "stopped")
             return True
         return False
 
@@ -584,6 +590,8 @@ class Worker:
         elif msg == MSG_RETIRE:
             self._report_stdlib()  # what serving made us import: the next generation shares it
             self._begin_stop(StopMode.HANDOFF)
+        elif msg == MSG_STOP:
+            self._closing()
         elif msg.startswith(MSG_BALANCE + b" ") and msg[len(MSG_BALANCE) + 1:].isdigit():
             self._give_back(int(msg[len(MSG_BALANCE) + 1:]))
         else:
@@ -734,6 +742,7 @@ class Worker:
                 self._drop(conn)
         if self.access_log is not None:
             self.access_log.reopen_if_moved()
+        self._keep_signals("while serving")  # as at import
         if os.getppid() != self.spec.manager_pid and self.stop_mode is StopMode.NONE:
             log.warning("manager %d is gone; stopping", self.spec.manager_pid)
             self._closing()
