@@ -3,7 +3,7 @@
 They sit in front of the application as a small WSGI layer, so they work through
 any front end that forwards the path, and the application is never called for
 them.  Formats: plain text (default), ``?json``, ``?full`` (one block per
-worker) and ``?openmetrics`` (Prometheus/OpenMetrics, rendered by prometheus_client).
+worker) and ``?openmetrics`` (Prometheus/OpenMetrics text).
 """
 
 from __future__ import annotations
@@ -114,48 +114,48 @@ SCALARS = (
 
 
 def render_openmetrics(snap: dict[str, Any]) -> bytes:
-    from prometheus_client.core import (CollectorRegistry, CounterMetricFamily, GaugeMetricFamily,
-                                        HistogramMetricFamily)
-    from prometheus_client.openmetrics.exposition import generate_latest
-
-    class Collector:
-        def collect(self) -> Iterable[Any]:
-            for kind, name, text, key in SCALARS:
-                family = CounterMetricFamily if kind == "counter" else GaugeMetricFamily
-                yield family(name, text, value=snap[key])
-            workers = GaugeMetricFamily("fcgidaemon_workers", "Worker processes by state",
-                                        labels=["state"])
-            for state, count in snap["workers"].items():
-                workers.add_metric([state], count)
-            yield workers
-            reloads = CounterMetricFamily("fcgidaemon_reloads", "Reloads by result", labels=["result"])
-            reloads.add_metric(["ok"], snap["reloads_ok"])
-            reloads.add_metric(["failed"], snap["reloads_failed"])
-            yield reloads
-            yield _histogram(HistogramMetricFamily, snap)
-            busy = GaugeMetricFamily("fcgidaemon_worker_request_age_seconds",
-                                     "Age of the request each busy worker serves", labels=["pid"])
-            rss = GaugeMetricFamily("fcgidaemon_worker_rss_bytes", "Resident memory per worker",
-                                    labels=["pid"])
-            for proc in snap["processes"]:
-                rss.add_metric([str(proc["pid"])], proc["rss"])
-                if proc["state"] == "busy":
-                    busy.add_metric([str(proc["pid"])], proc["request_age"])
-            yield busy
-            yield rss
-
-    registry = CollectorRegistry(auto_describe=False)
-    registry.register(Collector())  # type: ignore[arg-type]
-    return generate_latest(registry)
-
-
-def _histogram(family: Any, snap: dict[str, Any]) -> Any:
-    running, buckets = 0, []
+    """The OpenMetrics text format (what Prometheus scrapes), written here: a few lines of
+    text did not need a fourth dependency (the design card names three); the tests check it
+    with prometheus_client's own parser."""
+    out: list[str] = []
+    for kind, name, text, key in SCALARS:
+        _family(out, name, kind, text, [((), snap[key])])
+    _family(out, "fcgidaemon_workers", "gauge", "Worker processes by state",
+            [((("state", state),), count) for state, count in snap["workers"].items()])
+    _family(out, "fcgidaemon_reloads", "counter", "Reloads by result",
+            [((("result", "ok"),), snap["reloads_ok"]), ((("result", "failed"),), snap["reloads_failed"])])
+    name = "fcgidaemon_request_duration_seconds"
+    out += [f"# TYPE {name} histogram", f"# HELP {name} Request duration"]
+    running = 0
     for bound, count in snap["duration_histogram"].items():
         running += count
-        buckets.append((bound, running))
-    return family("fcgidaemon_request_duration_seconds", "Request duration", buckets=buckets,
-                  sum_value=snap["duration_sum"])
+        out.append(f'{name}_bucket{{le="{_escape(str(bound))}"}} {running}')
+    out += [f"{name}_count {running}", f"{name}_sum {_number(snap['duration_sum'])}"]
+    procs = snap["processes"]
+    _family(out, "fcgidaemon_worker_request_age_seconds", "gauge",
+            "Age of the request each busy worker serves",
+            [((("pid", str(p["pid"])),), p["request_age"]) for p in procs if p["state"] == "busy"])
+    _family(out, "fcgidaemon_worker_rss_bytes", "gauge", "Resident memory per worker",
+            [((("pid", str(p["pid"])),), p["rss"]) for p in procs])
+    out.append("# EOF")
+    return ("\n".join(out) + "\n").encode()
+
+
+def _family(out: list[str], name: str, kind: str, text: str,
+            samples: list[tuple[tuple[tuple[str, str], ...], float]]) -> None:
+    out += [f"# TYPE {name} {kind}", f"# HELP {name} {_escape(text)}"]
+    suffix = "_total" if kind == "counter" else ""
+    for labels, value in samples:
+        shown = "{" + ",".join(f'{k}="{_escape(v)}"' for k, v in labels) + "}" if labels else ""
+        out.append(f"{name}{suffix}{shown} {_number(value)}")
+
+
+def _escape(text: str) -> str:
+    return text.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def _number(value: float) -> str:
+    return repr(float(value)) if isinstance(value, float) else str(int(value))
 
 
 def middleware(app: WSGIApp, board: Scoreboard, app_name: str, status_path: str | None,
