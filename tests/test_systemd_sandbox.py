@@ -26,7 +26,7 @@ pytestmark = pytest.mark.skipif(unavailable_reason() is not None, reason=unavail
 SERVICE = "fcgidaemon.service"
 SOCKET = "fcgidaemon.socket"
 TCP = "127.0.0.1:9005"
-ENV_FILE = "FCGIDAEMON_APP=liveapp\nPYTHONPATH=/xchg/app\nFCGIDAEMON_WORKERS=2\n"
+ENV_FILE = "FCGIDAEMON_APP=liveapp\nFCGIDAEMON_PYTHONPATH=/xchg/app\nFCGIDAEMON_WORKERS=2\n"
 SOCKET_DROPIN = "/etc/systemd/system/fcgidaemon.socket.d/10-test-unix.conf"
 WATCHDOG_DROPIN = "/etc/systemd/system/fcgidaemon.service.d/20-test-watchdog.conf"
 
