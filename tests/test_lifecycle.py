@@ -995,17 +995,22 @@ def _switch(root: Path, name: str) -> None:
     tmp.rename(root / "current")
 
 
-def test_a_symlink_switched_during_an_import_gives_no_worker_two_releases(start_daemon, tmp_path):
+@pytest.mark.parametrize("named_by", ["--pythonpath", "PYTHONPATH"])
+def test_a_symlink_switched_during_an_import_gives_no_worker_two_releases(start_daemon, tmp_path, named_by):
     """The README's deploy: new release directory, switch the `current` symlink, SIGHUP. A switch
     while workers import (the reload of the release before, a respawn) gave a worker modules
     of two releases: --pythonpath current was resolved at each import (the soak: 98 mixed
-    responses in 7 of 8 runs). Each worker now resolves it once, before its import."""
+    responses in 7 of 8 runs). Each worker now resolves it once, before its import; the same
+    directory in PYTHONPATH (as the example units had it) too."""
     root = tmp_path / "deploy"
     _release(root, "r1")
     _release(root, "r2", import_delay=1.0)  # relapp imported, then 1 s, then relhelper
     _release(root, "r3")
     _switch(root, "r1")
-    d = start_daemon("relapp", workers=2, pythonpath=[root / "current"])
+    if named_by == "PYTHONPATH":
+        d = start_daemon("relapp", workers=2, env={"PYTHONPATH": str(root / "current")})
+    else:
+        d = start_daemon("relapp", workers=2, pythonpath=[root / "current"])
     d.wait_workers(2)
     _switch(root, "r2")
     d.signal(signal.SIGHUP)

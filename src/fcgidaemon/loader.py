@@ -46,6 +46,11 @@ def setup_paths(chdir: str | None, pythonpath: Iterable[str]) -> None:
         if path not in sys.path:
             sys.path.insert(0, path)
             _ENTRIES.append(path)
+    # PYTHONPATH's entries too: the same symlinked release directory, named there instead
+    # (as the example units once did), was looked up again at every import
+    for entry in os.environ.get("PYTHONPATH", "").split(os.pathsep):
+        if os.path.isabs(entry) and entry in sys.path and entry not in _ENTRIES:
+            _ENTRIES.append(entry)
     # like `python -m`, the working directory is importable
     if "" not in sys.path and os.getcwd() not in sys.path:
         _CWD_ENTRY = os.getcwd()
@@ -53,8 +58,8 @@ def setup_paths(chdir: str | None, pythonpath: Iterable[str]) -> None:
 
 
 def pin_release() -> None:
-    """In a worker, before it imports the application: each --pythonpath entry (and --chdir)
-    resolved now, once. Deploys switch a symlink to a new release directory; left unresolved,
+    """In a worker, before it imports the application: each --pythonpath and PYTHONPATH entry
+    (and --chdir) resolved now, once. Deploys switch a symlink to a new release directory; left unresolved,
     every import resolved it anew, and a switch during a worker's import gave it modules of two
     releases (the soak: 98 mixed responses in 7 of 8 runs). And --chdir, done once in the
     manager, kept every worker in the release the daemon started with: a reload redeployed the
