@@ -129,6 +129,38 @@ def test_a_unix_socket_path_too_long_says_why(tmp_path):
     assert (out.returncode, out.stderr) == (2, f"fcgidaemon: --bind unix:{path}: AF_UNIX path too long\n")
 
 
+def test_a_listening_socket_passed_as_stdin_is_served(tmp_path):
+    """FCGI_LISTENSOCK_FILENO: a spawner (mod_fcgid, spawn-fcgi, `cgi-fcgi -start`) passes the
+    listening socket as the application's stdin. It was ignored: the daemon bound --bind, and
+    the spawner's address took connections nobody served (cgi-fcgi timed out). Now that socket
+    is served (checked with cgi-fcgi, the reference client) and --bind is not bound."""
+    unused = free_port()
+    log_path = tmp_path / "daemon.log"
+    with socket.create_server(("127.0.0.1", 0)) as listener, open(log_path, "wb") as log:
+        port = listener.getsockname()[1]
+        proc = subprocess.Popen([sys.executable, "-m", "fcgidaemon", "testapp", "--pythonpath", str(APPS),
+                                 "--workers", "1", "--bind", f"127.0.0.1:{unused}"],
+                                stdin=listener.fileno(), stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True, cwd=tmp_path)
+    try:
+        wait_for(lambda: "generation 1 serving" in log_path.read_text(), 15, "the daemon serving")
+        env = {"REQUEST_METHOD": "GET", "SCRIPT_NAME": "", "PATH_INFO": "/hello", "REQUEST_URI": "/hello",
+               "SERVER_NAME": "localhost", "SERVER_PORT": "80", "SERVER_PROTOCOL": "HTTP/1.1",
+               "PATH": os.environ.get("PATH", "")}
+        out = subprocess.run(["cgi-fcgi", "-bind", "-connect", f"127.0.0.1:{port}"], env=env,
+                             capture_output=True, timeout=10)
+        with socket.socket() as probe:
+            refused = probe.connect_ex(("127.0.0.1", unused)) != 0
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(15)
+    print(f"\ncgi-fcgi: exit {out.returncode}, {out.stdout[:60]!r}; --bind port refused: {refused}")
+    assert out.returncode == 0 and out.stdout.startswith(b"Status: 200 OK\r\n"), out
+    assert b"\r\n\r\nhello v1 " in out.stdout
+    assert refused
+    assert "listening socket passed as stdin (FCGI_LISTENSOCK_FILENO)" in log_path.read_text()
+
+
 def test_an_option_given_twice_in_the_config_file_is_refused(tmp_path):
     """The file may spell a key with - or _, and `graceful-timeout = 5` with `graceful_timeout
     = 50` silently gave 50: TOML itself refuses a repeated key, and so must we."""

@@ -56,7 +56,7 @@ def open_listeners(config: Config, owned_paths: set[str] = frozenset()) -> list[
     sockets never are.
     """
     inherited = inherited_sockets()
-    passed = inherited or systemd.listen_sockets()
+    passed = inherited or systemd.listen_sockets() or listening_stdin()
     if passed:
         listeners = [validate_passed(sock) for sock in passed]
         for lst in listeners:
@@ -84,6 +84,30 @@ def _binds(lst: Listener, address: Address) -> bool:
 def inherited_sockets() -> list[socket.socket]:
     text = os.environ.pop(INHERIT_ENV, "")
     return [socket.socket(fileno=int(fd)) for fd in text.split(",") if fd.strip()]
+
+
+def listening_stdin() -> list[socket.socket]:
+    """FCGI_LISTENSOCK_FILENO (FastCGI spec 2.2): a web server or spawner that starts a FastCGI
+    application (mod_fcgid, spawn-fcgi, `cgi-fcgi -start`) passes the listening socket as its
+    stdin. It was ignored: the daemon bound --bind instead, and the spawner's address took
+    connections that nobody served. Taken on a descriptor of its own; stdin is /dev/null then."""
+    try:
+        sock = socket.socket(fileno=os.dup(0))  # ENOTSOCK (or EBADF) for any ordinary stdin
+    except OSError:
+        return []
+    try:
+        listening = (sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
+                     and sock.getsockopt(socket.SOL_SOCKET, socket.SO_TYPE) == socket.SOCK_STREAM)
+    except OSError:
+        listening = False
+    if not listening:
+        sock.close()
+        return []
+    null = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(null, 0)
+    os.close(null)
+    log.info("listening socket passed as stdin (FCGI_LISTENSOCK_FILENO): serving it, not --bind")
+    return [sock]
 
 
 def validate_passed(sock: socket.socket) -> Listener:
