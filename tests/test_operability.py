@@ -16,7 +16,7 @@ from daemon import free_port, run_cli, wait_for
 from fcgiclient import (FCGI_ABORT_REQUEST, FCGI_BEGIN_REQUEST, FCGI_END_REQUEST, FCGI_KEEP_CONN,
                         FCGIClient, build_request, encode_record, make_params)
 from load import FCGIChecker, run_load
-from test_lifecycle import app_copy, get
+from test_lifecycle import app_copy, get, proc_title
 
 STATUS = ("--status-path", "/fcgi-status", "--ping-path", "/fcgi-ping")
 
@@ -219,6 +219,36 @@ def test_listen_backlog_is_the_kernels(start_daemon):
     somaxconn = int(open("/proc/sys/net/core/somaxconn").read())
     d = start_daemon("testapp", *STATUS, "--backlog", str(somaxconn * 4), workers=1)
     wait_for(lambda: status_json(d)["listen_backlog"] == somaxconn, 5, "the kernel's backlog")
+
+
+def test_the_default_listen_queue_holds_a_burst(start_daemon, tmp_path):
+    """300 connections arrive at once on a unix socket while the only worker is busy: they wait
+    in the listen queue. The default queue was 100, and a unix socket refuses a connection to a
+    full queue at once (EAGAIN: nginx answered 502 to 195 of 300 such requests); now 1024."""
+    path = tmp_path / "d.sock"
+    d = start_daemon("testapp", *STATUS, workers=1, bind=f"unix:{path}")
+    d.wait_workers(1)
+    somaxconn = int(open("/proc/sys/net/core/somaxconn").read())
+    busy = threading.Thread(target=lambda: get(str(path), "/sleep?s=2", timeout=10))
+    busy.start()
+    socks, refused = [], 0
+    try:
+        wait_for(lambda: "busy" in proc_title(d.workers()[0]), 5, "the worker busy")
+        for _ in range(300):
+            sock = socket.socket(socket.AF_UNIX)
+            sock.setblocking(False)
+            socks.append(sock)
+            try:
+                sock.connect(str(path))
+            except BlockingIOError:
+                refused += 1
+    finally:
+        for sock in socks:
+            sock.close()
+        busy.join(10)
+    backlog = status_json(d)["listen_backlog"]
+    print(f"\n300 connections, {refused} refused; listen backlog {backlog}")
+    assert backlog == min(1024, somaxconn) and refused == 0
 
 
 def test_dynamic_workers_grow_to_max_and_shrink_back(start_daemon, tmp_path):

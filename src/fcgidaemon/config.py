@@ -292,8 +292,10 @@ OPTIONS: tuple[Option, ...] = (
     Option("bind", "--bind", "FCGI_SOCKET_PATH", "127.0.0.1:9005", parse_bind,
            "listen address: `HOST:PORT`, `:PORT` (all IPv4), `[::1]:PORT`, a name (every address "
            "it resolves to), `/path.sock` or `unix:/path`; ignored when systemd passes sockets", "ADDR"),
-    Option("backlog", "--backlog", "FCGI_LISTEN_QUEUE", "100", parse_int_min(1, MAX_C_INT),
-           "listen queue length", "N"),
+    Option("backlog", "--backlog", "FCGI_LISTEN_QUEUE", "1024", parse_int_min(1, MAX_C_INT),
+           "listen queue length (the kernel caps it at net.core.somaxconn): connections beyond "
+           "the busy workers wait there; a full queue refuses them (a unix socket at once: "
+           "nginx 502)", "N"),
     Option("workers", "--workers", "FCGIDAEMON_WORKERS", "4", parse_int_min(1, MAX_WORKERS),
            f"number of worker processes (at most {MAX_WORKERS})", "N"),
     Option("preload", "--preload", "FCGIDAEMON_PRELOAD", "", parse_list,
