@@ -661,7 +661,7 @@ def test_connections_taken_back_with_no_worker_ready_wait_for_the_next_one(start
         os.kill(a, signal.SIGKILL)  # together: replacements take longer to be ready than this
         os.kill(b, signal.SIGKILL)  # (reaped B first, A looked ready: they went to A's channel,
         # and were taken back from it in turn)
-        d.wait_log(r"no ready worker to take \d+ connection\(s\); holding them until one is ready")
+        d.wait_log(r"no ready worker \(with descriptors to spare\) to take \d+ connection\(s\); holding them until one is ready")
         taken = _taken_back(d, b)
         survivors = []
         for i, client in enumerate(clients):

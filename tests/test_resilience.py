@@ -484,6 +484,37 @@ def test_out_of_descriptors_pauses_accepting_instead_of_spinning(start_daemon):
     assert d.workers() == [pid]
 
 
+def test_a_worker_at_its_descriptor_limit_neither_holds_nor_receives_connections(start_daemon):
+    """Worker B is at its descriptor limit (an application leaking files); A is idle. Kept
+    connections arrive one at a time (a web server filling its pool). A takes the first and
+    goes to the back of the listener's wake-up queue, so the next wake-up came to B alone: its
+    accept failed, it paused, and the connection waited while A idled (no answer in 8 s). Then
+    the balancer saw B idle and holding none, and passed it A's kept connections: the kernel
+    dropped them on receipt (9 of 10 lost with their next request). Now B passes such a
+    connection on through the manager (a spare descriptor makes room to take it), and the
+    manager never passes connections to a worker without room for them."""
+    d = start_daemon("testapp", workers=2)
+    workers = d.wait_workers(2)
+    leaking = FCGIClient(d.address, timeout=5)  # kept open: closed, it would free a number
+    b = int(leaking.request(make_params("GET", "/exhaust-fds"), keep_conn=True).body.split()[0][4:])
+    (a,) = set(workers) - {b}
+    clients = [FCGIClient(d.address, timeout=5) for _ in range(6)]
+    try:
+        first = [c.request(make_params("GET", f"/id?id=k{i}"), keep_conn=True) for i, c in enumerate(clients)]
+        time.sleep(2)  # the measured interval: four turns of the balancer, which would move 3
+        then = [c.request(make_params("GET", f"/id?id=n{i}"), keep_conn=True) for i, c in enumerate(clients)]
+    finally:
+        for c in clients + [leaking]:
+            c.close()
+    pids = [int(r.body.split(b"pid=")[1]) for r in first + then]
+    print(f"\nB = {b} at its limit; served by {pids}; passed on by B: "
+          f"{d.count('at the descriptor limit: a new connection passed on')}")
+    assert [r.body.split()[0] for r in then] == [f"id=n{i}".encode() for i in range(6)]
+    assert set(pids) == {a}
+    assert d.count(r"at the descriptor limit: a new connection passed on to the manager") >= 1
+    assert d.count(r"lost on receipt") == 0
+
+
 def cpu_ticks(pid: int) -> int:
     with open(f"/proc/{pid}/stat") as fh:
         fields = fh.read().rsplit(")", 1)[1].split()

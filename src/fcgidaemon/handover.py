@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import os
+import resource
 import socket
 import time
 from typing import TYPE_CHECKING
@@ -33,6 +34,8 @@ if TYPE_CHECKING:
     from .manager import Manager
 
 log = logging.getLogger("fcgidaemon")
+
+ROOM_UNKNOWN = 1 << 30  # room of a worker whose limit we cannot read
 
 
 class HandOver:
@@ -55,7 +58,7 @@ class HandOver:
         if other is not None:
             self._pass_to_manager(other, fds)
             return
-        target = self._taker(source)
+        target = self._taker(source, len(fds))
         if target is None and self.phase not in ENDING:
             self._park(fds)
             return
@@ -103,12 +106,13 @@ class HandOver:
         finally:
             close_all(fds)
 
-    def _taker(self: "Manager", source: WorkerRecord | None) -> WorkerRecord | None:
+    def _taker(self: "Manager", source: WorkerRecord | None, need: int = 1) -> WorkerRecord | None:
         """A ready worker of the serving generation other than `source`; else `source` itself
         (a balance hand-back that found no other worker ready: back to the one that sent
         them). Stopping gracefully, else any worker still finishing (one of a generation a
         reload retired included): each serves what waits on what it takes in before it
-        leaves, and one that leaves first has them taken back. Quitting: none."""
+        leaves, and one that leaves first has them taken back. Quitting: none. Never one
+        without room for `need` more descriptors (`_room`)."""
         if self.phase is Phase.QUITTING:
             return None
         ready = [w for w in self.workers.values()
@@ -119,7 +123,24 @@ class HandOver:
             targets = [w for w in finishing if w is not source] or finishing
         elif not targets and any(w is source for w in ready) and self.phase not in ENDING:
             targets = [source]  # type: ignore[list-item] - found among `ready`: not None
-        return min(targets, key=self._load) if targets else None
+        for rec in sorted(targets, key=self._load):
+            if self._room(rec) >= need:
+                return rec
+        return None
+
+    @staticmethod
+    def _room(rec: WorkerRecord) -> int:
+        """How many more descriptors worker `rec` may open (its RLIMIT_NOFILE less those it
+        has). Connections passed to a worker at its limit were dropped by the kernel as the
+        message arrived (MSG_CTRUNC): the balancer, seeing an idle worker holding few (one
+        that could not accept for want of descriptors), passed it 9 of 10 kept connections,
+        each lost with its next request. Unknown (no permission): taken as room enough."""
+        try:
+            limit = resource.prlimit(rec.pid, resource.RLIMIT_NOFILE)[0]
+            used = len(os.listdir(f"/proc/{rec.pid}/fd"))
+        except OSError:
+            return ROOM_UNKNOWN
+        return ROOM_UNKNOWN if limit == resource.RLIM_INFINITY else limit - used
 
     def _load(self: "Manager", rec: WorkerRecord) -> tuple[bool, int, int, float]:
         """One reading its channel before one that is not (`_stuck`), idle before busy (a busy
@@ -180,7 +201,8 @@ class HandOver:
         for fd in fds:  # received without MSG_CMSG_CLOEXEC: an upgrade's exec would keep them
             os.set_inheritable(fd, False)
         self.parked += [(fd, now) for fd in fds]
-        log.warning("no ready worker to take %d connection(s); holding them until one is ready",
+        log.warning("no ready worker (with descriptors to spare) to take %d connection(s); "
+                    "holding them until one is ready",
                     len(fds))
 
     def _unpark(self: "Manager") -> None:

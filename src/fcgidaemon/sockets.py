@@ -261,9 +261,12 @@ def recv_fds(sock: socket.socket, bufsize: int, maxfds: int) -> tuple[bytes, lis
     held the connection open after the worker had closed it, and the web server's next
     request on it waited for an answer that could not come. Accepted ones never were."""
     fds = array.array("i")
-    msg, ancdata, _, _ = sock.recvmsg(bufsize, socket.CMSG_LEN(maxfds * fds.itemsize),
-                                      socket.MSG_CMSG_CLOEXEC)
+    msg, ancdata, flags, _ = sock.recvmsg(bufsize, socket.CMSG_LEN(maxfds * fds.itemsize),
+                                          socket.MSG_CMSG_CLOEXEC)
     for level, kind, data in ancdata:
         if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
             fds.frombytes(data[:len(data) - len(data) % fds.itemsize])
+    if flags & socket.MSG_CTRUNC:  # the kernel closed what it could not give us
+        log.error("descriptors sent with a message were lost on receipt (%d received): no "
+                  "room for them (the descriptor limit?)", len(fds))
     return msg, list(fds)

@@ -150,7 +150,8 @@ class Supervision:
         most = max(serving, key=lambda w: held[w.pid])
         # only towards an idle worker: a connection given to one stuck in a long request waits
         # behind it (7 of 7 did, 5 s each, while the other worker idled)
-        takers = [held[w.pid] + w.adopting for w in serving if w is not most and w.pid in idle]
+        takers = [held[w.pid] + w.adopting for w in serving if w is not most and w.pid in idle
+                  and self._room(w) > 0]  # (/proc reads: only for an idle one)
         lead = held[most.pid] - min(takers, default=held[most.pid])
         if lead < 2 or now - most.balance_asked < BALANCE_PAUSE:
             return

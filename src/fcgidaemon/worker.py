@@ -137,6 +137,9 @@ class Worker:
         self.next_sweep = 0.0
         self.requests = 0
         self.replacement_asked = False  # MSG_QUOTA or MSG_EXIT_ASKED sent
+        # a descriptor kept in reserve, given up at the descriptor limit to take the connection
+        # whose wake-up came to us and pass it on (_hand_on)
+        self.spare: int | None = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
         self.since = 0.0  # when the request in progress started (scoreboard clock); 0: none
         self.epoll = select.epoll()
         self.listener_fds = {sock.fileno(): sock for sock in spec.listeners}
@@ -373,6 +376,8 @@ class Worker:
             return False  # another worker took it
         except OSError as exc:
             if exc.errno in OUT_OF_RESOURCES and listener.fileno() in self.listener_fds:
+                if exc.errno == errno.EMFILE:
+                    self._hand_on(listener)
                 self._pause(listener, exc)
             else:
                 log.warning("accept failed: %s", exc)
@@ -390,6 +395,34 @@ class Worker:
             if listener.fileno() in self.listener_fds:  # not when _wind_down takes a last one
                 self._requeue(listener)
         return True
+
+    def _hand_on(self, listener: socket.socket) -> None:
+        """At our descriptor limit (an application leaking files, or many kept connections):
+        the wake-up for the connection waiting came to us alone (EPOLLEXCLUSIVE), and paused,
+        we left it in the queue while another worker idled, until the next connection woke
+        one (8 s and more with one client). The spare descriptor, given up, makes room to take
+        it; it goes to the manager, which passes it to a worker with room or holds it until
+        one has; the spare is taken again."""
+        if self.spare is None or self.board.read_pool().target < 2:
+            return  # alone, it waits in the queue for our descriptors to free: no one else can
+        os.close(self.spare)
+        self.spare = None
+        try:
+            fd, _ = listener._accept()
+        except OSError:  # taken by another worker meanwhile, or no room after all
+            fd = None
+        if fd is not None:
+            try:
+                socket.send_fds(self.spec.channel, [MSG_HANDOFF], [fd])
+                log.info("at the descriptor limit: a new connection passed on to the manager")
+            except OSError as exc:
+                log.warning("at the descriptor limit, cannot pass a new connection on: %s", exc)
+            finally:
+                os.close(fd)
+        try:
+            self.spare = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as exc:  # taken again at the next sweep
+            log.debug("cannot take the spare descriptor again: %s", exc)
 
     def _pause(self, listener: socket.socket, exc: OSError) -> None:
         """accept() found no descriptor (or memory) for a connection: it stays in the kernel's
@@ -743,6 +776,11 @@ class Worker:
         if self.access_log is not None:
             self.access_log.reopen_if_moved()
         self._keep_signals("while serving")  # as at import
+        if self.spare is None:
+            try:
+                self.spare = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+            except OSError as exc:  # still at the limit
+                log.debug("cannot take the spare descriptor again: %s", exc)
         if os.getppid() != self.spec.manager_pid and self.stop_mode is StopMode.NONE:
             log.warning("manager %d is gone; stopping", self.spec.manager_pid)
             self._closing()

@@ -10,6 +10,7 @@ import time
 from urllib.parse import parse_qs
 
 VERSION = "v1"
+_LEAKED_FDS = []  # /exhaust-fds
 IMPORT_PID = os.getpid()
 
 
@@ -151,6 +152,16 @@ def application(environ, start_response):
             time.sleep(float(q.get("s", 5)))
             os._exit(0)
         return _text(start_response, f"child {child}".encode())
+    if path.endswith("/exhaust-fds"):  # an application leaking files up to its descriptor limit
+        import resource
+        hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+        resource.setrlimit(resource.RLIMIT_NOFILE, (len(os.listdir("/proc/self/fd")) + 8, hard))
+        try:
+            while True:  # every number below the limit taken, as a leak leaves it
+                _LEAKED_FDS.append(os.open(os.devnull, os.O_RDONLY))
+        except OSError:
+            pass
+        return _text(start_response, f"pid={os.getpid()} leaked {len(_LEAKED_FDS)}".encode())
     if path.endswith("/fork-return"):  # a child that comes back into the server's code
         child = os.fork()  # (a background job that forgot os._exit)
         if child == 0:
