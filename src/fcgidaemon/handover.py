@@ -197,10 +197,8 @@ class HandOver:
 
     def _park(self, fds: list[int]) -> None:
         """Hold connections no worker can take now (see `_unpark`, `_expire_parked`)."""
-        now = time.monotonic()
-        for fd in fds:  # received without MSG_CMSG_CLOEXEC: an upgrade's exec would keep them
-            os.set_inheritable(fd, False)
-        self.parked += [(fd, now) for fd in fds]
+        now = time.monotonic()  # (close-on-exec as received: sockets.recv_fds; and kept out of
+        self.parked += [(fd, now) for fd in fds]  # forked workers by their close list, _spawn)
         log.warning("no ready worker (with descriptors to spare) to take %d connection(s); "
                     "holding them until one is ready",
                     len(fds))

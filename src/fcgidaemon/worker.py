@@ -256,9 +256,11 @@ class Worker:
             signal.pthread_sigmask(signal.SIG_SETMASK, self.spec.sigmask)
 
     def _keep_signals(self, when: str = "on import") -> None:
-        """An application that set its own handler for a stop signal at import (for its own
-        cleanup) took it from us: SIGTERM no longer let the request in flight finish, and a
-        reload's retiring worker never left. Ours are put back, and that is said."""
+        """An application that set its own handler for a stop signal (for its own cleanup), at
+        import or later while it serves (the sweep looks again), took it from us: SIGTERM no
+        longer let the request in flight finish, and a reload's retiring worker never left; so
+        too SIGUSR1, the stack dump of --slow-log and --timeout. Ours are put back, and that
+        is said."""
         ours = {signal.SIGTERM: self._on_stop_signal, signal.SIGHUP: self._on_stop_signal,
                 signal.SIGINT: _exit_now, signal.SIGQUIT: _exit_now,
                 signal.SIGUSR1: signal.SIG_DFL}  # the stack dump's (faulthandler, below Python)
@@ -419,9 +421,12 @@ class Worker:
                 log.warning("at the descriptor limit, cannot pass a new connection on: %s", exc)
             finally:
                 os.close(fd)
+        self._take_spare()
+
+    def _take_spare(self) -> None:
         try:
             self.spare = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
-        except OSError as exc:  # taken again at the next sweep
+        except OSError as exc:  # still at the limit: tried again at the next sweep
             log.debug("cannot take the spare descriptor again: %s", exc)
 
     def _pause(self, listener: socket.socket, exc: OSError) -> None:
@@ -777,10 +782,7 @@ class Worker:
             self.access_log.reopen_if_moved()
         self._keep_signals("while serving")  # as at import
         if self.spare is None:
-            try:
-                self.spare = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
-            except OSError as exc:  # still at the limit
-                log.debug("cannot take the spare descriptor again: %s", exc)
+            self._take_spare()
         if os.getppid() != self.spec.manager_pid and self.stop_mode is StopMode.NONE:
             log.warning("manager %d is gone; stopping", self.spec.manager_pid)
             self._closing()
