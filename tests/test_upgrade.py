@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from daemon import APPS, alive, children, free_port, run_cli, wait_for
+from daemon import APPS, Daemon, alive, children, free_port, run_cli, wait_for
 from fcgiclient import FCGIClient, build_request, make_params
 from load import FCGIChecker, run_load
 from test_lifecycle import _wait_busy, app_copy, get, proc_title, set_version
@@ -319,10 +319,10 @@ def test_a_failed_upgrade_leaves_the_old_manager_its_unix_socket(start_daemon, t
     assert not path.exists()  # still the old manager's to remove
 
 
-def test_a_failed_upgrade_lets_the_new_managers_ready_workers_finish(start_daemon, tmp_path):
-    """The new manager's first worker is ready and serving from the shared socket when its
-    second fails to import: the new manager stops gracefully (it used to quick-stop, and the
-    requests its ready worker held died with it) and the old manager serves on."""
+def _upgrade_to_flaky_code(start_daemon, tmp_path: Path, fails_after: float) -> tuple[Daemon, list[int]]:
+    """Two workers of module `flaky`, then SIGUSR2 with new code that imports fine in the first
+    new worker and fails in the second after `fails_after` seconds: returns once the first new
+    worker is ready (serving beside the old ones); the daemon and the old workers' pids."""
     src = app_copy(tmp_path)
     flag, lock = tmp_path / "flaky.on", tmp_path / "flaky.lock"
     (src / "flaky.py").write_text(
@@ -331,7 +331,7 @@ def test_a_failed_upgrade_lets_the_new_managers_ready_workers_finish(start_daemo
         "    try:\n"
         f"        os.close(os.open({str(lock)!r}, os.O_CREAT | os.O_EXCL | os.O_WRONLY))\n"
         "    except FileExistsError:\n"
-        "        time.sleep(1.5)\n"
+        f"        time.sleep({fails_after})\n"
         "        raise RuntimeError('this worker failed to import')\n"
         "from liveapp import application  # noqa: E402,F401\n")
     d = start_daemon("flaky", workers=2, pythonpath=[src])
@@ -339,6 +339,14 @@ def test_a_failed_upgrade_lets_the_new_managers_ready_workers_finish(start_daemo
     flag.touch()
     d.signal(signal.SIGUSR2)
     d.wait_log(r"\[manager \d+ gen 2\] worker \d+ ready")
+    return d, old_workers
+
+
+def test_a_failed_upgrade_lets_the_new_managers_ready_workers_finish(start_daemon, tmp_path):
+    """The new manager's first worker is ready and serving from the shared socket when its
+    second fails to import: the new manager stops gracefully (it used to quick-stop, and the
+    requests its ready worker held died with it) and the old manager serves on."""
+    d, old_workers = _upgrade_to_flaky_code(start_daemon, tmp_path, fails_after=1.5)
     with FCGIChecker(d.address, keep_conn=False, uri_template="/id?id={uid}&sleep=0.2") as checker:
         result = run_load(checker, clients=6, duration=3)
     print(result.summary())
@@ -356,22 +364,7 @@ def test_a_failed_upgrade_hands_the_new_managers_kept_connections_back(start_dae
     enablereuse does not retry a request on a reused connection that closes: a 503 each). Now
     its workers hand them over and the new manager passes them to the old one, which serves
     on: the next request on each is answered, by an old worker."""
-    src = app_copy(tmp_path)
-    flag, lock = tmp_path / "flaky.on", tmp_path / "flaky.lock"
-    (src / "flaky.py").write_text(
-        "import os, time\n"
-        f"if os.path.exists({str(flag)!r}):\n"
-        "    try:\n"
-        f"        os.close(os.open({str(lock)!r}, os.O_CREAT | os.O_EXCL | os.O_WRONLY))\n"
-        "    except FileExistsError:\n"
-        "        time.sleep(2.5)\n"
-        "        raise RuntimeError('this worker failed to import')\n"
-        "from liveapp import application  # noqa: E402,F401\n")
-    d = start_daemon("flaky", workers=2, pythonpath=[src])
-    old_workers = d.wait_workers(2)
-    flag.touch()
-    d.signal(signal.SIGUSR2)
-    d.wait_log(r"\[manager \d+ gen 2\] worker \d+ ready")
+    d, old_workers = _upgrade_to_flaky_code(start_daemon, tmp_path, fails_after=2.5)
     slow = [threading.Thread(target=get, args=(d.address, "/sleep?s=3"), kwargs={"timeout": 20})
             for _ in old_workers]
     for thread in slow:
