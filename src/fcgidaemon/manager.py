@@ -362,12 +362,7 @@ class Manager(supervise.Supervision, control.ControlCommands, upgrade.Upgrading,
         starting = rec.state is WState.STARTING
         rec.move(WState.RETIRING)
         rec.deadline = time.monotonic() + self.config.graceful_timeout
-        if starting:  # and the message, which it reads before it accepts (an application's
-            self._kill(rec, signal.SIGTERM)  # own SIGTERM handler may swallow the signal)
-        try:
-            rec.channel.send(worker.MSG_RETIRE)
-        except OSError:
-            self._kill(rec, signal.SIGTERM)
+        self._tell(rec, worker.MSG_RETIRE, starting)
 
     def _stop_worker(self, rec: WorkerRecord) -> None:
         """A graceful stop: a message, read between requests. SIGTERM only to one still
@@ -375,10 +370,16 @@ class Manager(supervise.Supervision, control.ControlCommands, upgrade.Upgrading,
         the signal (the worker served on through the stop, then was killed mid-request at
         --graceful-timeout) or take it with a handler set while serving (its request was
         answered 500, and the stop took --graceful-timeout)."""
-        if rec.state is WState.STARTING:
+        self._tell(rec, worker.MSG_STOP, rec.state is WState.STARTING)
+
+    def _tell(self, rec: WorkerRecord, message: bytes, starting: bool) -> None:
+        """Send a worker a stop or retire message; SIGTERM as well to one still starting (it
+        reads the message only before it accepts, an application's own handler may swallow
+        the signal: each covers the other), and instead when the message cannot go."""
+        if starting:
             self._kill(rec, signal.SIGTERM)
         try:
-            rec.channel.send(worker.MSG_STOP)
+            rec.channel.send(message)
         except OSError:
             self._kill(rec, signal.SIGTERM)
 
