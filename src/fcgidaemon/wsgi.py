@@ -14,7 +14,7 @@ import os
 import re
 import sys
 import time
-from typing import Any, Callable, Iterable, NoReturn
+from typing import Any, Callable, Iterable
 from urllib.parse import unquote_to_bytes
 
 from .fastcgi import TOO_LARGE, BodyTooLarge, ConnectionLost, ProtocolError, Request, RequestAborted
@@ -395,8 +395,7 @@ def make_handler(app: Callable[..., Any], on_response: ResponseHook | None = Non
         started = time.monotonic() if on_response is not None else 0.0
         try:
             result = app(environ, response.start_response)
-            if os.getpid() != owner:
-                forked_child_returned(owner, "returned")
+            leave_if_forked(owner, "returned")
             if response.status is not None:
                 response.add_length_if_known(result)
             if isinstance(result, (list, tuple)):  # all there: sent with END_REQUEST, one send
@@ -419,16 +418,14 @@ def make_handler(app: Callable[..., Any], on_response: ResponseHook | None = Non
                 return response_short(req, response, environ)
             return 0
         except APP_EXITS as exc:  # sys.exit() in a request: answered, then the worker is replaced
-            if os.getpid() != owner:
-                forked_child_returned(owner, f"raised {exc!r}")
+            leave_if_forked(owner, f"raised {exc!r}")
             exit_asked(req, exc)
             return application_failed(req, response, environ)
         except BaseException as exc:  # noqa: BLE001 - the application's failure, reported, not
             # fatal; BaseException, not Exception: asyncio's CancelledError and gevent's
             # GreenletExit are not Exceptions, and one of them ended the worker, its request
             # unanswered and every connection it held dropped
-            if os.getpid() != owner:
-                forked_child_returned(owner, f"raised {type(exc).__name__}: {exc}")
+            leave_if_forked(owner, f"raised {type(exc).__name__}: {exc}")
             fault = transport_fault(exc)
             if isinstance(fault, BodyTooLarge):
                 if not response.committed:
@@ -455,12 +452,15 @@ def make_handler(app: Callable[..., Any], on_response: ResponseHook | None = Non
     return handle
 
 
-def forked_child_returned(worker: int, how: str) -> NoReturn:
-    """A process the application forked in a request came back into our code (it returned,
-    or raised: sys.exit(), an error) instead of ending with os._exit. It went on as a second
+def leave_if_forked(worker: int, how: str) -> None:
+    """Called where the application's call returns or raises: a process the application forked
+    in a request that comes back into our code (it returned, or raised: sys.exit(), an error)
+    instead of ending with os._exit leaves here. It went on as a second
     worker on the same connections, epoll set and manager channel: it answered the parent's
     request a second time, asked the manager to replace the worker, or took the listener out
     of the shared epoll set, and the real worker never accepted again. It leaves now, said."""
+    if os.getpid() == worker:
+        return
     log.error("process %d, forked by the application in worker %d, %s instead of ending with "
               "os._exit; it exits", os.getpid(), worker, how)
     os._exit(1)
