@@ -23,5 +23,10 @@ def start_daemon(tmp_path: Path) -> Iterator:
         return d
 
     yield start
-    for d in started:
-        d.stop()
+    failed = []
+    for d in started:  # one that fails to stop must not leave the others running
+        try:
+            d.stop()
+        except Exception as exc:  # noqa: BLE001 - reported below, after every stop was tried
+            failed.append(repr(exc))
+    assert not failed, failed

@@ -238,7 +238,7 @@ def _group_alive(pgid: int) -> bool:
 
 def test_rolling_deploy_across_members_loses_nothing(tmp_path: Path) -> None:
     # 50 ms requests, so that "wait until Apache has nothing on the member" really waits.
-    duration = 12.0
+    duration = 8.0
     with balanced(tmp_path, workers=6) as (front, members):
         assert {m.get("/id?id=0").body.split()[1] for m in members} == {b"version=v1"}
         versions: Counter = Counter()
@@ -292,7 +292,7 @@ def test_killing_a_member_costs_at_most_its_requests_in_flight(tmp_path: Path) -
     # 12 workers per daemon, 36 in all for 32 clients: no request waits in a
     # listen queue, so what a daemon holds is what its workers are serving.
     workers = 12
-    duration = 10.0
+    duration = 7.0
     with balanced(tmp_path, workers=workers,
                   args=("--status-path", "/fcgi-status")) as (front, members):
         victim = members[1]

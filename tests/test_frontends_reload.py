@@ -1,11 +1,11 @@
 """Deploys cost nothing, measured through the real front ends (issue 3).
 
 64 HTTP clients hammer a real Apache (mod_proxy_fcgi) or nginx in front of the
-real daemon while the daemon gets a SIGHUP every second. Every response is
-checked: status 200 AND the body names exactly this request's id (so a
+real daemon while the daemon gets a SIGHUP every half second. Every response
+is checked: status 200 AND the body names exactly this request's id (so a
 response delivered to the wrong client counts as a failure too). Required:
-0 non-2xx, 0 socket errors, and the daemon really reloaded (>= 20 "reload
-complete" lines in 30 s).
+0 non-2xx, 0 socket errors, and the daemon really reloaded (>= 15 "reload
+complete" lines in 12 s: some SIGHUPs come during a reload and are queued).
 
 Matrix: Apache without/with ``enablereuse=on``, nginx without/with
 ``fastcgi_keep_conn on`` (upstream keepalive pool), each over TCP and over a
@@ -52,7 +52,7 @@ NEEDS_APACHE = pytest.mark.skipif(not apache_available(), reason="apache2 with m
 NEEDS_NGINX = pytest.mark.skipif(not nginx_available(), reason="nginx not installed")
 
 CLIENTS = 64
-HUP_INTERVAL = 1.0
+HUP_INTERVAL = 0.5  # a reload under this load takes 0.2-0.3 s: some overlap, and are queued
 # Threads per Apache child: twice the clients, so that neither child can ever run out of idle
 # threads (the event MPM then closes idle client keep-alive connections, which a client sees as
 # "Remote end closed connection without response", an Apache artefact that never reaches the
@@ -77,9 +77,9 @@ class Case:
     reuse: bool  # enablereuse=on / fastcgi_keep_conn on
     transport: str  # "tcp" | "unix"
     sleep: float = 0.0  # seconds each request takes in the app
-    duration: float = 30.0
+    duration: float = 12.0
     workers: int = 4
-    min_reloads: int = 20
+    min_reloads: int = 15
 
     @property
     def id(self) -> str:
@@ -97,7 +97,7 @@ FAST_CASES = [_param(Case(front, reuse, transport))
               for front in ("apache", "nginx") for reuse in (False, True) for transport in ("tcp", "unix")]
 # 200 ms requests: 8 workers serve ~40 requests/s, so 64 clients always keep
 # every worker busy and every reload retires workers in the middle of requests.
-SLOW = {"sleep": 0.2, "duration": 15.0, "workers": 8, "min_reloads": 10}
+SLOW = {"sleep": 0.2, "duration": 10.0, "workers": 8, "min_reloads": 8}
 SLOW_CASES = [_param(Case("apache", True, "tcp", **SLOW)),
               _param(Case("nginx", True, "tcp", **SLOW)),
               _param(Case("apache", False, "unix", **SLOW)),
@@ -204,7 +204,7 @@ def daemon_problems(d: Daemon) -> list[str]:
 
 
 def hammer_while_reloading(d: Daemon, fe: FrontEnd, case: Case) -> tuple[LoadResult, int, int, Counter]:
-    """64 clients for case.duration seconds, SIGHUP every second; returns
+    """64 clients for case.duration seconds, SIGHUP every HUP_INTERVAL; returns
     (load result, SIGHUPs sent, reloads completed, versions/pids seen)."""
     seen: Counter = Counter()
     path = "/app/id?id={uid}" + (f"&sleep={case.sleep}" if case.sleep else "")
@@ -241,7 +241,7 @@ def _run_case(tmp_path: Path, case: Case) -> None:
 
 
 @pytest.mark.parametrize("case", FAST_CASES)
-def test_reload_every_second_loses_nothing(tmp_path: Path, case: Case) -> None:
+def test_reload_twice_a_second_loses_nothing(tmp_path: Path, case: Case) -> None:
     _run_case(tmp_path, case)
 
 
@@ -253,7 +253,7 @@ def test_reload_with_requests_in_flight_loses_nothing(tmp_path: Path, case: Case
 @pytest.mark.parametrize("front", [pytest.param("apache", marks=NEEDS_APACHE),
                                    pytest.param("nginx", marks=NEEDS_NGINX)])
 def test_deploys_with_broken_code_and_resizes_lose_nothing(tmp_path: Path, front: str) -> None:
-    """Kept connections (enablereuse / keep_conn), 64 clients, 20 s: every 0.5 s new code (a
+    """Kept connections (enablereuse / keep_conn), 64 clients, 10 s: every 0.5 s new code (a
     0.2 s import) and a SIGHUP, every 6th deploy broken (its reload fails, the old code serves on), and every 5th
     followed by SIGTTIN or SIGTTOU. Nothing lost, every answer its own, and every good deploy
     completes (a resize in the middle of a reload once left it hanging, and deploys stopped)."""
@@ -265,7 +265,7 @@ def test_deploys_with_broken_code_and_resizes_lose_nothing(tmp_path: Path, front
         seen: Counter = Counter()
         with http_checker(fe.host, fe.port, "/app/id?id={uid}", exact_id_check(seen), timeout=60.0) as checker:
             with deploys:
-                result = run_load(checker, clients=CLIENTS, duration=20.0, grace=30.0)
+                result = run_load(checker, clients=CLIENTS, duration=10.0, grace=30.0)
         settle(d)
         complete, failed = d.count(r"reload complete"), d.count(r"reload to generation \d+ failed")
         versions = sorted(k for k in seen if not k.startswith("pid:"))

@@ -37,6 +37,7 @@ def daemon(start_daemon):
 def closed_within(address, data: bytes, seconds: float) -> float:
     """Send `data`, then time how long until the daemon closes the connection."""
     sock = socket.create_connection(address, timeout=seconds + 5)
+    t0 = time.monotonic()
     try:
         sock.sendall(data)
         t0 = time.monotonic()

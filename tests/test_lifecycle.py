@@ -140,7 +140,7 @@ def test_zero_failures_under_load_with_sighup_every_half_second(start_daemon, tm
     thread.start()
     with FCGIChecker(d.address, keep_conn=keep_conn, uri_template="/id?id={uid}") as checker:
         try:
-            result = run_load(checker, clients=32, duration=20)
+            result = run_load(checker, clients=32, duration=10)
         finally:
             stop.set()
             thread.join()
@@ -148,20 +148,6 @@ def test_zero_failures_under_load_with_sighup_every_half_second(start_daemon, tm
     print(f"{result.summary()}; {reloads} SIGHUPs, {completed} reloads completed")
     assert result.requests > 1000
     assert completed >= 5
-    assert result.failures == 0, result.errors
-
-
-def test_no_crosstalk_32_clients(start_daemon):
-    d = start_daemon(workers=4)
-
-    def exact(resp, uid):
-        assert resp.status == 200
-        assert resp.body.split()[0] == f"id={uid}".encode(), (uid, resp.body)
-
-    with FCGIChecker(d.address, keep_conn=True, uri_template="/id?id={uid}", check=exact) as checker:
-        result = run_load(checker, clients=32, duration=10)
-    print(result.summary())
-    assert result.requests > 1000
     assert result.failures == 0, result.errors
 
 
@@ -1057,7 +1043,7 @@ def test_a_stop_during_a_reload_serves_the_connection_handed_over(start_daemon):
     try:
         assert b.request(make_params("GET", "/id?id=b1"), keep_conn=True).status == 200
         slow_a.send_raw(build_request(make_params("GET", "/id?id=a&sleep=3"), keep_conn=False))
-        time.sleep(0.2)
+        _wait_busy(d)
         d.signal(signal.SIGHUP)
         d.wait_serving(2)
         slow_c.send_raw(build_request(make_params("GET", "/id?id=c&sleep=4"), keep_conn=False))

@@ -113,7 +113,7 @@ def test_busy_request_shows_in_text_json_and_openmetrics(start_daemon):
 
 def test_listen_queue_grows_and_drains(start_daemon, tmp_path):
     d = start_daemon("testapp", *STATUS, workers=1)
-    hold = threading.Thread(target=lambda: get(d.address, "/sleep?s=5", timeout=20))
+    hold = threading.Thread(target=lambda: get(d.address, "/sleep?s=3", timeout=20))
     hold.start()
     wait_for(lambda: manager_status(d, tmp_path)["workers"]["busy"] == 1, 5, "the worker to be busy")
     waiting = []
@@ -133,7 +133,7 @@ def test_listen_queue_grows_and_drains(start_daemon, tmp_path):
 def test_listen_queue_on_a_unix_socket(start_daemon, tmp_path):
     path = tmp_path / "q.sock"
     d = start_daemon("testapp", *STATUS, workers=1, bind=f"unix:{path}")
-    hold = threading.Thread(target=lambda: get(str(path), "/sleep?s=5", timeout=20))
+    hold = threading.Thread(target=lambda: get(str(path), "/sleep?s=3", timeout=20))
     hold.start()
     wait_for(lambda: manager_status(d, tmp_path)["workers"]["busy"] == 1, 5, "the worker to be busy")
     extra = [socket.socket(socket.AF_UNIX) for _ in range(2)]
@@ -143,6 +143,7 @@ def test_listen_queue_on_a_unix_socket(start_daemon, tmp_path):
     for sock in extra:
         sock.close()
     hold.join(20)
+    wait_for(lambda: manager_status(d, tmp_path)["listen_queue"] == 0, 10, "the queue to drain")
 
 
 def test_reloads_counted_with_reason(start_daemon, tmp_path):

@@ -25,6 +25,7 @@ from fcgidaemon.fastcgi import Connection, Server
 from fcgiclient import (FCGI_BEGIN_REQUEST, FCGI_CANT_MPX_CONN, FCGI_END_REQUEST, FCGI_GET_VALUES, FCGI_KEEP_CONN, FCGI_PARAMS, FCGI_STDIN, FCGI_STDOUT, FCGI_UNKNOWN_ROLE,
                         FCGI_UNKNOWN_TYPE, ConnectionClosed, FCGIClient, build_request, encode_params, encode_record, make_params,
                         take_records)
+from test_lifecycle import _wait_busy
 
 
 class FlupServer:
@@ -36,7 +37,11 @@ class FlupServer:
         self.proc = subprocess.Popen([sys.executable, str(APPS / "run_flup.py"), str(self.port)],
                                      cwd=APPS, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                      start_new_session=True)
-        wait_for(self._accepting, 10, "flup6 to listen")
+        try:
+            wait_for(self._accepting, 10, "flup6 to listen")
+        except BaseException:
+            self.stop()
+            raise
 
     def _accepting(self) -> bool:
         try:
@@ -670,6 +675,7 @@ def test_a_stop_does_not_wait_for_a_connection_that_always_has_a_next_request(st
                     send_one()
                 except OSError:  # closed by the stopping worker
                     pass
+    assert stopped_at is not None, f"only {len(answered)} requests answered before the connection ended"
     code = d.wait_exit(10)
     took = time.monotonic() - stopped_at
     sock.close()
@@ -690,7 +696,7 @@ def test_the_close_after_a_stop_does_not_cut_the_last_response(start_daemon):
     sock.connect(d.address)
     sock.settimeout(10)
     sock.sendall(build_request(make_params("GET", "/id?id=r1&sleep=1"), keep_conn=True, request_id=1))
-    time.sleep(0.3)
+    _wait_busy(d)  # R1 runs
     sock.sendall(build_request(make_params("GET", f"/big?n={size}"), keep_conn=True, request_id=2))
     time.sleep(0.2)
     d.signal(signal.SIGTERM)
@@ -732,7 +738,7 @@ def test_a_management_record_waiting_at_a_stop_does_not_hold_it(start_daemon):
         slow = threading.Thread(target=lambda: b.request(make_params("GET", "/id?id=b&sleep=1"),
                                                          keep_conn=False))
         slow.start()
-        time.sleep(0.3)  # the worker runs b's request
+        _wait_busy(d)  # the worker runs b's request
         a.send_raw(encode_record(FCGI_GET_VALUES, 0, encode_params({"FCGI_MAX_CONNS": ""})))
         d.signal(signal.SIGTERM)
         started = time.monotonic()

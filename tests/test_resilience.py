@@ -46,12 +46,12 @@ def test_broken_deploy_under_load_keeps_old_code_then_fix_deploys(start_daemon, 
         assert resp.status == 200 and resp.body.startswith(f"id={uid} ".encode()), resp.body[:100]
         versions.append(resp.body.split()[1])
 
-    def deployer():
-        time.sleep(1)
+    def deployer():  # both deploys done in about 1.5 s of the load's 4.5
+        time.sleep(0.5)
         (src / "liveapp.py").write_text(BROKEN[kind])
         d.signal(signal.SIGHUP)
         d.wait_log(r"reload to generation 2 failed")
-        time.sleep(1)
+        time.sleep(0.5)
         (src / "liveapp.py").write_text(good.replace('VERSION = "v1"', 'VERSION = "v3"'))
         d.signal(signal.SIGHUP)
         d.wait_serving(3)
@@ -59,7 +59,7 @@ def test_broken_deploy_under_load_keeps_old_code_then_fix_deploys(start_daemon, 
     thread = threading.Thread(target=deployer)
     thread.start()
     with FCGIChecker(d.address, keep_conn=True, uri_template="/id?id={uid}", check=check) as checker:
-        result = run_load(checker, clients=16, duration=6)
+        result = run_load(checker, clients=16, duration=4.5)
     thread.join(20)
     print(f"{kind}: {result.summary()}")
     assert result.failures == 0, result.errors

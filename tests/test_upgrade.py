@@ -252,7 +252,7 @@ def test_only_the_successor_may_say_it_failed_and_only_while_it_starts(start_dae
         assert kept.request(make_params("GET", "/id?id=k0"), keep_conn=True).status == 200
         slow = threading.Thread(target=lambda: get(d.address, "/sleep?s=3", timeout=15))
         slow.start()
-        time.sleep(0.5)  # the only old worker runs the slow request; `kept` waits on it, idle
+        _wait_busy(d)  # the only old worker runs the slow request; `kept` waits on it, idle
         d.signal(signal.SIGUSR2)
         d.wait_log(r"upgrade: manager \d+ is ready; retiring 1 worker\b")
         new_pid = int(re.search(r"upgrade: manager (\d+) is ready", d.log()).group(1))
