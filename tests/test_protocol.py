@@ -324,6 +324,29 @@ def test_dot_segments_route_as_the_front_end_resolved_them(daemon):
     assert seen == [("", want) for _, _, want in cases]
 
 
+def test_repeated_slashes_the_front_end_kept_stay(daemon):
+    """nginx with merge_slashes off (or Apache with MergeSlashes Off) matches its locations
+    against /app//admin/x as it is, so a rule for /app/admin/ does not apply, and it sends the
+    slashes in SCRIPT_NAME and PATH_INFO (measured through nginx 1.22). They were merged here
+    all the same: the application routed the request as /app/admin/x, the path the rule
+    forbids, and the split's mount (/app) was lost. With merging on, the front end sends the
+    merged path, which the application sees as before."""
+    import json
+    cases = [  # REQUEST_URI, SCRIPT_NAME, PATH_INFO as the front end sent them; what the app sees
+        ("/app//admin/environ", "/app", "//admin/environ", ("/app", "//admin/environ")),
+        ("/x//y/environ", "/x//y/environ", None, ("", "/x//y/environ")),  # stock params
+        ("/x//y/environ", "/x/y/environ", None, ("", "/x/y/environ")),  # merge_slashes on
+        ("/app//admin/environ", "/app", "/admin/environ", ("/app", "/admin/environ")),
+    ]
+    seen = []
+    with FCGIClient(daemon.address) as client:
+        for uri, script, path_info, _ in cases:
+            params = make_params("GET", uri, extra={"SCRIPT_NAME": script, "PATH_INFO": path_info})
+            env = json.loads(client.request(params, keep_conn=True).body)
+            seen.append((env["SCRIPT_NAME"], env["PATH_INFO"]))
+    assert seen == [want for *_, want in cases]
+
+
 @pytest.mark.parametrize("route", ["/drip", "/drip-write"])
 def test_streamed_blocks_are_sent_as_they_are_made(daemon, route):
     """PEP 3333: a server must not delay the transmission of any block. Blocks of an iterable

@@ -170,12 +170,15 @@ def normalise_paths(environ: dict[str, Any]) -> None:
     if "QUERY_STRING" not in environ:  # sent empty, it is empty: an nginx rewrite ending in "?"
         environ["QUERY_STRING"] = query  # drops the query, and REQUEST_URI still has it
     path = unquote_to_bytes(raw_path.encode("latin-1")).decode("latin-1") if "%" in raw_path else raw_path
-    if ("//" in path or "/." in path) and _unsettled(path):
+    if ("//" in path or "/." in path) and _unsettled(path) and script + path_info != path:
         # Dot segments or repeated slashes (%2e%2e counts: decoded above): the front end matched
         # its locations and rules against the path after resolving them, so the application must
         # route on that one too, or "/admin/%2e%2e/public/x", allowed as /public/x, would reach
         # it as /admin/../public/x. The front end's own result, when it sent one; else resolved
-        # here as nginx and Apache (MergeSlashes on, the default) do.
+        # here as nginx and Apache (MergeSlashes on, the default) do. A front end whose variables
+        # still have them (nginx merge_slashes off, Apache MergeSlashes Off) matched the path as
+        # it is: merged here, /app//admin/ passed nginx's rule for /app/admin/ and reached the
+        # application as /app/admin/, and a split's mount was lost.
         path = script + path_info if script + path_info and not _unsettled(script + path_info) \
             else resolve_path(path)
     if path_info and script + path_info == path:
