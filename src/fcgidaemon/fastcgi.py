@@ -16,6 +16,13 @@ fills.  Workarounds for flup6's defects live here, each with a test:
   (flup silently truncates them);
 * a second BEGIN_REQUEST on a busy connection gets FCGI_CANT_MPX_CONN, an
   unknown role gets FCGI_UNKNOWN_ROLE, an abort ends the request.
+
+Why one module of this size (over 1,100 lines, a third of them comments and docstrings that
+say what was measured): `Connection` is most of it, and its parts (reading into the buffer,
+parsing records in place, a request's life from BEGIN_REQUEST to END_REQUEST, the send path
+with its partial writes, and how a connection ends: FIN, reset or hand-over) share one buffer
+and one set of invariants about which bytes are read and which response is in flight. Split
+into modules, each part would reach into the others' private state.
 """
 
 from __future__ import annotations

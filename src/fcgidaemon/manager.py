@@ -5,6 +5,11 @@ a table of worker records, each in one of the states of `WState`, and moves them
 only along `TRANSITIONS`.  A reload is a new *generation*: all of its workers must
 report ready before any worker of the old generation is retired, so broken code
 never replaces working code, and capacity never drops during a deploy.
+
+Why about 700 lines: this is the loop, the worker table and the generations; the rest of the
+manager's behaviour is in its mixins, one concern each (handover.py: passing connections on;
+supervise.py: timers, scaling and the balancer; upgrade.py: a new manager taking over;
+control.py: the control socket), which act on the same table.
 """
 
 from __future__ import annotations

@@ -17,6 +17,12 @@ Stopping never loses accepted work:
 * SIGTERM / SIGHUP (a stop): the same, but idle kept connections are closed,
   and a connection that has not sent its first request yet is still served;
 * SIGINT / SIGQUIT: exit at once.
+
+Why one module of this size (about 800 lines): the loop, the three ways of stopping and the
+hand-overs all act on one state, the worker's connection table, its epoll set and its stop
+mode, and most defects fixed here were orderings between them (a hand-over arriving as the
+stop begins, a connection accepted in the same wake-up as the retire message). The protocol
+is in fastcgi.py, the application's adapter in wsgi.py, the scoreboard in scoreboard.py.
 """
 
 from __future__ import annotations
