@@ -9,7 +9,8 @@ never replaces working code, and capacity never drops during a deploy.
 Why about 700 lines: this is the loop, the worker table and the generations; the rest of the
 manager's behaviour is in its mixins, one concern each (handover.py: passing connections on;
 supervise.py: timers, scaling and the balancer; upgrade.py: a new manager taking over;
-control.py: the control socket), which act on the same table.
+control.py: the control socket; sharing.py: standard-library modules imported once for the
+workers), which act on the same table.
 """
 
 from __future__ import annotations
