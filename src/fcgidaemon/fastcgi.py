@@ -184,6 +184,24 @@ def readable(sock: socket.socket) -> bool:
     return bool(poller.poll(0))
 
 
+TCP_INFO_LAST_DATA_RECV = 52  # offset of tcpi_last_data_recv (ms, u32) in struct tcp_info
+
+
+def peer_idle(sock: socket.socket) -> float:
+    """Seconds since the peer last sent data on this TCP connection, as the kernel counts it
+    (TCP_INFO), so that a connection's idle time survives being handed to another process;
+    0 for other sockets (a unix socket has no such count) or when the kernel cannot say."""
+    if sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return 0.0
+    try:
+        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 104)
+    except OSError:
+        return 0.0
+    if len(info) < TCP_INFO_LAST_DATA_RECV + 4:
+        return 0.0
+    return struct.unpack_from("I", info, TCP_INFO_LAST_DATA_RECV)[0] / 1000
+
+
 def queued(sock: socket.socket, which: int) -> int:
     """Bytes in one of the socket's kernel queues: SIOCINQ (waiting to be read) or SIOCOUTQ
     (ours, not yet sent); 0 when the kernel cannot say (the socket has gone)."""

@@ -47,7 +47,7 @@ from . import accesslog, loader, logs, selfcheck, sharing, sockets, status, titl
 from .config import Config, in_networks
 from .scoreboard import Scoreboard, SlotState
 from .fastcgi import (DRAIN_LIMIT, Connection, ConnectionLost, Limits, ProtocolError,
-                      RequestAborted, Server, readable)
+                      RequestAborted, Server, peer_idle, readable)
 from .wsgi import make_handler
 
 log = logging.getLogger("fcgidaemon")
@@ -630,7 +630,14 @@ class Worker:
             return
         if msg == MSG_ADOPT:
             for fd in fds:
-                self._adopt(socket.socket(fileno=fd)).adopted = True
+                conn = self._adopt(socket.socket(fileno=fd))
+                conn.adopted = True
+                # Idle since the peer last sent, not since now: begun again at each hand-over,
+                # the clock never reached --keep-conn-idle while workers were replaced more
+                # often (deploys, --max-requests), and abandoned kept connections piled up
+                # until accept() ran out of descriptors. TCP only (the kernel's count): over a
+                # unix socket the front end is on this machine and closes what it abandons.
+                conn.last_active -= peer_idle(conn.sock)
         elif msg == MSG_RETIRE:
             self._report_stdlib()  # what serving made us import: the next generation shares it
             self._begin_stop(StopMode.HANDOFF)
