@@ -16,7 +16,7 @@ import time
 import pytest
 
 from daemon import alive, run_cli, tcp_sockets, wait_for
-from fcgiclient import (FCGI_END_REQUEST, FCGI_STDIN, FCGI_STDOUT, FCGIClient, ProtocolError, build_request,
+from fcgiclient import (ConnectionClosed, FCGI_END_REQUEST, FCGI_STDIN, FCGI_STDOUT, FCGIClient, ProtocolError, build_request,
                         decode_records, encode_record, make_params)
 from load import default_check
 from test_lifecycle import _wait_busy, app_copy, get, set_version
@@ -666,6 +666,36 @@ def test_the_managers_signals_sent_to_a_worker_cost_no_request(start_daemon):
     d.wait_log(r"SIGTTOU is the manager's signal; ignored by this worker")
     assert d.count(r"is the manager's signal; ignored by this worker") == 3
     assert d.workers() == [pid]
+
+
+def test_a_sighup_to_the_whole_service_reloads_and_keeps_every_kept_connection(start_daemon):
+    """`systemctl kill -s HUP` (or pkill -HUP, or a closed terminal) signals every process of
+    the service. Workers took SIGHUP as a stop and closed their idle kept connections while
+    the manager's reload was handing them over: Apache answered 503 and nginx 502 for the
+    requests sent on them. Now a worker ignores it, and the reload hands every one over."""
+    d = start_daemon("testapp", workers=2)
+    old = set(d.wait_workers(2))
+    clients = [FCGIClient(d.address, timeout=10) for _ in range(8)]
+    try:
+        for i, client in enumerate(clients):
+            assert client.request(make_params("GET", f"/id?id=a{i}"), keep_conn=True).status == 200
+        os.killpg(d.pid, signal.SIGHUP)  # the daemon leads its own process group (session)
+        d.wait_serving(2)
+        wait_for(lambda: not old & set(d.workers()), 15, "the old workers to leave")
+        answers = []
+        for i, client in enumerate(clients):
+            try:
+                resp = client.request(make_params("GET", f"/id?id=b{i}"), keep_conn=True)
+                answers.append(resp.body.split()[0].decode())
+            except (ConnectionClosed, OSError) as exc:
+                answers.append(type(exc).__name__)
+    finally:
+        for client in clients:
+            client.close()
+    print(f"\nafter a group-wide SIGHUP: {answers}")
+    assert answers == [f"id=b{i}" for i in range(8)]
+    assert d.count(r"SIGHUP is the manager's signal; ignored by this worker") == 2
+    assert d.count(r"reload complete") == 1 and d.count(r"WARNING") == 0
 
 
 def test_an_application_that_takes_sigterm_at_import_does_not_keep_it(start_daemon, tmp_path):
